@@ -1,0 +1,553 @@
+"""
+Log sources, their history rings and their live subscribers (SPEC §10, LOG-1..LOG-7).
+
+Two pieces live here:
+
+* :class:`LogBroadcaster` keeps a 100 KiB byte ring per source (``proxy``, ``upstream``,
+  ``combined`` and one per model id) and fans new bytes out to live stream subscribers
+  (EP-9, EP-10).  Each subscriber is an ``IPushProducer`` registered on its HTTP request,
+  so a slow reader is paused by its own transport and never slows a child, the rings or
+  other readers (LOG-3, LOG-7).
+* :class:`ProxyLogObserver` is the one ``ILogObserver`` behind every llamaswap
+  ``Logger``: it filters by ``logLevel`` (CFG-11), stores ``[LEVEL] message`` lines in the
+  ``proxy`` source (LOG-4) and forwards to the twistd log as ``logToStdout`` says
+  (CFG-12, LOG-6).
+
+Modules get a logger bound to the observer by constructor injection, never from a
+module-level global (STYLE §5 pitfall 13)::
+
+    log = make_logger(proxy_observer, "llamaswap.router")
+    router = ModelRouter(..., log=log)
+
+This module imports nothing else from llamaswap (STYLE §1.3).
+"""
+
+from __future__ import annotations
+
+from collections import Counter, deque
+from typing import Any, Callable, Protocol
+
+from twisted.application.service import Service
+from twisted.internet.interfaces import IPushProducer
+from twisted.logger import (
+    ILogObserver,
+    LogLevel,
+    Logger,
+    eventAsText,
+    globalLogPublisher,
+)
+from zope.interface import implementer
+
+__all__ = [
+    "COMBINED",
+    "DEFAULT_HISTORY_BYTES",
+    "LEVELS",
+    "LINE_BUFFER_LIMIT",
+    "LOG_TO_STDOUT_VALUES",
+    "LogBroadcaster",
+    "PROXY",
+    "ProxyLogObserver",
+    "QUEUE_LIMIT",
+    "Subscription",
+    "UPSTREAM",
+    "drop_marker",
+    "format_proxy_line",
+    "make_logger",
+]
+
+PROXY = "proxy"
+UPSTREAM = "upstream"
+COMBINED = "combined"
+_BUILTIN_SOURCES = (PROXY, UPSTREAM, COMBINED)
+
+DEFAULT_HISTORY_BYTES = 102400  # LOG-2: 100 KiB per source
+QUEUE_LIMIT = 256 * 1024  # LOG-7: bytes queued per paused subscriber
+LINE_BUFFER_LIMIT = 64 * 1024  # LOG-6 copy: a longer partial line is flushed as a line
+
+
+class _Consumer(Protocol):
+    """What a subscriber writes to: a twisted.web ``Request`` or a test fake."""
+
+    def write(self, data: bytes) -> None: ...
+
+    def registerProducer(self, producer: Any, streaming: bool) -> None: ...
+
+    def unregisterProducer(self) -> None: ...
+
+
+def drop_marker(nbytes: int) -> bytes:
+    """
+    The LOG-7 line telling a slow reader that bytes were discarded for it.
+
+    :returns: ``\\n— <N> bytes dropped —\\n`` in UTF-8 (em dashes).
+    """
+    return f"\n\u2014 {nbytes} bytes dropped \u2014\n".encode("utf-8")
+
+
+class _ByteRing:
+    """
+    The newest ``capacity`` bytes written, oldest dropped first (LOG-2).
+
+    Chunks are kept as written in a deque with a running size; only the head chunk is
+    sliced when trimming, so a write costs O(len(data)), not O(capacity).
+    """
+
+    def __init__(self, capacity: int) -> None:
+        self._capacity = capacity
+        self._chunks: deque[bytes] = deque()
+        self._size = 0
+
+    def __len__(self) -> int:
+        return self._size
+
+    def append(self, data: bytes) -> None:
+        """Store ``data`` and trim the oldest bytes beyond the capacity."""
+        if not data or self._capacity <= 0:
+            return
+        if len(data) >= self._capacity:
+            self._chunks.clear()
+            self._chunks.append(data[-self._capacity :])
+            self._size = self._capacity
+            return
+        self._chunks.append(data)
+        self._size += len(data)
+        self._trim()
+
+    def _trim(self) -> None:
+        while self._size > self._capacity:
+            excess = self._size - self._capacity
+            head = self._chunks.popleft()
+            if len(head) > excess:
+                self._chunks.appendleft(head[excess:])
+                self._size -= excess
+            else:
+                self._size -= len(head)
+
+    def contents(self) -> bytes:
+        """Exactly the stored bytes, oldest first (the first line may be partial)."""
+        if len(self._chunks) > 1:
+            joined = b"".join(self._chunks)
+            self._chunks.clear()
+            self._chunks.append(joined)  # later reads of an idle source are cheap
+        return self._chunks[0] if self._chunks else b""
+
+
+@implementer(IPushProducer)
+class Subscription:
+    """
+    One live reader of one source: an ``IPushProducer`` registered on its consumer.
+
+    While the consumer has paused it, up to :data:`QUEUE_LIMIT` bytes are queued; the rest
+    is discarded for this subscriber only and counted.  ``resumeProducing`` writes the
+    queue, then the drop marker if anything was discarded, then live data again (LOG-7).
+    ``stopProducing`` (the client went away) unsubscribes without touching the consumer.
+
+    Created by :meth:`LogBroadcaster.subscribe`; not constructed directly.
+    """
+
+    def __init__(
+        self,
+        broadcaster: LogBroadcaster,
+        source: str,
+        consumer: _Consumer,
+        queue_limit: int = QUEUE_LIMIT,
+    ) -> None:
+        self.source = source
+        self.consumer = consumer
+        self.paused = False
+        self.ended = False
+        self.dropped = 0  # bytes discarded since the last resume (pending marker)
+        self._broadcaster = broadcaster
+        self._queue: deque[bytes] = deque()
+        self._queued = 0
+        self._queue_limit = queue_limit
+        self._gone = False  # consumer disconnected: never write/finish/unregister again
+
+    @property
+    def queued_bytes(self) -> int:
+        """Bytes waiting for :meth:`resumeProducing`."""
+        return self._queued
+
+    def deliver(self, data: bytes) -> None:
+        """Write ``data`` now, queue it while paused, or discard past the limit; never raises."""
+        if self.ended or not data:
+            return
+        if not self.paused:
+            self.consumer.write(data)
+            return
+        room = self._queue_limit - self._queued
+        if room > 0:
+            kept = data[:room]
+            self._queue.append(kept)
+            self._queued += len(kept)
+        discarded = len(data) - max(room, 0)
+        if discarded > 0:
+            self.dropped += discarded
+            self._broadcaster._count_dropped(self.source, discarded)
+
+    # IPushProducer
+
+    def pauseProducing(self) -> None:
+        """The consumer's buffer is full: queue from now on (LOG-7)."""
+        self.paused = True
+
+    def resumeProducing(self) -> None:
+        """Flush the queue, then the drop marker if bytes were discarded, then go live."""
+        self.paused = False
+        if self.ended:
+            return
+        pending = b"".join(self._queue)
+        self._queue.clear()
+        self._queued = 0
+        if self.dropped:
+            pending += drop_marker(self.dropped)
+            self.dropped = 0
+        if pending:
+            # One write: if it pauses us again, later data is queued behind it, in order.
+            self.consumer.write(pending)
+
+    def stopProducing(self) -> None:
+        """The client is gone (pitfall 9): unsubscribe and never touch the consumer again."""
+        self._gone = True
+        self._detach()
+
+    # Ending from our side
+
+    def end(self) -> None:
+        """
+        Stop streaming and, if the client is still connected, finish its response.
+
+        Used when the source is removed (reload) or the daemon stops (EP-10).  Idempotent.
+        """
+        if self.ended:
+            return
+        self._detach()
+        if self._gone:
+            return
+        self._gone = True
+        self.consumer.unregisterProducer()
+        finish = getattr(self.consumer, "finish", None)
+        if finish is not None:
+            finish()
+
+    def watch_finish(self) -> None:
+        """If the consumer offers ``notifyFinish``, treat its firing as the client leaving."""
+        notify = getattr(self.consumer, "notifyFinish", None)
+        if notify is not None:
+            notify().addBoth(self._finished)
+
+    def _finished(self, result: object) -> None:
+        self._gone = True
+        self._detach()
+        return None  # a lost connection is not an error (ERR-3)
+
+    def _detach(self) -> None:
+        if self.ended:
+            return
+        self.ended = True
+        self._queue.clear()
+        self._queued = 0
+        self._broadcaster._unsubscribe(self)
+
+
+class LogBroadcaster(Service):
+    """
+    History rings and live fan-out for every log source (LOG-1..LOG-3, LOG-7).
+
+    ``history(source)`` returns exactly the newest ``history_bytes`` bytes, so its first
+    line may be partial (LOG-2 allows dropping it; we keep the bytes untouched and let the
+    reader decide — a byte-exact copy is easier to reason about and to test).
+
+    :param history_bytes: ring size per source (LOG-2: 102 400).
+    :param on_dropped: ``callable(source, nbytes)`` called whenever bytes are discarded
+        for a slow subscriber; wire it to ``llamaswap_log_bytes_dropped_total``.
+    :param upstream_line_observer: ``callable(model_id, line: str)`` receiving child output
+        one complete line at a time (without ``\\n``/``\\r\\n``, undecodable bytes
+        replaced) for the twistd log copy (LOG-6).  May be assigned later through the
+        attribute of the same name, e.g. ``ProxyLogObserver.upstream_line``.
+    :ivar dropped_bytes: ``Counter`` source -> bytes discarded for slow subscribers.
+    """
+
+    def __init__(
+        self,
+        history_bytes: int = DEFAULT_HISTORY_BYTES,
+        on_dropped: Callable[[str, int], None] | None = None,
+        upstream_line_observer: Callable[[str, str], None] | None = None,
+        queue_limit: int = QUEUE_LIMIT,
+    ) -> None:
+        self._history_bytes = history_bytes
+        self._queue_limit = queue_limit
+        self._rings: dict[str, _ByteRing] = {s: _ByteRing(history_bytes) for s in _BUILTIN_SOURCES}
+        self._subscribers: dict[str, list[Subscription]] = {s: [] for s in _BUILTIN_SOURCES}
+        self._partial_lines: dict[str, bytes] = {}
+        self._stopped = False
+        self.on_dropped = on_dropped
+        self.upstream_line_observer = upstream_line_observer
+        self.dropped_bytes: Counter[str] = Counter()
+
+    # Sources
+
+    def sources(self) -> list[str]:
+        """Every source name: the three built-in ones, then model ids in the order added."""
+        return list(self._rings)
+
+    def has_source(self, source: str) -> bool:
+        """True for ``proxy``, ``upstream``, ``combined`` and every added model id."""
+        return source in self._rings
+
+    def add_source(self, model_id: str) -> None:
+        """
+        Start a per-model source (LOG-1).  Adding an existing one keeps its history
+        (a model's log survives restarts).
+
+        :raises ValueError: if ``model_id`` is a built-in source name.
+        """
+        self._check_model_id(model_id)
+        if model_id not in self._rings:
+            self._rings[model_id] = _ByteRing(self._history_bytes)
+            self._subscribers[model_id] = []
+
+    def remove_source(self, model_id: str) -> None:
+        """
+        Forget a model's source and history; its live subscribers are finished cleanly
+        (EP-10: "until ... the model is removed by a reload").  Unknown ids are ignored.
+
+        :raises ValueError: if ``model_id`` is a built-in source name.
+        """
+        self._check_model_id(model_id)
+        self.flush_line(model_id)
+        if model_id not in self._rings:
+            return
+        for sub in list(self._subscribers[model_id]):
+            sub.end()
+        del self._rings[model_id]
+        del self._subscribers[model_id]
+
+    @staticmethod
+    def _check_model_id(model_id: str) -> None:
+        if model_id in _BUILTIN_SOURCES:
+            raise ValueError(f"{model_id!r} is a built-in log source, not a model id")
+
+    # Writing
+
+    def write(self, model_id: str, data: bytes) -> None:
+        """
+        Record a chunk of child output byte-for-byte (LOG-3).
+
+        It goes into the model's ring (when :meth:`add_source` was called for it), the
+        ``upstream`` ring and the ``combined`` ring, and to their live subscribers.  It
+        never blocks and never raises because of a slow reader.  Complete lines also go
+        to :attr:`upstream_line_observer` (LOG-6).
+        """
+        if not data:
+            return
+        data = bytes(data)
+        if model_id in self._rings and model_id not in _BUILTIN_SOURCES:
+            self._publish(model_id, data)
+        self._publish(UPSTREAM, data)
+        self._publish(COMBINED, data)
+        if self.upstream_line_observer is not None:
+            self._split_lines(model_id, data)
+
+    def write_proxy(self, data: bytes) -> None:
+        """Record proxy log bytes (already ``[LEVEL] message\\n`` lines) in ``proxy`` and ``combined``."""
+        if not data:
+            return
+        data = bytes(data)
+        self._publish(PROXY, data)
+        self._publish(COMBINED, data)
+
+    def _publish(self, source: str, data: bytes) -> None:
+        self._rings[source].append(data)
+        for sub in list(self._subscribers[source]):
+            sub.deliver(data)
+
+    # Line splitting for the twistd log copy (LOG-6)
+
+    def _split_lines(self, model_id: str, data: bytes) -> None:
+        buffered = self._partial_lines.pop(model_id, b"") + data
+        *lines, rest = buffered.split(b"\n")
+        for line in lines:
+            self._emit_line(model_id, line)
+        if len(rest) > LINE_BUFFER_LIMIT:
+            self._emit_line(model_id, rest)  # a runaway line must not grow without bound
+        elif rest:
+            self._partial_lines[model_id] = rest
+
+    def flush_line(self, model_id: str) -> None:
+        """Hand a buffered partial line to the line observer, e.g. once the child exited."""
+        rest = self._partial_lines.pop(model_id, b"")
+        if rest:
+            self._emit_line(model_id, rest)
+
+    def _emit_line(self, model_id: str, line: bytes) -> None:
+        if line.endswith(b"\r"):
+            line = line[:-1]
+        observer = self.upstream_line_observer
+        if observer is not None:
+            observer(model_id, line.decode("utf-8", errors="replace"))
+
+    # Reading
+
+    def history(self, source: str) -> bytes:
+        """
+        The stored bytes of ``source``, oldest first (at most ``history_bytes``; the first
+        line may be partial, LOG-2).
+
+        :raises KeyError: for an unknown source.
+        """
+        return self._rings[source].contents()
+
+    def subscribe(self, source: str, consumer: _Consumer, history: bool = True) -> Subscription:
+        """
+        Stream ``source`` to ``consumer``: its history (unless ``history`` is false), then
+        live data, until the client leaves, the source is removed or the service stops.
+
+        The caller sets the response headers first (EP-10) and returns ``NOT_DONE_YET``;
+        the subscription registers itself with ``consumer.registerProducer(sub, True)``.
+        Call ``sub.stopProducing()`` to unsubscribe without touching the consumer, or
+        ``sub.end()`` to also finish the response.
+
+        :raises KeyError: for an unknown source (check :meth:`has_source` first).
+        """
+        ring = self._rings[source]
+        sub = Subscription(self, source, consumer, self._queue_limit)
+        consumer.registerProducer(sub, True)
+        self._subscribers[source].append(sub)
+        sub.watch_finish()
+        if history:
+            sub.deliver(ring.contents())
+        if self._stopped:
+            sub.end()
+        return sub
+
+    def subscriber_count(self, source: str) -> int:
+        """How many live subscribers ``source`` has (0 for an unknown source)."""
+        return len(self._subscribers.get(source, ()))
+
+    def _unsubscribe(self, sub: Subscription) -> None:
+        subs = self._subscribers.get(sub.source)
+        if subs is not None and sub in subs:
+            subs.remove(sub)
+
+    def _count_dropped(self, source: str, nbytes: int) -> None:
+        self.dropped_bytes[source] += nbytes
+        if self.on_dropped is not None:
+            self.on_dropped(source, nbytes)
+
+    # Service
+
+    def stopService(self) -> None:
+        """
+        End every live subscriber, finishing the responses still connected.
+
+        Runs last at shutdown (STYLE §1.2); output written afterwards is still recorded.
+        """
+        super().stopService()
+        self._stopped = True
+        for model_id in list(self._partial_lines):
+            self.flush_line(model_id)
+        for subs in list(self._subscribers.values()):
+            for sub in list(subs):
+                sub.end()
+
+    def startService(self) -> None:
+        super().startService()
+        self._stopped = False
+
+
+# Proxy log observer (LOG-4, LOG-6, CFG-11, CFG-12)
+
+LEVELS = ("debug", "info", "warn", "error")
+LOG_TO_STDOUT_VALUES = ("proxy", "upstream", "both", "none")
+
+_RANK = {LogLevel.debug: 0, LogLevel.info: 1, LogLevel.warn: 2, LogLevel.error: 3, LogLevel.critical: 3}
+_LABEL = {0: "DEBUG", 1: "INFO", 2: "WARN", 3: "ERROR"}
+
+
+def _level_rank(level: str) -> int:
+    try:
+        return LEVELS.index(level.lower())
+    except ValueError:
+        raise ValueError(f"unknown log level {level!r}; use one of {', '.join(LEVELS)}") from None
+
+
+def _check_to_stdout(value: str) -> str:
+    if value not in LOG_TO_STDOUT_VALUES:
+        raise ValueError(f"unknown logToStdout {value!r}; use one of {', '.join(LOG_TO_STDOUT_VALUES)}")
+    return value
+
+
+@implementer(ILogObserver)
+class ProxyLogObserver:
+    """
+    The observer behind every llamaswap ``Logger`` (STYLE §2.9).
+
+    Events below the level are dropped: neither stored nor forwarded (LOG-4).  Others are
+    stored in the ``proxy`` source as ``[LEVEL] <formatted message>\\n`` (with the
+    traceback of ``log_failure`` on the following lines) and forwarded unchanged to
+    ``forward`` when ``to_stdout`` is ``proxy`` or ``both`` (LOG-6).
+
+    :param broadcaster: where the ``proxy`` lines go.
+    :param forward: the twistd log publisher (``globalLogPublisher`` in production).
+    :param level: ``debug``, ``info``, ``warn`` or ``error`` (any case; CFG-11).
+    :param to_stdout: ``proxy``, ``upstream``, ``both`` or ``none`` (CFG-12).
+    :raises ValueError: for any other ``level`` / ``to_stdout``.
+    """
+
+    def __init__(
+        self,
+        broadcaster: LogBroadcaster,
+        forward: ILogObserver = globalLogPublisher,
+        level: str = "info",
+        to_stdout: str = "proxy",
+    ) -> None:
+        self._broadcaster = broadcaster
+        self._forward = forward
+        self._min_rank = _level_rank(level)
+        self._to_stdout = _check_to_stdout(to_stdout)
+        self._upstream_log = Logger(namespace="llamaswap.upstream", observer=forward)
+
+    @property
+    def level(self) -> str:
+        return LEVELS[self._min_rank]
+
+    @property
+    def to_stdout(self) -> str:
+        return self._to_stdout
+
+    def set_level(self, level: str) -> None:
+        """Change the minimum level (config reload, CFG-11)."""
+        self._min_rank = _level_rank(level)
+
+    def set_to_stdout(self, value: str) -> None:
+        """Change what goes to the twistd log (config reload, CFG-12)."""
+        self._to_stdout = _check_to_stdout(value)
+
+    def __call__(self, event: dict) -> None:
+        rank = _RANK.get(event.get("log_level"), 1)  # no level: treat as info
+        if rank < self._min_rank:
+            return
+        self._broadcaster.write_proxy(format_proxy_line(event, _LABEL[rank]))
+        if self._to_stdout in ("proxy", "both"):
+            self._forward(event)
+
+    def upstream_line(self, model_id: str, line: str) -> None:
+        """
+        Send one line of child output to the twistd log as ``[<id>] <line>`` when
+        ``to_stdout`` is ``upstream`` or ``both`` (LOG-6).  Assign it to
+        ``LogBroadcaster.upstream_line_observer``.
+        """
+        if self._to_stdout in ("upstream", "both"):
+            self._upstream_log.info("[{model}] {line}", model=model_id, line=line)
+
+
+def format_proxy_line(event: dict, label: str) -> bytes:
+    """``[LABEL] message\\n`` in UTF-8, with a failure's traceback after the message (LOG-4)."""
+    text = eventAsText(event, includeTraceback=True, includeTimestamp=False, includeSystem=False)
+    return f"[{label}] {text.rstrip(chr(10))}\n".encode("utf-8", errors="replace")
+
+
+def make_logger(observer: ILogObserver, namespace: str) -> Logger:
+    """A ``Logger`` whose events go to ``observer`` (the daemon's :class:`ProxyLogObserver`)."""
+    return Logger(namespace=namespace, observer=observer)
