@@ -1,0 +1,659 @@
+"""End to end: the real daemon, started the way users start it, in front of real fake upstreams.
+
+Each daemon runs as ``python -c 'from twisted.scripts.twistd import run; run()' -n
+--pidfile … --logfile=- llamaswap --config … --listen tcp:0:interface=127.0.0.1
+--state-file …`` with ``PYTHONPATH=<repo>`` (tests/daemon.py), and its models run
+``tests/fake_llama_server.py``. Tests that only read (routing, errors, listings,
+passthrough) share one daemon; tests about lifecycle (swap, ttl, unload, groups,
+profiles, shutdown, start failures) get their own. Every daemon is stopped with
+SIGTERM, and its process group and recorded children are SIGKILLed as a backstop.
+"""
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import re
+import socket
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.daemon import (
+    Daemon,
+    fake_cmd,
+    free_port_range,
+    multipart,
+    open_stream,
+    pid_alive,
+    wait_until,
+)
+
+HEALTH_TIMEOUT = 15
+
+
+def model(model_id: str, *extra: str, respond: str | None = None, **keys: Any) -> dict[str, Any]:
+    """A model entry whose cmd runs the fake upstream answering ``from <id>``."""
+    return {"cmd": fake_cmd(model_id, *extra, respond=respond or f"from {model_id}"), **keys}
+
+
+def config(models: dict[str, Any], **top: Any) -> dict[str, Any]:
+    """A config with a fresh port range, a 15 s health timeout and a 2 s grace period."""
+    return {"healthCheckTimeout": HEALTH_TIMEOUT, "startPort": free_port_range(len(models) + 2),
+            "unloadTimeout": 2, "models": models, **top}
+
+
+def port_of(cfg: dict[str, Any], model_id: str) -> int:
+    """The ${PORT} of a model (MAC-5: ids in code-point order from startPort)."""
+    ids = sorted(m for m, v in cfg["models"].items() if "${PORT}" in v["cmd"])
+    return cfg["startPort"] + ids.index(model_id)
+
+
+def stop_and_clean(d: Daemon) -> None:
+    """SIGTERM the daemon, then SIGKILL whatever is left; print its output for failure reports."""
+    try:
+        d.stop()
+    finally:
+        d.kill()
+        print(d.output())
+
+
+@pytest.fixture
+def start_daemon(tmp_path):
+    """Start daemons for one test; stop them (and kill leftovers) afterwards."""
+    started: list[Daemon] = []
+
+    def start(cfg: dict[str, Any] | str, **kw: Any) -> Daemon:
+        workdir = tmp_path / f"daemon{len(started)}"
+        workdir.mkdir()
+        d = Daemon(cfg, workdir, **kw)
+        started.append(d)
+        return d.start()
+
+    yield start
+    for d in started:
+        stop_and_clean(d)
+
+
+SHARED = {
+    "a": model("a", aliases=["alias-a"], env=["FAKE_MARK=e2e-mark"], name="Model A",
+               description="first model", ttl=300),
+    "b": model("b", useModelName="upstream-b"),
+    "crashy": model("crashy"),
+    "hidden": model("hidden", unlisted=True),
+    "slow": model("slow", "--load-delay", "0.5"),
+}
+
+
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory):
+    """One daemon for the tests that do not depend on what else is running."""
+    cfg = config(SHARED)
+    d = Daemon(cfg, tmp_path_factory.mktemp("shared"))
+    d.cfg = cfg
+    d.start()
+    yield d
+    stop_and_clean(d)
+
+
+def error_of(status_body: tuple[int, Any]) -> tuple[int, str]:
+    status, body = status_body
+    assert set(body["error"]) >= {"message", "type", "param", "code"}, body
+    return status, body["error"]["code"]
+
+
+def sse_data(raw: bytes) -> list[str]:
+    return [line[len(b"data: "):].decode() for line in raw.split(b"\n") if line.startswith(b"data: ")]
+
+
+# -- routing and answers ----------------------------------------------------------------------------
+
+def test_swap_a_to_b(start_daemon):
+    """A request for A is answered by A, then one for B by B; only B runs afterwards and A's child is gone."""
+    d = start_daemon(config({"a": model("a"), "b": model("b")}))
+    status, body = d.chat("a")
+    assert status == 200, body
+    assert body["responseMessage"] == "from a"
+    [running_a] = d.running()
+    assert running_a["model"] == "a"
+    status, body = d.chat("b")
+    assert status == 200, body
+    assert body["responseMessage"] == "from b"
+    assert d.running_ids() == ["b"]
+    assert not pid_alive(running_a["pid"]), "A's child is still alive after the swap"
+
+
+def test_streaming_arrives_incrementally(shared):
+    """SSE chunks are relayed as the upstream writes them, not once it has finished."""
+    conn, resp = open_stream(shared.port, "POST", "/v1/chat/completions?wait=0.25&chunks=6",
+                             {"model": "a", "stream": True, "messages": []})
+    try:
+        assert resp.status == 200
+        assert resp.getheader("Content-Type", "").startswith("text/event-stream")
+        assert resp.getheader("X-Accel-Buffering") == "no"
+        stamps: list[tuple[float, str]] = []
+        while True:
+            line = resp.readline()
+            if not line:
+                break
+            if line.startswith(b"data: "):
+                stamps.append((time.monotonic(), line[6:].strip().decode()))
+    finally:
+        conn.close()
+    events = [e for _, e in stamps]
+    assert events[-1] == "[DONE]", events
+    contents = [json.loads(e)["choices"][0]["delta"].get("content") for e in events[:6]]
+    assert "".join(contents) == "from a"
+    assert json.loads(events[6])["usage"]["completion_tokens"] == 10
+    # The upstream spends 6 x 0.25 s between the first chunk and [DONE]; a buffering proxy would deliver
+    # everything at once.
+    assert stamps[-1][0] - stamps[0][0] > 0.8, stamps
+
+
+def test_stream_upstream_dies_gives_error_event(shared):
+    """An upstream that dies mid-stream yields an upstream_error SSE event and no [DONE] (PROXY-9)."""
+    conn, resp = open_stream(shared.port, "POST", "/v1/chat/completions?die_after=3",
+                             {"model": "crashy", "stream": True, "messages": []})
+    try:
+        assert resp.status == 200
+        raw = resp.read()          # PROXY-9: the response is ended cleanly, so no IncompleteRead
+    finally:
+        conn.close()
+    events = sse_data(raw)
+    assert b"[DONE]" not in raw
+    assert len(events) == 4, events
+    error = json.loads(events[-1])["error"]
+    assert error["code"] == "upstream_error" and error["type"] == "server_error"
+    assert "crashy" in error["message"]
+
+
+def test_load_waits_for_health_check(shared):
+    """A model with a slow load answers once its health check passes, never with its 503 while loading."""
+    t0 = time.monotonic()
+    status, body = shared.chat("slow")
+    assert status == 200, body
+    assert body["responseMessage"] == "from slow"
+    assert time.monotonic() - t0 >= 0.45
+
+
+def test_alias_routes_to_model(shared):
+    """A request for an alias is served by the aliased model; the body is forwarded unchanged."""
+    status, body = shared.chat("alias-a")
+    assert status == 200, body
+    assert body["responseMessage"] == "from a"
+    assert json.loads(body["request_body"])["model"] == "alias-a"
+    assert "a" in shared.running_ids()
+
+
+def test_use_model_name_rewrites_body(shared):
+    """useModelName replaces model in the forwarded body, with Content-Length recomputed (RT-8, RT-10)."""
+    status, body = shared.chat("b", content="keep me", temperature=0.5)
+    assert status == 200, body
+    sent = json.loads(body["request_body"])
+    assert sent["model"] == "upstream-b"
+    assert sent["messages"] == [{"role": "user", "content": "keep me"}] and sent["temperature"] == 0.5
+    assert body["h_content_length"] == str(len(body["request_body"].encode("utf-8")))
+
+
+def test_unknown_model_404(shared):
+    """An unknown model gives 404 model_not_found in the OpenAI error envelope."""
+    status, body = shared.chat("no-such-model")
+    assert error_of((status, body)) == (404, "model_not_found")
+    assert body["error"]["message"] == "model 'no-such-model' not found"
+    assert body["error"]["type"] == "invalid_request_error" and body["error"]["param"] is None
+
+
+def test_missing_model_400(shared):
+    """A body without a string model gives 400 missing_model."""
+    assert error_of(shared.json("POST", "/v1/chat/completions", {"messages": []})) == (400, "missing_model")
+    assert error_of(shared.json("POST", "/v1/chat/completions", {"model": 5})) == (400, "missing_model")
+    assert error_of(shared.json("POST", "/v1/chat/completions", {"model": ""})) == (400, "missing_model")
+
+
+def test_bad_json_400(shared):
+    """A body that is not a JSON object gives 400 invalid_json."""
+    assert error_of(shared.json("POST", "/v1/chat/completions", "{not json")) == (400, "invalid_json")
+    assert error_of(shared.json("POST", "/v1/chat/completions", "[1, 2]")) == (400, "invalid_json")
+
+
+def test_unknown_path_and_wrong_method(shared):
+    """An unknown path gives 404 not_found; a known path with the wrong method 405 with Allow."""
+    assert error_of(shared.json("GET", "/no/such/path")) == (404, "not_found")
+    r = shared.request("GET", "/v1/chat/completions")
+    assert r.status == 405, r
+    assert r.json()["error"]["code"] == "method_not_allowed"
+    assert "POST" in r.headers["Allow"]
+
+
+def test_v1_models_listing(shared):
+    """/v1/models lists configured ids sorted, without unlisted ones; /models is the same."""
+    status, body = shared.json("GET", "/v1/models", headers={"Origin": "http://example.test"})
+    assert status == 200, body
+    assert body["object"] == "list"
+    ids = [m["id"] for m in body["data"]]
+    assert ids == ["a", "b", "crashy", "slow"]
+    entry = body["data"][0]
+    assert entry["object"] == "model" and entry["owned_by"] == "llama-swap"
+    assert entry["name"] == "Model A" and entry["description"] == "first model"
+    assert entry["status"]["value"] in ("loaded", "loading", "unloaded")
+    assert len({m["created"] for m in body["data"]}) == 1
+    r = shared.request("GET", "/v1/models", headers={"Origin": "http://example.test"})
+    assert r.headers["Access-Control-Allow-Origin"] == "http://example.test"
+    assert [m["id"] for m in shared.json("GET", "/models")[1]["data"]] == ids
+
+
+def test_health(shared):
+    """/health answers 200 OK as text."""
+    r = shared.request("GET", "/health")
+    assert (r.status, r.text) == (200, "OK")
+    assert r.headers["Content-Type"].startswith("text/plain")
+
+
+def test_cors_preflight(shared):
+    """OPTIONS is answered by llamaswap with 204 and the CORS headers, never forwarded."""
+    before = shared.running_ids()
+    r = shared.request("OPTIONS", "/v1/chat/completions",
+                       headers={"Origin": "http://example.test", "Access-Control-Request-Method": "POST",
+                                "Access-Control-Request-Headers": "Content-Type, X-Foo"})
+    assert r.status == 204, r
+    assert r.headers["Access-Control-Allow-Origin"] == "*"
+    assert r.headers["Access-Control-Allow-Methods"] == "GET, POST, PUT, PATCH, DELETE, OPTIONS"
+    assert r.headers["Access-Control-Allow-Headers"] == "Content-Type, X-Foo"
+    assert r.headers["Access-Control-Max-Age"] == "86400"
+    r = shared.request("OPTIONS", "/upstream/hidden/x", headers={"Access-Control-Request-Headers": "X-Ok, bad;header"})
+    assert r.status == 204
+    assert r.headers["Access-Control-Allow-Headers"] == "Content-Type, Authorization, Accept, X-Requested-With"
+    assert "hidden" not in shared.running_ids() or "hidden" in before
+
+
+def test_transcription_model_from_form_field(shared):
+    """A multipart transcription is routed by its model form field and the file reaches the upstream."""
+    body, ctype = multipart({"model": "a", "language": "en"}, {"file": ("speech.wav", os.urandom(1000))})
+    status, data = shared.json("POST", "/v1/audio/transcriptions", body, headers={"Content-Type": ctype})
+    assert status == 200, data
+    assert data["text"] == "The length of the file is 1000 bytes"
+    assert data["model"] == "a" and data["served_by"] == "a"
+    assert data["fields"]["language"] == "en"
+
+
+def test_transcription_model_from_query(shared):
+    """A multipart body without a model field is routed by ?model=."""
+    body, ctype = multipart({}, {"file": ("speech.wav", b"\0" * 77)})
+    status, data = shared.json("POST", "/v1/audio/transcriptions?model=a", body, headers={"Content-Type": ctype})
+    assert status == 200, data
+    assert data["text"] == "The length of the file is 77 bytes"
+    assert data["served_by"] == "a"
+
+
+def test_transcription_use_model_name_rewrites_field(shared):
+    """useModelName replaces the multipart model field, other parts unchanged (RT-9)."""
+    body, ctype = multipart({"model": "b"}, {"file": ("speech.wav", b"z" * 500)})
+    status, data = shared.json("POST", "/v1/audio/transcriptions", body, headers={"Content-Type": ctype})
+    assert status == 200, data
+    assert data["model"] == "upstream-b" and data["served_by"] == "b"
+    assert data["text"] == "The length of the file is 500 bytes"
+
+
+# -- /upstream --------------------------------------------------------------------------------------
+
+def test_upstream_env_passthrough(shared):
+    """/upstream/<model>/env reaches the child, whose environment has the model's env entries."""
+    r = shared.request("GET", "/upstream/a/env")
+    assert r.status == 200, r
+    assert "FAKE_MARK=e2e-mark\n" in r.text
+    assert f"PATH={os.environ['PATH']}\n" in r.text      # env is added to the inherited one (COMPAT-5)
+
+
+def test_upstream_redirect(shared):
+    """/upstream/<model> without a slash redirects to /upstream/<model>/, 301 for GET and 308 for POST."""
+    r = shared.request("GET", "/upstream/a?x=1")
+    assert r.status == 301, r
+    assert r.headers["Location"].endswith("/upstream/a/?x=1")
+    r = shared.request("POST", "/upstream/a", b"{}")
+    assert r.status == 308, r
+    assert r.headers["Location"].endswith("/upstream/a/")
+
+
+def test_upstream_passthrough_path_query_headers(shared):
+    """/upstream forwards method, remaining path, query and headers, with X-Forwarded-* and Host set."""
+    r = shared.request("PUT", "/upstream/a/some/deep%20path?q=1&r=two", b"raw body",
+                       headers={"X-Custom": "kept", "Host": "front.example:1234"})
+    assert r.status == 200, r
+    echo = r.json()
+    assert echo["method"] == "PUT"
+    assert echo["uri"] == "/some/deep%20path?q=1&r=two"
+    assert echo["body"] == "raw body"
+    h = echo["headers"]
+    assert h["x-custom"] == "kept"
+    assert h["x-forwarded-for"].split(",")[-1].strip() == "127.0.0.1"
+    assert h["x-forwarded-host"] == "front.example:1234"
+    assert h["x-forwarded-proto"] == "http"
+    assert h["host"] == f"localhost:{port_of(shared.cfg, 'a')}"
+    assert shared.request("GET", "/upstream/a/").text == "GET /"
+
+
+def test_upstream_unknown_model_and_listing(shared):
+    """/upstream lists listed models as links; an unknown model under /upstream gives 404 model_not_found."""
+    r = shared.request("GET", "/upstream")
+    assert r.status == 200 and r.headers["Content-Type"].startswith("text/html"), r
+    assert 'href="/upstream/a/"' in r.text and 'href="/upstream/hidden/"' not in r.text
+    assert error_of(shared.json("GET", "/upstream/nope/x")) == (404, "model_not_found")
+
+
+# -- management endpoints ---------------------------------------------------------------------------
+
+def test_running_fields(shared):
+    """/running reports model, state, cmd, proxy, ttl, pid, name, description, inflight, waiting."""
+    status, body = shared.chat("a")
+    assert status == 200, body
+    [entry] = [m for m in shared.running() if m["model"] == "a"]
+    port = port_of(shared.cfg, "a")
+    assert entry["state"] == "ready"
+    assert "fake_llama_server.py" in entry["cmd"] and f"--port {port}" in entry["cmd"]
+    assert entry["proxy"] == f"http://localhost:{port}"
+    assert entry["ttl"] == 300
+    assert entry["name"] == "Model A" and entry["description"] == "first model"
+    assert isinstance(entry["pid"], int) and pid_alive(entry["pid"])
+    assert (entry["inflight"], entry["waiting"]) == (0, 0)
+
+
+def test_load_endpoint(shared):
+    """POST /api/models/load/<model> starts the model and answers once it is ready."""
+    status, body = shared.json("POST", "/api/models/load/alias-a")
+    assert (status, body) == (200, {"msg": "ok", "model": "a", "state": "ready"})
+    assert "a" in shared.running_ids()
+    assert error_of(shared.json("POST", "/api/models/load/nope")) == (404, "model_not_found")
+
+
+def test_logs_contain_upstream_output(shared):
+    """/logs holds the children's output: the fake's startup line and its access lines."""
+    status, body = shared.chat("a")
+    assert status == 200, body
+    r = shared.request("GET", "/logs")
+    assert r.status == 200 and r.headers["Content-Type"].startswith("text/plain"), r
+    assert "main: fake llama-server build=0 model='a'" in r.text
+    assert "request: POST /v1/chat/completions" in r.text
+
+
+def test_logs_stream_no_history_gets_live_output(shared):
+    """/logs/stream/<model>?no-history sends no history, then the model's live output."""
+    assert shared.chat("a")[0] == 200
+    received = bytearray()
+    conn = http.client.HTTPConnection("127.0.0.1", shared.port, timeout=15)
+    headers: dict[str, str] = {}
+
+    def read() -> None:
+        try:
+            conn.request("GET", "/logs/stream/a?no-history")
+            resp = conn.getresponse()
+            headers.update({k.lower(): v for k, v in resp.getheaders()})
+            headers["status"] = str(resp.status)
+            while True:
+                chunk = resp.read1(65536)
+                if not chunk:
+                    return
+                received.extend(chunk)
+        except (OSError, http.client.HTTPException, ValueError, AttributeError):
+            return
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    try:
+        # The subscription starts at some unknown moment: keep making marked requests until one shows up.
+        def seen() -> bool:
+            shared.request("GET", f"/upstream/a/info?marker=live{time.monotonic_ns()}")
+            return b"marker=live" in received
+        assert wait_until(seen, 10, interval=0.2), bytes(received)
+    finally:
+        try:
+            conn.sock and conn.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        conn.close()
+        reader.join(5)
+    assert headers.get("status") == "200", headers
+    assert headers.get("content-type", "").startswith("text/plain")
+    assert b"main: fake llama-server" not in received, "history was sent despite no-history"
+
+
+def test_logs_stream_unknown_source(shared):
+    """/logs/stream/<unknown> gives 404 not_found."""
+    assert error_of(shared.json("GET", "/logs/stream/no-such-source")) == (404, "not_found")
+
+
+def test_unload_all(start_daemon):
+    """GET /unload stops every model and answers 200 OK once the children are gone."""
+    cfg = config({"a": model("a"), "b": model("b")},
+                 groups={"both": {"swap": False, "members": ["a", "b"]}})
+    d = start_daemon(cfg)
+    assert d.chat("a")[0] == 200 and d.chat("b")[0] == 200
+    pids = [m["pid"] for m in d.running()]
+    assert len(pids) == 2
+    r = d.request("GET", "/unload")
+    assert (r.status, r.text) == (200, "OK")
+    assert d.running() == []
+    assert not any(pid_alive(p) for p in pids)
+
+
+def test_unload_one_model(start_daemon):
+    """POST /api/models/unload/<model> stops only that model; POST /api/models/unload stops all."""
+    cfg = config({"a": model("a", aliases=["first"]), "b": model("b")},
+                 groups={"both": {"swap": False, "members": ["a", "b"]}})
+    d = start_daemon(cfg)
+    assert d.chat("a")[0] == 200 and d.chat("b")[0] == 200
+    pid_a = [m["pid"] for m in d.running() if m["model"] == "a"][0]
+    assert d.json("POST", "/api/models/unload/first") == (200, {"msg": "ok"})
+    assert d.running_ids() == ["b"]
+    assert not pid_alive(pid_a)
+    assert error_of(d.json("POST", "/api/models/unload/nope")) == (404, "model_not_found")
+    assert d.json("POST", "/api/models/unload") == (200, {"msg": "ok"})
+    assert d.running() == []
+
+
+def test_ttl_unload(start_daemon):
+    """A model with ttl 1 is unloaded after about a second of idleness."""
+    d = start_daemon(config({"a": model("a", ttl=1)}))
+    assert d.chat("a")[0] == 200
+    [entry] = d.running()
+    assert entry["ttl"] == 1
+    t0 = time.monotonic()
+    assert wait_until(lambda: d.running() == [], 6, interval=0.2), d.running()
+    assert time.monotonic() - t0 >= 0.5
+    assert not pid_alive(entry["pid"])
+    assert "unloading after 1s idle" in d.request("GET", "/logs").text
+
+
+def test_unload_kills_after_grace_period(start_daemon):
+    """A child that ignores SIGTERM is SIGKILLed with its grandchild after unloadTimeout (PROC-9)."""
+    d = start_daemon(config({"a": model("a", "--ignore-sigterm", "--fork-child", unloadTimeout=1)}))
+    assert d.chat("a")[0] == 200
+    [entry] = d.running()
+    grandchild = d.request("GET", "/upstream/a/info").json()["grandchild_pid"]
+    assert pid_alive(grandchild)
+    t0 = time.monotonic()
+    assert d.json("POST", "/api/models/unload/a") == (200, {"msg": "ok"})
+    assert time.monotonic() - t0 >= 0.9
+    assert not pid_alive(entry["pid"]) and not pid_alive(grandchild)
+
+
+def test_crash_while_ready_restarts_on_next_request(start_daemon):
+    """A child that exits while ready goes to stopped, and the next request starts it again (PROC-10)."""
+    d = start_daemon(config({"a": model("a", "--exit-after", "1.0")}))
+    assert d.chat("a")[0] == 200
+    [entry] = d.running()
+    assert wait_until(lambda: d.running() == [], 6, interval=0.2)
+    assert not pid_alive(entry["pid"])
+    assert "a exited unexpectedly (code 1)" in d.request("GET", "/logs").text
+    status, body = d.chat("a")
+    assert status == 200, body
+    assert d.running()[0]["pid"] != entry["pid"]
+
+
+# -- groups and profiles ----------------------------------------------------------------------------
+
+def test_profile_runs_members_together(start_daemon):
+    """P:M requests keep profile members side by side; plain requests follow the group rules."""
+    cfg = config({"a": model("a"), "b": model("b"), "c": model("c")}, profiles={"pair": ["a", "b"]})
+    d = start_daemon(cfg)
+    status, body = d.chat("pair:a")
+    assert status == 200, body
+    assert body["responseMessage"] == "from a"
+    assert json.loads(body["request_body"])["model"] == "a"      # profile prefix stripped (RT-4)
+    assert d.chat("pair:b")[1]["responseMessage"] == "from b"
+    assert d.running_ids() == ["a", "b"]
+    assert d.chat("a")[0] == 200                                  # ready: served without evicting
+    assert d.running_ids() == ["a", "b"]
+    assert d.chat("c")[1]["responseMessage"] == "from c"          # default group: evicts both
+    assert d.running_ids() == ["c"]
+    assert d.chat("pair:a")[0] == 200                             # evicts every model not in the profile
+    assert d.running_ids() == ["a"]
+    assert d.chat("b")[0] == 200                                  # plain request: default group swaps
+    assert d.running_ids() == ["b"]
+    status, body = d.chat("pair:c")
+    assert error_of((status, body)) == (404, "model_not_found")
+    assert body["error"]["message"] == "model 'c' is not a member of profile 'pair'"
+
+
+def test_groups_swap_exclusive_persistent(start_daemon):
+    """swap:false members coexist; non-exclusive groups evict nothing; exclusive ones evict all but persistent."""
+    cfg = config(
+        {"a": model("a"), "b": model("b"), "c": model("c"), "d": model("d"), "e": model("e")},
+        groups={
+            "together": {"swap": False, "members": ["a", "b"]},
+            "side": {"exclusive": False, "members": ["c"]},
+            "solo": {"members": ["d"]},
+            "keep": {"persistent": True, "exclusive": False, "members": ["e"]},
+        })
+    d = start_daemon(cfg)
+    for m in ("a", "b"):
+        assert d.chat(m)[1]["responseMessage"] == f"from {m}"
+    assert d.running_ids() == ["a", "b"]
+    assert d.chat("e")[0] == 200
+    assert d.running_ids() == ["a", "b", "e"]
+    assert d.chat("c")[0] == 200
+    assert d.running_ids() == ["a", "b", "c", "e"]
+    pids = {m["model"]: m["pid"] for m in d.running()}
+    assert d.chat("d")[1]["responseMessage"] == "from d"
+    assert d.running_ids() == ["d", "e"]
+    assert not any(pid_alive(pids[m]) for m in "abc")
+
+
+def test_group_swap_true_swaps_within_group(start_daemon):
+    """Two members of a swap:true group replace each other, leaving a non-exclusive group's model alone."""
+    cfg = config({"a": model("a"), "b": model("b"), "c": model("c")},
+                 groups={"chat": {"members": ["a", "b"]},
+                         "helpers": {"swap": False, "exclusive": False, "members": ["c"]}})
+    d = start_daemon(cfg)
+    assert d.chat("c")[0] == 200
+    assert d.chat("a")[0] == 200
+    assert d.running_ids() == ["a"]           # chat is exclusive and helpers is not persistent
+    assert d.chat("c")[0] == 200
+    assert d.running_ids() == ["a", "c"]      # helpers is not exclusive: a stays
+    assert d.chat("b")[0] == 200
+    assert d.running_ids() == ["b"]
+
+
+# -- start failures ---------------------------------------------------------------------------------
+
+def test_start_failure_reports_child_output(start_daemon):
+    """A child that exits at start gives 502 upstream_start_failed with its stderr; each request retries."""
+    d = start_daemon(config({"bad": model("bad", "--exit-at-start", "1")}))
+    status, body = d.chat("bad")
+    assert error_of((status, body)) == (502, "upstream_start_failed"), body
+    msg = body["error"]["message"]
+    assert msg.startswith("failed to start model 'bad': exited with code 1; last output:\n"), msg
+    assert "E srv load_model: failed to load model 'bad'" in msg
+    first_pid = re.search(r"\(pid (\d+)\)", msg).group(1)
+    assert d.running() == []
+    status, body = d.chat("bad")                  # PROC-8: no failed state, a fresh start
+    assert error_of((status, body)) == (502, "upstream_start_failed")
+    second_pid = re.search(r"\(pid (\d+)\)", body["error"]["message"]).group(1)
+    assert second_pid != first_pid
+    assert f"(pid {first_pid})" not in body["error"]["message"], "tail must come from this attempt only"
+
+
+def test_start_failure_then_success(start_daemon, tmp_path):
+    """After a failed start, the next request starts the model again and succeeds."""
+    marker = str(tmp_path / "failed-once")
+    d = start_daemon(config({"flaky": model("flaky", "--exit-at-start", "1",
+                                            "--exit-at-start-marker", marker)}))
+    assert error_of(d.chat("flaky")) == (502, "upstream_start_failed")
+    status, body = d.chat("flaky")
+    assert status == 200, body
+    assert body["responseMessage"] == "from flaky"
+
+
+def test_missing_binary_start_failure(start_daemon):
+    """A cmd whose program does not exist gives 502 upstream_start_failed naming the model."""
+    d = start_daemon(config({"ghost": {"cmd": "/nonexistent/llama-server --port ${PORT}"}}))
+    status, body = d.chat("ghost")
+    assert error_of((status, body)) == (502, "upstream_start_failed")
+    assert body["error"]["message"].startswith("failed to start model 'ghost'")
+
+
+# -- daemon lifecycle -------------------------------------------------------------------------------
+
+def test_sigterm_stops_daemon_and_all_children(start_daemon):
+    """SIGTERM: exit code 0, every child and grandchild gone, state file removed."""
+    cfg = config({"a": model("a", "--fork-child"), "b": model("b", "--ignore-sigterm", unloadTimeout=1)},
+                 groups={"both": {"swap": False, "members": ["a", "b"]}})
+    d = start_daemon(cfg)
+    assert d.chat("a")[0] == 200 and d.chat("b")[0] == 200
+    running = d.running()
+    assert len(running) == 2
+    pids = [m["pid"] for m in running]
+    grandchild = d.request("GET", "/upstream/a/info").json()["grandchild_pid"]
+    assert os.path.exists(d.state_file)
+    pids.append(grandchild)
+    assert all(pid_alive(p) for p in pids)
+    t0 = time.monotonic()
+    rc = d.stop(timeout=1 + 5 + 5)
+    assert rc == 0, d.output()
+    assert time.monotonic() - t0 < 1 + 5 + 1          # CLI-9: within the largest grace period plus 5 s
+    left = [p for p in pids if pid_alive(p)]
+    assert left == [], f"children left behind: {left}"
+    assert not os.path.exists(d.state_file)
+    assert not os.path.exists(d.pidfile)
+
+
+def test_sigterm_idle_daemon_exits_zero(start_daemon):
+    """A daemon with nothing running exits 0 on SIGTERM and prints the listening line first."""
+    d = start_daemon(config({"a": model("a")}))
+    assert re.search(r"llamaswap \S+ listening on tcp:127\.0\.0\.1:\d+", d.stdout.text())
+    assert d.stop() == 0, d.output()
+
+
+def test_bad_config_exits_1_with_paths(tmp_path):
+    """An invalid config: exit 1, every error on stderr with its path, no traceback."""
+    cfg = {"models": {"a": {"cmd": fake_cmd("a"), "ttl": "300"},
+                      "b": {"cmd": fake_cmd("b"), "ttl": -5}}}
+    d = Daemon(cfg, tmp_path)
+    d.spawn()
+    try:
+        rc = d.wait(20)
+        out = d.output()
+        assert rc == 1, out
+        err = d.stderr.text()
+        assert "models.a.ttl: must be a non-negative integer" in err, out
+        assert "models.b.ttl: must be a non-negative integer" in err, out
+        assert "Traceback" not in out
+        assert not os.path.exists(d.state_file)
+    finally:
+        d.kill()
+
+
+def test_missing_config_file_exits_1(tmp_path):
+    """A config path that does not exist: exit 1, the path on stderr, no traceback."""
+    d = Daemon({}, tmp_path)
+    d.config_path = str(Path(tmp_path) / "missing.yaml")
+    d.spawn()
+    try:
+        rc = d.wait(20)
+        assert rc == 1, d.output()
+        assert "missing.yaml" in d.stderr.text()
+        assert "Traceback" not in d.output()
+    finally:
+        d.kill()
