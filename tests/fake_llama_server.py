@@ -53,7 +53,7 @@ import time
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
-from twisted.web import http, server
+from twisted.web import server
 from twisted.web.resource import Resource
 
 STREAM_USAGE = {"prompt_tokens": 25, "completion_tokens": 10, "total_tokens": 35}
