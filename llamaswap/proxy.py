@@ -1,0 +1,347 @@
+"""Forwarding one request to an upstream and relaying its response (SPEC §7, PROXY-*).
+
+treq is used through one ``HTTPClient`` per child lifetime (a fresh pool each time, so a
+connection is never reused across children, PROXY-10), configured for a proxy: no
+redirects followed, no cookies kept, unbuffered responses streamed back chunk by chunk
+with back-pressure. treq always sends ``Accept-Encoding: gzip`` and decodes: what it
+decoded loses ``Content-Encoding``/``Content-Length`` (PROXY-4).
+"""
+from __future__ import annotations
+
+import os
+from http.cookiejar import CookieJar, DefaultCookiePolicy
+from typing import Any, BinaryIO, Callable, Optional
+
+import treq.client
+from twisted.internet.defer import CancelledError, Deferred, succeed
+from twisted.internet.protocol import Protocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.client import (
+    Agent, HTTPConnectionPool, PotentialDataLoss, RequestNotSent, RequestTransmissionFailed,
+    ResponseDone, ResponseNeverReceived)
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer
+from zope.interface import implementer
+
+from llamaswap.errors import UpstreamUnreachable
+
+log = Logger(namespace="llamaswap.proxy")
+
+#: PROXY-8: connect timeout; no response timeout (long generations are legitimate).
+CONNECT_TIMEOUT = 10
+#: PROXY-2: hop-by-hop headers never cross the proxy.
+HOP_BY_HOP = frozenset({
+    b"connection", b"keep-alive", b"proxy-authorization", b"proxy-authenticate", b"te",
+    b"trailer", b"trailers", b"transfer-encoding", b"upgrade", b"proxy-connection"})
+_READ_SIZE = 64 * 1024
+
+
+@implementer(IBodyProducer)
+class BytesProducer:
+    """A fixed-length body from bytes, written at once (no global Cooperator)."""
+
+    def __init__(self, body: bytes) -> None:
+        self._body = body
+        self.length = len(body)
+
+    def startProducing(self, consumer: Any) -> Deferred:
+        consumer.write(self._body)
+        return succeed(None)
+
+    def pauseProducing(self) -> None:
+        pass
+
+    def resumeProducing(self) -> None:
+        pass
+
+    def stopProducing(self) -> None:
+        pass
+
+
+@implementer(IBodyProducer)
+class FileSliceProducer:
+    """A fixed-length body read from slices of a (spooled) file, chunk by chunk.
+
+    ``parts`` is a list of ``bytes`` or ``(offset, length)`` slices of ``fileobj``, so a
+    multipart body whose ``model`` field is rewritten is sent without copying it
+    (RT-9). Writes happen on the injected clock, one chunk per turn, so a large upload
+    never blocks the reactor; a paused transport pauses reading.
+    """
+
+    def __init__(self, fileobj: BinaryIO, parts: list, clock: Any) -> None:
+        self._file = fileobj
+        self._parts = list(parts)
+        self._clock = clock
+        self.length = sum(len(p) if isinstance(p, bytes) else p[1] for p in parts)
+        self._consumer = None
+        self._d: Optional[Deferred] = None
+        self._call = None
+        self._paused = False
+
+    def startProducing(self, consumer: Any) -> Deferred:
+        self._consumer = consumer
+        self._queue = list(self._parts)
+        self._d = Deferred(lambda _: self.stopProducing())
+        self._schedule()
+        return self._d
+
+    def _schedule(self) -> None:
+        if self._call is None and not self._paused:
+            self._call = self._clock.callLater(0, self._step)
+
+    def _step(self) -> None:
+        self._call = None
+        if self._d is None or self._paused:
+            return
+        if not self._queue:
+            d, self._d = self._d, None
+            d.callback(None)
+            return
+        part = self._queue[0]
+        if isinstance(part, bytes):
+            self._queue.pop(0)
+            chunk = part
+        else:
+            offset, length = part
+            self._file.seek(offset)
+            chunk = self._file.read(min(length, _READ_SIZE))
+            if not chunk:
+                d, self._d = self._d, None
+                d.errback(IOError("request body file ended early"))
+                return
+            if len(chunk) < length:
+                self._queue[0] = (offset + len(chunk), length - len(chunk))
+            else:
+                self._queue.pop(0)
+        self._consumer.write(chunk)
+        self._schedule()
+
+    def pauseProducing(self) -> None:
+        self._paused = True
+
+    def resumeProducing(self) -> None:
+        self._paused = False
+        self._schedule()
+
+    def stopProducing(self) -> None:
+        if self._call is not None and self._call.active():
+            self._call.cancel()
+        self._call = None
+        self._d = None
+
+
+def _to_body_producer(data: Any) -> IBodyProducer:
+    if isinstance(data, bytes):
+        return BytesProducer(data)
+    return IBodyProducer(data)
+
+
+def make_http_client(reactor: Any, persistent: bool = True, max_per_host: int = 64):
+    """A treq ``HTTPClient`` set up for proxying, and its pool (for one child lifetime)."""
+    pool = HTTPConnectionPool(reactor, persistent=persistent)
+    pool.maxPersistentPerHost = max_per_host
+    pool.retryAutomatically = False  # PROXY-10 retries are ours, for every method
+    agent = Agent(reactor, connectTimeout=CONNECT_TIMEOUT, pool=pool)
+    no_cookies = CookieJar(DefaultCookiePolicy(allowed_domains=[]))
+    client = treq.client.HTTPClient(agent, cookiejar=no_cookies,
+                                    data_to_body_producer=_to_body_producer)
+    return client, pool
+
+
+def client_ip(request: Any) -> str:
+    """The peer address of a twisted.web request ('' for unix sockets)."""
+    peer = request.getClientAddress()
+    return getattr(peer, "host", "") or ""
+
+
+def upstream_headers(request: Any, strip_auth: bool, scheme: bytes) -> Headers:
+    """PROXY-2: the headers sent upstream."""
+    incoming = request.requestHeaders
+    connection_named = set()
+    for value in incoming.getRawHeaders(b"connection", []):
+        connection_named |= {v.strip().lower() for v in value.split(b",") if v.strip()}
+    drop = HOP_BY_HOP | connection_named | {b"host", b"content-length", b"accept-encoding"}
+    if strip_auth:
+        drop |= {b"authorization", b"x-api-key"}
+    out = Headers()
+    for name, values in incoming.getAllRawHeaders():
+        if name.lower() not in drop:
+            out.setRawHeaders(name, list(values))
+    host = incoming.getRawHeaders(b"host")
+    if host:
+        out.setRawHeaders(b"x-forwarded-host", [host[0]])
+    ip = client_ip(request).encode("ascii", "replace")
+    previous = incoming.getRawHeaders(b"x-forwarded-for")
+    forwarded = b", ".join(previous) + b", " + ip if previous else ip
+    out.setRawHeaders(b"x-forwarded-for", [forwarded])
+    if not incoming.hasHeader(b"x-forwarded-proto"):
+        out.setRawHeaders(b"x-forwarded-proto", [scheme])
+    return out
+
+
+def copy_response_headers(response: Any, request: Any) -> bool:
+    """PROXY-5: relay status and headers; return True for an SSE response."""
+    request.setResponseCode(response.code, response.phrase or None)
+    sse = False
+    for name, values in response.headers.getAllRawHeaders():
+        lname = name.lower()
+        if lname in HOP_BY_HOP or lname == b"content-length":
+            continue
+        if lname == b"content-type" and values and values[0].lower().startswith(b"text/event-stream"):
+            sse = True
+        request.responseHeaders.setRawHeaders(name, list(values))
+    if response.length is not UNKNOWN_LENGTH:
+        request.responseHeaders.setRawHeaders(b"content-length", [b"%d" % response.length])
+    if sse:
+        for name, value in ((b"x-accel-buffering", b"no"), (b"cache-control", b"no-cache")):
+            if not request.responseHeaders.hasHeader(name):
+                request.responseHeaders.setRawHeaders(name, [value])
+    return sse
+
+
+class _BodyRelay(Protocol):
+    """Writes every upstream chunk to the client at once; a slow client pauses the upstream."""
+
+    def __init__(self, request: Any, done: Deferred, on_data: Optional[Callable[[bytes], None]]) -> None:
+        self.request = request
+        self.done = done
+        self.on_data = on_data
+        self.tail = b""  # the last bytes relayed (PROXY-9 needs to know if a blank line ended them)
+        self.registered = False
+        self.nbytes = 0
+
+    def connectionMade(self) -> None:
+        if not self.request._disconnected:
+            self.request.registerProducer(self.transport, True)
+            self.registered = True
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.request._disconnected:
+            return
+        self.request.write(data)
+        self.nbytes += len(data)
+        self.tail = (self.tail + data)[-4:]
+        if self.on_data is not None:
+            self.on_data(data)
+
+    def connectionLost(self, reason: Failure) -> None:
+        if self.registered:
+            self.registered = False
+            try:
+                self.request.unregisterProducer()
+            except (AttributeError, RuntimeError):
+                pass
+        if self.done.called:
+            return
+        if reason.check(ResponseDone, PotentialDataLoss):
+            self.done.callback(None)
+        else:
+            self.done.errback(reason)
+
+
+_RETRYABLE = (RequestNotSent, RequestTransmissionFailed, ResponseNeverReceived)
+
+
+class Forwarder:
+    """Sends a request upstream and relays the response to a twisted.web request.
+
+    :param reactor: used for the one fresh connection of a PROXY-10 retry.
+    """
+
+    def __init__(self, reactor: Any) -> None:
+        self.reactor = reactor
+
+    async def forward(self, *, http: Any, request: Any, url: bytes, headers: Headers,
+                      body: Callable[[], Any], model_id: str, still_ready: Callable[[], bool],
+                      on_headers: Optional[Callable[[Any], None]] = None,
+                      on_data: Optional[Callable[[bytes], None]] = None) -> dict:
+        """Forward and relay; return ``{"status", "bytes", "stream_error"}``.
+
+        :param body: a zero-argument callable returning a fresh body (bytes or producer)
+            per attempt.
+        :raises UpstreamUnreachable: before any response header was relayed (PROXY-8).
+        """
+        response = await self._send(http, request, url, headers, body, model_id, still_ready)
+        sse = copy_response_headers(response, request)
+        if on_headers is not None:
+            on_headers(response)
+        done: Deferred = Deferred(lambda d: relay.transport and relay.transport.stopProducing())
+        relay = _BodyRelay(request, done, on_data)
+        response.deliverBody(relay)
+        try:
+            await done
+        except CancelledError:
+            raise
+        except Exception as e:
+            reason = _reason(e)
+            self._stream_failed(request, relay, sse, model_id, reason)
+            return {"status": response.code, "bytes": relay.nbytes, "stream_error": reason}
+        return {"status": response.code, "bytes": relay.nbytes, "stream_error": None}
+
+    async def _send(self, http, request, url, headers, body, model_id, still_ready):
+        method = request.method
+        try:
+            return await http.request(method, url, headers=headers, data=body(),
+                                      unbuffered=True, allow_redirects=False)
+        except CancelledError:
+            raise
+        except _RETRYABLE as e:
+            if not still_ready():
+                raise UpstreamUnreachable(
+                    f"upstream for model '{model_id}' unreachable: {_reason(e)}") from None
+            # PROXY-10: llama-server drops kept-alive connections after a stream; retry
+            # once on a connection of its own, whatever the method.
+            log.debug("retrying request to {model} on a new connection ({why})",
+                      model=model_id, why=_reason(e))
+            fresh, pool = make_http_client(self.reactor, persistent=False)
+        except Exception as e:
+            raise UpstreamUnreachable(
+                f"upstream for model '{model_id}' unreachable: {_reason(e)}") from None
+        try:
+            return await fresh.request(method, url, headers=headers, data=body(),
+                                       unbuffered=True, allow_redirects=False)
+        except CancelledError:
+            raise
+        except Exception as e:
+            raise UpstreamUnreachable(
+                f"upstream for model '{model_id}' unreachable: {_reason(e)}") from None
+
+    def _stream_failed(self, request: Any, relay: _BodyRelay, sse: bool, model_id: str,
+                       reason: str) -> None:
+        """PROXY-9: never a silently truncated successful response."""
+        if request._disconnected:
+            return
+        if sse:
+            prefix = b"" if relay.tail.endswith(b"\n\n") or relay.tail.endswith(b"\r\n\r\n") else b"\n\n"
+            message = f"upstream for model '{model_id}' closed the stream: {reason}"
+            from llamaswap.errors import error_body
+
+            event = error_body("server_error", "upstream_error", message)
+            request.write(prefix + b"data: " + event + b"\n\n")
+            request.finish()
+        else:
+            transport = request.channel.transport if request.channel else None
+            if transport is not None:
+                transport.abortConnection()
+
+
+def _reason(e: BaseException) -> str:
+    """A short human reason out of Twisted's nested failure wrappers."""
+    reasons = getattr(e, "reasons", None)
+    if reasons:
+        inner = [r.value for r in reasons if isinstance(r, Failure)]
+        texts = [_reason(v) for v in inner if not isinstance(v, (ResponseDone,))]
+        if texts:
+            return "; ".join(dict.fromkeys(texts))
+    text = str(e) or type(e).__name__
+    if isinstance(e, ConnectionError) or "Connection was refused" in text:
+        return text
+    return text
+
+
+def file_size(fileobj: BinaryIO) -> int:
+    fileobj.seek(0, os.SEEK_END)
+    size = fileobj.tell()
+    fileobj.seek(0)
+    return size

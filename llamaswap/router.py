@@ -1,0 +1,388 @@
+"""Requests -> models: resolution, admission, queueing, swaps, TTL (SPEC §4, §6, PROC-11).
+
+``ModelRouter`` owns one ``UpstreamProcess`` per model and the queue of waiting
+requests. Every decision comes from the pure ``scheduler.decide``; this class only
+applies it: grants leases, begins swaps (stop the evicted models in parallel, then start
+the target), arms TTL timers, and fails waiters with the right error.
+"""
+from __future__ import annotations
+
+import itertools
+from collections import deque
+from typing import Any, Callable, Optional
+
+import attr
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred, DeferredList, fail, succeed
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from llamaswap import scheduler
+from llamaswap.errors import (
+    ConcurrencyLimit, LlamaSwapError, ModelNotFound, ModelUnloaded, ShuttingDown,
+    UpstreamStartFailed)
+from llamaswap.process import State, UpstreamProcess
+
+
+@attr.s(eq=False)
+class Ticket:
+    """An admitted request (or a load) waiting for its model."""
+
+    model_id: str = attr.ib()
+    seq: int = attr.ib()
+    admitted: float = attr.ib()
+    profile: Optional[str] = attr.ib(default=None)
+    counted: bool = attr.ib(default=True)  # loads (EP-7, preload) are not requests (SCHED-1)
+    d: Deferred = attr.ib(default=None)
+
+
+@attr.s(eq=False)
+class Lease:
+    """A granted request: in flight on ``proc`` until ``release()``."""
+
+    router: "ModelRouter" = attr.ib()
+    proc: UpstreamProcess = attr.ib()
+    counted: bool = attr.ib(default=True)
+    granted: float = attr.ib(default=0.0)
+    _released: bool = attr.ib(default=False)
+
+    @property
+    def model_id(self) -> str:
+        return self.proc.id
+
+    def release(self) -> None:
+        """End of the response to the client: in-flight -1, TTL re-armed. Idempotent."""
+        if not self._released:
+            self._released = True
+            self.router._release(self)
+
+
+@attr.s(frozen=True)
+class Resolved:
+    """RT-2/RT-4: what a requested name means."""
+
+    model_id: str = attr.ib()
+    profile: Optional[str] = attr.ib(default=None)
+    name: str = attr.ib(default="")  # the requested name after profile stripping
+
+
+class _Slot:
+    """Router-side bookkeeping of one model."""
+
+    def __init__(self, proc: UpstreamProcess) -> None:
+        self.proc = proc
+        self.waiting: deque[Ticket] = deque()
+        self.inflight = 0
+        self.ttl_call = None
+        self.last_used: Optional[float] = None
+
+
+class ModelRouter(Service):
+    """Resolve, admit, queue and grant requests; swap models; unload after ttl.
+
+    :param config: the ``Config``.
+    :param make_process: ``(model_config) -> UpstreamProcess``; the router installs its
+        own ``on_transition`` hook on each.
+    :param clock: ``IReactorTime`` for admission times, maxWait and TTL timers.
+    """
+
+    def __init__(self, config: Any, make_process: Callable[[Any], UpstreamProcess], clock: Any,
+                 log: Optional[Logger] = None) -> None:
+        self.config = config
+        self._make_process = make_process
+        self.clock = clock
+        self.log = log or Logger(namespace="llamaswap.router")
+        self._seq = itertools.count()
+        self._slots: dict[str, _Slot] = {}
+        self._swapping: set[str] = set()
+        self._draining: frozenset = frozenset()
+        self._wake_call = None
+        self._shutting_down = False
+        self._deciding = False
+        self._again = False
+        self.listeners: list[Callable[[str, Any], None]] = []  # (event, payload)
+        for model in config.models.values():
+            self._add(model)
+
+    # -- model table ----------------------------------------------------------------------------
+
+    def _add(self, model: Any) -> None:
+        proc = self._make_process(model)
+        proc.on_transition = self._on_transition
+        self._slots[model.id] = _Slot(proc)
+
+    def process(self, model_id: str) -> UpstreamProcess:
+        return self._slots[model_id].proc
+
+    def processes(self) -> list[UpstreamProcess]:
+        return [s.proc for s in self._slots.values()]
+
+    def counts(self, model_id: str) -> tuple[int, int]:
+        """(in flight, waiting) for ``model_id``."""
+        slot = self._slots[model_id]
+        return slot.inflight, sum(1 for t in slot.waiting if t.counted)
+
+    def is_draining(self, model_id: str) -> bool:
+        return model_id in self._draining
+
+    # -- resolution (RT-2, RT-4) --------------------------------------------------------------
+
+    def resolve(self, name: str) -> Resolved:
+        """Map a requested name to a model id; raise ``ModelNotFound``."""
+        model_id = self.config.resolve(name)
+        if model_id is not None:
+            return Resolved(model_id, None, name)
+        if ":" in name:
+            profile, member = name.split(":", 1)
+            members = self.config.profiles.get(profile)
+            if members is not None:
+                member_id = self.config.resolve(member)
+                if member_id is None or member_id not in members:
+                    raise ModelNotFound(f"model '{member}' is not a member of profile '{profile}'")
+                return Resolved(member_id, profile, member)
+        raise ModelNotFound.named(name)
+
+    # -- admission and grants -------------------------------------------------------------------
+
+    def acquire(self, model_id: str, profile: Optional[str] = None) -> Deferred:
+        """Admit a request for ``model_id``; fire with a ``Lease`` once it may be forwarded.
+
+        Raises ``ConcurrencyLimit`` (429) at once when the model's limit is reached
+        (SCHED-1). Cancelling the Deferred while it waits frees its slot (SCHED-8).
+        """
+        if self._shutting_down:
+            return fail(ShuttingDown())
+        slot = self._slots[model_id]
+        inflight, waiting = self.counts(model_id)
+        limit = slot.proc.model.concurrency_limit
+        if inflight + waiting >= limit:
+            return fail(ConcurrencyLimit(f"too many requests for model '{model_id}' (limit {limit})"))
+        return self._enqueue(model_id, profile, counted=True)
+
+    def load(self, model_id: str) -> Deferred:
+        """EP-7 / preload: start ``model_id`` through the scheduler; fire once it is ready."""
+        if self._shutting_down:
+            return fail(ShuttingDown())
+        d = self._enqueue(model_id, None, counted=False)
+        d.addCallback(lambda lease: lease.release())
+        return d
+
+    def _enqueue(self, model_id: str, profile: Optional[str], counted: bool) -> Deferred:
+        slot = self._slots[model_id]
+        ticket = Ticket(model_id, next(self._seq), self.clock.seconds(), profile, counted)
+        ticket.d = Deferred(lambda d: self._cancel(ticket))
+        slot.waiting.append(ticket)
+        self._cancel_ttl(slot)
+        self._emit("queue", model_id)
+        self.schedule()
+        return ticket.d
+
+    def _cancel(self, ticket: Ticket) -> None:
+        """SCHED-8: a waiting client left; free its slot; a swap not yet begun is abandoned."""
+        slot = self._slots.get(ticket.model_id)
+        if slot is not None and ticket in slot.waiting:
+            slot.waiting.remove(ticket)
+            self._emit("queue", ticket.model_id)
+            self._maybe_arm_ttl(slot)
+            self.schedule()
+
+    def _grant(self, model_id: str, n: int) -> None:
+        slot = self._slots[model_id]
+        now = self.clock.seconds()
+        for _ in range(n):
+            ticket = slot.waiting.popleft()
+            if ticket.counted:
+                slot.inflight += 1
+            lease = Lease(self, slot.proc, ticket.counted, now)
+            ticket.d.callback(lease)
+        self._emit("queue", model_id)
+
+    def _release(self, lease: Lease) -> None:
+        slot = self._slots.get(lease.model_id)
+        if slot is None or slot.proc is not lease.proc:
+            return
+        if lease.counted:
+            slot.inflight -= 1
+        slot.last_used = self.clock.seconds()
+        self._emit("queue", lease.model_id)
+        self._maybe_arm_ttl(slot)
+        self.schedule()
+
+    # -- the scheduling pass ------------------------------------------------------------------
+
+    def schedule(self) -> None:
+        """Run ``scheduler.decide`` and apply it; re-entrant calls collapse into one more pass."""
+        if self._deciding:
+            self._again = True
+            return
+        self._deciding = True
+        try:
+            self._again = True
+            while self._again:
+                self._again = False
+                self._apply(scheduler.decide(self._snapshot(), self._evict_for))
+        finally:
+            self._deciding = False
+
+    def _snapshot(self) -> scheduler.Snapshot:
+        views = {
+            model_id: scheduler.ModelView(
+                model_id, slot.proc.state.value, slot.inflight,
+                tuple(scheduler.Waiter(t.seq, t.admitted, t.profile) for t in slot.waiting))
+            for model_id, slot in self._slots.items()}
+        return scheduler.Snapshot(views, self.clock.seconds(), self.config.max_wait,
+                                  self.config.policy, frozenset(self._swapping))
+
+    def _evict_for(self, target: str, profile: Optional[str], running: frozenset) -> frozenset:
+        members = self.config.profiles.get(profile) if profile else None
+
+        def group_of(model_id: str) -> scheduler.GroupRule:
+            g = self.config.group_of(model_id)
+            return scheduler.GroupRule(g.id, g.swap, g.exclusive, g.persistent)
+
+        return scheduler.evict_set(target, members, running, group_of)
+
+    def _apply(self, decision: scheduler.Decision) -> None:
+        if decision.draining != self._draining:
+            for model_id in decision.draining - self._draining:
+                self.log.debug("{model}: draining for a waiting swap", model=model_id)
+            self._draining = decision.draining
+        for model_id, n in decision.grants:
+            self._grant(model_id, n)
+        for swap in decision.swaps:
+            self._begin_swap(swap)
+        self._set_wake(decision.wake_at)
+
+    def _set_wake(self, when: Optional[float]) -> None:
+        if self._wake_call is not None and self._wake_call.active():
+            self._wake_call.cancel()
+        self._wake_call = None
+        if when is not None:
+            delay = max(0.0, when - self.clock.seconds())
+            self._wake_call = self.clock.callLater(delay, self.schedule)
+
+    # -- swaps --------------------------------------------------------------------------------
+
+    def _begin_swap(self, swap: scheduler.Swap) -> None:
+        involved = set(swap.evict) | {swap.target}
+        self._swapping |= involved
+        if swap.evict:
+            self.log.info("swapping: stopping {evicted} to start {model}",
+                          evicted=", ".join(sorted(swap.evict)), model=swap.target)
+        stops = [self._slots[x].proc.stop() for x in sorted(swap.evict)]
+        for x in swap.evict:
+            self._emit("stop", (x, "swap"))
+        d = DeferredList(stops, consumeErrors=True)
+        d.addCallback(lambda _: self._start(swap, bool(swap.evict)))
+        d.addErrback(lambda f: self.log.failure("swap to {model} failed", f, model=swap.target))
+
+    def _start(self, swap: scheduler.Swap, evicted: bool) -> None:
+        slot = self._slots.get(swap.target)
+        if slot is None or self._shutting_down or slot.proc.state is not State.STOPPED:
+            self._end_swap(swap)
+            return
+        self._emit("start", (swap.target, evicted))
+        d = slot.proc.start()
+        d.addCallbacks(lambda _: self._end_swap(swap), lambda f: self._start_failed(swap, f))
+
+    def _start_failed(self, swap: scheduler.Swap, failure: Failure) -> None:
+        """SCHED-9: every request waiting on that start gets the same 502."""
+        slot = self._slots.get(swap.target)
+        if slot is not None:
+            error = failure.value if isinstance(failure.value, LlamaSwapError) else \
+                UpstreamStartFailed(str(failure.value))
+            self._fail_waiters(slot, error)
+        self._end_swap(swap)
+
+    def _end_swap(self, swap: scheduler.Swap) -> None:
+        self._swapping -= set(swap.evict) | {swap.target}
+        self.schedule()
+
+    def _fail_waiters(self, slot: _Slot, error: LlamaSwapError) -> None:
+        waiters, slot.waiting = list(slot.waiting), deque()
+        for ticket in waiters:
+            ticket.d.errback(Failure(type(error)(error.message)))
+        if waiters:
+            self._emit("queue", slot.proc.id)
+
+    # -- state changes --------------------------------------------------------------------------
+
+    def _on_transition(self, proc: UpstreamProcess, old: State, new: State) -> None:
+        slot = self._slots.get(proc.id)
+        self._emit("state", (proc, old, new))
+        if slot is None or slot.proc is not proc:
+            return
+        if new is State.READY:
+            slot.last_used = self.clock.seconds()
+            self._maybe_arm_ttl(slot)
+        elif new is not State.STARTING:
+            self._cancel_ttl(slot)
+        if old is State.READY and new is State.STOPPED:
+            self._emit("stop", (proc.id, "exited"))
+        self.schedule()
+
+    # -- TTL (PROC-11) --------------------------------------------------------------------------
+
+    def _maybe_arm_ttl(self, slot: _Slot) -> None:
+        self._cancel_ttl(slot)
+        ttl = slot.proc.model.ttl
+        if ttl > 0 and slot.proc.state is State.READY and slot.inflight == 0 and not slot.waiting:
+            slot.ttl_call = self.clock.callLater(ttl, self._ttl_expired, slot)
+
+    def _cancel_ttl(self, slot: _Slot) -> None:
+        if slot.ttl_call is not None and slot.ttl_call.active():
+            slot.ttl_call.cancel()
+        slot.ttl_call = None
+
+    def _ttl_expired(self, slot: _Slot) -> None:
+        slot.ttl_call = None
+        proc = slot.proc
+        if proc.state is not State.READY or slot.inflight or slot.waiting or proc.id in self._swapping:
+            return
+        self.log.info("{model}: unloading after {ttl}s idle", model=proc.id, ttl=proc.model.ttl)
+        self._emit("stop", (proc.id, "ttl"))
+        proc.stop()
+
+    # -- unload and shutdown ----------------------------------------------------------------------
+
+    def unload(self, model_ids: Optional[list[str]] = None) -> Deferred:
+        """EP-6: stop the models (busy ones too) in parallel; waiters get 503 model_unloaded.
+
+        Fires once every affected child is gone.
+        """
+        ids = list(self._slots) if model_ids is None else model_ids
+        stops = []
+        for model_id in ids:
+            slot = self._slots[model_id]
+            self._fail_waiters(slot, ModelUnloaded(f"model '{model_id}' was unloaded"))
+            if slot.proc.state in (State.STARTING, State.READY, State.STOPPING):
+                self._emit("stop", (model_id, "unload"))
+            stops.append(slot.proc.stop())
+        d = DeferredList(stops, consumeErrors=True)
+        d.addCallback(lambda _: self.schedule())
+        return d
+
+    def stopService(self) -> Deferred:
+        """CLI-9: waiters get 503 shutting_down; every child stops in parallel; fire when all are gone."""
+        Service.stopService(self)
+        self._shutting_down = True
+        self._set_wake(None)
+        for slot in self._slots.values():
+            self._cancel_ttl(slot)
+            self._fail_waiters(slot, ShuttingDown())
+            if slot.proc.state in (State.STARTING, State.READY, State.STOPPING):
+                self._emit("stop", (slot.proc.id, "shutdown"))
+        d = DeferredList([s.proc.shutdown() for s in self._slots.values()], consumeErrors=True)
+        d.addCallback(lambda _: None)
+        return d
+
+    # -- events -----------------------------------------------------------------------------------
+
+    def _emit(self, event: str, payload: Any) -> None:
+        for listener in list(self.listeners):
+            try:
+                listener(event, payload)
+            except Exception:
+                self.log.failure("event listener failed for {event}", event=event)
+
+

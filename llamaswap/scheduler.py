@@ -1,0 +1,153 @@
+"""Pure swap decisions (SPEC §6, SCHED-*): no Twisted, no I/O, no clock of its own.
+
+The router describes the world as a ``Snapshot`` (model states, in-flight counts,
+waiting requests in admission order, swaps in progress, the time now) and gets back a
+``Decision``: which waiting requests to grant, which swaps to begin, which models are
+draining, and when to look again. The same snapshot always gives the same decision
+(SCHED-12), which is what makes the policy testable with a fake clock.
+"""
+from __future__ import annotations
+
+from typing import Callable, Iterable, Mapping, Optional
+
+import attr
+
+#: States in which a model is part of the running set (§1).
+RUNNING = frozenset({"starting", "ready"})
+
+
+@attr.s(frozen=True, slots=True)
+class Waiter:
+    """One admitted request that has not been granted yet."""
+
+    seq: int = attr.ib()  # admission order, unique and increasing
+    admitted: float = attr.ib()  # admission time, seconds
+    profile: Optional[str] = attr.ib(default=None)  # "P" of a "P:M" request
+
+
+@attr.s(frozen=True, slots=True)
+class ModelView:
+    id: str = attr.ib()
+    state: str = attr.ib()  # stopped | starting | ready | stopping | shutdown
+    inflight: int = attr.ib(default=0)
+    waiting: tuple[Waiter, ...] = attr.ib(default=())
+
+
+@attr.s(frozen=True, slots=True)
+class Snapshot:
+    models: Mapping[str, ModelView] = attr.ib()
+    now: float = attr.ib()
+    max_wait: float = attr.ib(default=30.0)
+    policy: str = attr.ib(default="swap-aware")  # or "fifo"
+    swapping: frozenset = attr.ib(default=frozenset())  # ids taking part in swaps in progress
+
+
+@attr.s(frozen=True, slots=True)
+class Swap:
+    target: str = attr.ib()
+    evict: frozenset = attr.ib()
+
+
+@attr.s(frozen=True, slots=True)
+class Decision:
+    grants: tuple = attr.ib(default=())  # ((model id, how many of its oldest waiters), ...)
+    swaps: tuple = attr.ib(default=())  # (Swap, ...)
+    draining: frozenset = attr.ib(default=frozenset())
+    wake_at: Optional[float] = attr.ib(default=None)  # look again then, even if nothing happens
+
+
+@attr.s(frozen=True, slots=True)
+class GroupRule:
+    id: str = attr.ib()
+    swap: bool = attr.ib(default=True)
+    exclusive: bool = attr.ib(default=True)
+    persistent: bool = attr.ib(default=False)
+
+
+def evict_set(target: str, profile_members: Optional[Iterable[str]], running: Iterable[str],
+              group_of: Callable[[str], GroupRule]) -> frozenset:
+    """SCHED-4 / CFG-52: the running models that must stop before ``target`` starts.
+
+    :param profile_members: the members of P for a ``P:M`` request, else None.
+    :param group_of: model id -> its group (the implicit ``(default)`` group when in none).
+    """
+    others = [x for x in running if x != target]
+    if profile_members is not None:
+        members = set(profile_members)
+        return frozenset(x for x in others if x not in members and not group_of(x).persistent)
+    g = group_of(target)
+    evicted = set()
+    for x in others:
+        h = group_of(x)
+        if (h.id == g.id and g.swap) or (h.id != g.id and g.exclusive and not h.persistent):
+            evicted.add(x)
+    return frozenset(evicted)
+
+
+def decide(snap: Snapshot, evict_for: Callable[[str, Optional[str], frozenset], frozenset]) -> Decision:
+    """One scheduling pass (SCHED-2..SCHED-5).
+
+    :param evict_for: ``(target, profile, running ids) -> evict set`` (see ``evict_set``).
+    """
+    models = snap.models
+    fifo = snap.policy == "fifo"
+    max_wait = 0.0 if fifo else snap.max_wait
+    # A swap in progress counts as running: its target is about to start, so another
+    # candidate must treat it as something to evict (and therefore wait for it).
+    running = frozenset(m.id for m in models.values() if m.state in RUNNING) | snap.swapping
+    candidates = sorted(
+        (m for m in models.values() if m.waiting and m.state != "ready"),
+        key=lambda m: m.waiting[0].seq)
+    claimed = set(snap.swapping)
+    head_claim: frozenset = frozenset()
+    draining: set = set()
+    swaps: list[Swap] = []
+    wake_at: Optional[float] = None
+    for index, cand in enumerate(candidates):
+        first = cand.waiting[0]
+        if cand.state != "stopped" or cand.id in snap.swapping:
+            # starting: its waiters join the start under way; stopping: PROC-12, the
+            # start follows the stop; shutdown: never.
+            if index == 0:
+                head_claim = frozenset({cand.id})
+            continue
+        evict = evict_for(cand.id, first.profile, running)
+        involved = evict | {cand.id}
+        blocked = bool(involved & claimed)
+        # SCHED-4: a starting model that others wait for is never evicted.
+        blocked = blocked or any(models[x].state == "starting" and models[x].waiting for x in evict)
+        if index > 0 and involved & head_claim:
+            blocked = True  # never take what the head is waiting for
+        busy = [x for x in evict if models[x].inflight > 0]
+        if not blocked and busy:
+            blocked = True
+            if index == 0:
+                if snap.now - first.admitted >= max_wait:
+                    draining |= evict  # SCHED-5: stop batching onto them
+                else:
+                    wake_at = first.admitted + max_wait
+        if index == 0:
+            head_claim = involved
+        if not blocked:
+            swaps.append(Swap(cand.id, evict))
+            claimed |= involved
+    grants = _grants(models, draining, fifo)
+    return Decision(tuple(grants), tuple(swaps), frozenset(draining), wake_at)
+
+
+def _grants(models: Mapping[str, ModelView], draining: set, fifo: bool) -> list[tuple[str, int]]:
+    """SCHED-2: every waiter of a ready, non-draining model; under ``fifo`` only those
+    with no older waiter for another model (llama-swap-like order)."""
+    grants = []
+    for m in models.values():
+        if m.state != "ready" or m.id in draining or not m.waiting:
+            continue
+        if not fifo:
+            grants.append((m.id, len(m.waiting)))
+            continue
+        older_elsewhere = min(
+            (o.waiting[0].seq for o in models.values() if o.id != m.id and o.waiting), default=None)
+        n = sum(1 for w in m.waiting if older_elsewhere is None or w.seq < older_elsewhere)
+        if n:
+            grants.append((m.id, n))
+    return grants
