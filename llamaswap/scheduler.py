@@ -115,10 +115,11 @@ def decide(snap: Snapshot, evict_for: Callable[[str, Optional[str], frozenset], 
         involved = evict | {cand.id}
         blocked = bool(involved & claimed)
         # SCHED-4: a starting model that others wait for is never evicted.
-        blocked = blocked or any(models[x].state == "starting" and models[x].waiting for x in evict)
+        blocked = blocked or any(x in models and models[x].state == "starting" and models[x].waiting
+                                  for x in evict)
         if index > 0 and involved & head_claim:
             blocked = True  # never take what the head is waiting for
-        busy = [x for x in evict if models[x].inflight > 0]
+        busy = [x for x in evict if x in models and models[x].inflight > 0]
         if not blocked and busy:
             blocked = True
             if index == 0:

@@ -119,7 +119,7 @@ class TestDecide:
 
     def test_swap_in_progress_blocks_overlapping_swaps(self):
         """SCHED-3(b): no model may take part in two swaps at once."""
-        models = [ModelView("a", "stopping"), ModelView("b", "stopped", 0, (w(1),))]
+        models = [ModelView("a", "stopping"), ModelView("b", "stopped", 0, (w(1),)), ModelView("c", "stopped")]
         assert decide(snap(models, swapping={"a", "c"}), evict_default).swaps == ()
 
     def test_disjoint_swaps_run_in_parallel(self):
