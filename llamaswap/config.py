@@ -503,8 +503,9 @@ class _Composer(Reader, Scanner, Parser, Composer, _CoreResolver):
 
 
 def _compose(text: str, source: str) -> Node | None:
-    loader = _Composer(text)
+    loader = None
     try:
+        loader = _Composer(text)
         return loader.get_single_node()
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark or e.context_mark
@@ -519,7 +520,8 @@ def _compose(text: str, source: str) -> Node | None:
     except yaml.YAMLError as e:
         raise ConfigError([f"{source}: {e}"]) from None
     finally:
-        loader.dispose()
+        if loader is not None:
+            loader.dispose()
 
 
 class _Builder:
@@ -942,7 +944,8 @@ def _check_model_leftovers(model: _RawModel, errors: list[str]) -> None:
             continue
         where = _key(model.path, key)
         if key == "proxy" and model.port is None and isinstance(value, str) and "${PORT}" in value:
-            errors.append(f"{where}: proxy uses ${{PORT}} but cmd does not")
+            if isinstance(model.data.get("cmd"), str):    # else the cmd error says it all
+                errors.append(f"{where}: proxy uses ${{PORT}} but cmd does not")
             continue
         if key == "filters" and isinstance(value, dict):
             for fkey, fvalue in value.items():
@@ -999,16 +1002,20 @@ def _build_model(model: _RawModel, top: dict, errors: list[str], warnings: list[
         if not alias:
             errors.append(f"{_idx(r.at('aliases'), i)}: must not be empty")
 
+    use_model_name = r.str("useModelName")
+    unlisted = r.bool("unlisted", False)
+    name = r.str("name").strip()
+    description = r.str("description").strip()
+    send_loading_state = r.bool("sendLoadingState", top["send_loading_state"])
     if len(errors) > before:
         return None
     return ModelConfig(
         id=model.id, cmd=cmd, argv=argv, cmd_stop=cmd_stop, cmd_stop_argv=cmd_stop_argv, proxy=proxy,
         env=tuple(env), check_endpoint=check_endpoint, aliases=aliases,
         ttl=top["global_ttl"] if ttl is None else ttl,
-        use_model_name=r.str("useModelName"), unlisted=r.bool("unlisted", False),
-        name=r.str("name").strip(), description=r.str("description").strip(), metadata=_plain(metadata),
-        concurrency_limit=concurrency, strip_params=strip, set_params=set_params, set_params_by_id=by_id,
-        send_loading_state=r.bool("sendLoadingState", top["send_loading_state"]),
+        use_model_name=use_model_name, unlisted=unlisted, name=name, description=description,
+        metadata=_plain(metadata), concurrency_limit=concurrency, strip_params=strip, set_params=set_params,
+        set_params_by_id=by_id, send_loading_state=send_loading_state,
         unload_timeout=unload, port=model.port, memory=memory)
 
 
@@ -1285,7 +1292,7 @@ def _validate(data: dict, source: str, errors: list[str], warnings: list[str]) -
     macros = _Macros(global_macros)
     top_data = {k: (v if k in ("models", "macros") else macros.apply_tree(v)) for k, v in data.items()}
     for key, value in top_data.items():
-        if key not in ("models", "macros"):
+        if key in _TOP_KEYS and key not in ("models", "macros"):
             _check_leftovers(value, _key("", key), errors)
 
     top_reader = _Reader(top_data, "", errors, warnings)
