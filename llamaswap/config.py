@@ -297,7 +297,7 @@ def _join_continuations(text: str) -> str:
     """CMD-2: a line ending (after trimming) with ``\\`` has that ``\\`` replaced by a space."""
     out = []
     for line in text.split("\n"):
-        stripped = line.strip()
+        stripped = line.rstrip()
         if stripped.endswith("\\"):
             line = stripped[:-1] + " "
         out.append(line)
@@ -527,8 +527,9 @@ def _compose(text: str, source: str) -> Node | None:
 class _Builder:
     """Turns composed nodes into Python values, collecting duplicate keys and bad scalars."""
 
-    def __init__(self, errors: list[str]):
+    def __init__(self, errors: list[str], root: str):
         self.errors = errors
+        self.root = root            # the name used for the top level's path (the file name)
         self.memo: dict[int, Any] = {}
         self.active: set[int] = set()
 
@@ -537,7 +538,7 @@ class _Builder:
         if key in self.memo:
             return self.memo[key]
         if key in self.active:
-            self.errors.append(f"{path or '<root>'}: recursive YAML alias")
+            self.errors.append(f"{path or self.root}: recursive YAML alias")
             return None
         self.active.add(key)
         try:
@@ -573,11 +574,11 @@ class _Builder:
                 v.text = text
                 return v
         except ValueError:
-            self.errors.append(f"{path or '<root>'}: invalid {tag.rsplit(':', 1)[-1]} '{text}'")
+            self.errors.append(f"{path or self.root}: invalid {tag.rsplit(':', 1)[-1]} '{text}'")
             return text
         if tag == "tag:yaml.org,2002:merge":
             return text
-        self.errors.append(f"{path or '<root>'}: unsupported YAML tag '{tag}'")
+        self.errors.append(f"{path or self.root}: unsupported YAML tag '{tag}'")
         return text
 
     def mapping(self, node: MappingNode, path: str) -> dict:
@@ -589,13 +590,13 @@ class _Builder:
                 merges.append(value_node)
                 continue
             if not isinstance(key_node, ScalarNode):
-                self.errors.append(f"{path or '<root>'}: mapping keys must be scalars "
+                self.errors.append(f"{path or self.root}: mapping keys must be scalars "
                                    f"(line {key_node.start_mark.line + 1})")
                 continue
             k = key_node.value
             line = key_node.start_mark.line + 1
             if k in lines:
-                self.errors.append(f"{path or '<root>'}: duplicate key '{k}' (line {line})")
+                self.errors.append(f"{path or self.root}: duplicate key '{k}' (line {line})")
                 continue
             lines[k] = line
             result[k] = self.build(value_node, _key(path, k))
@@ -603,7 +604,7 @@ class _Builder:
             sources = merge.value if isinstance(merge, SequenceNode) else [merge]
             for src in sources:
                 if not isinstance(src, MappingNode):
-                    self.errors.append(f"{path or '<root>'}: '<<' must merge mappings")
+                    self.errors.append(f"{path or self.root}: '<<' must merge mappings")
                     continue
                 merged = self.build(src, path)
                 if isinstance(merged, dict):
@@ -1277,14 +1278,14 @@ def parse_config(text: str, source: str = "<config>", environ: Mapping[str, str]
     errors: list[str] = []
     warnings: list[str] = []
     try:
-        data = _Builder(errors).build(node, "") if node is not None else None
+        data = _Builder(errors, source).build(node, "") if node is not None else None
+        if data is None:
+            data = {}
+        if not isinstance(data, dict):
+            raise ConfigError(errors + [f"{source}: the top level must be a mapping"])
+        return _validate(data, source, errors, warnings)
     except RecursionError:
         raise ConfigError([f"{source}: the YAML is nested too deeply"]) from None
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise ConfigError(errors + [f"{source}: the top level must be a mapping"])
-    return _validate(data, source, errors, warnings)
 
 
 def _validate(data: dict, source: str, errors: list[str], warnings: list[str]) -> Config:

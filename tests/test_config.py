@@ -276,7 +276,7 @@ BAD = [
     ("missing cmd", "models:\n  a:\n    proxy: http://h:1\n", ["models.a.cmd: is required"]),
     ("duplicate key", f"models:\n  a:\n    {P}\n    ttl: 1\n    ttl: 2\n",
      ["models.a: duplicate key 'ttl' (line 5)"]),
-    ("duplicate top key", "logLevel: info\nlogLevel: debug\n", ["<root>: duplicate key 'logLevel' (line 2)"]),
+    ("duplicate top key", "logLevel: info\nlogLevel: debug\n", ["f.yaml: duplicate key 'logLevel' (line 2)"]),
     ("duplicate model", f"models:\n  a:\n    {P}\n  a:\n    {P}\n", ["models: duplicate key 'a' (line 4)"]),
     ("yaml syntax", "models:\n  a: [1, 2\n", ["f.yaml:3:1: expected ',' or ']', but got '<stream end>'"]),
     ("yaml bad indentation", "a: 1\n b: 2\n", ["f.yaml:2:3: mapping values are not allowed here"]),
