@@ -5,8 +5,10 @@ Everything runs on a ``FakeProcessReactor``: no real process, signal or sleep.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import stat
+import tempfile
 
 from twisted.internet.defer import CancelledError, succeed
 from twisted.logger import LogLevel, formatEvent
@@ -67,6 +69,11 @@ class ProcessCase(SynchronousTestCase):
         self.assertIs(proc.state, State.READY)
         return proc
 
+    def tmpdir(self) -> str:
+        path = tempfile.mkdtemp(prefix="llamaswap-test-")
+        self.addCleanup(shutil.rmtree, path, True)
+        return path
+
     def assertNoTimers(self) -> None:
         self.assertEqual(self.reactor.getDelayedCalls(), [])
 
@@ -86,8 +93,7 @@ class SpawnTests(ProcessCase):
 
     def test_argv0_looked_up_in_child_path(self):
         """CMD-5: argv[0] without '/' is found in the PATH of the child's environment."""
-        tmp = self.mktemp()
-        os.makedirs(tmp)
+        tmp = self.tmpdir()
         exe = os.path.join(tmp, "my-server")
         with open(exe, "w") as f:
             f.write("#!/bin/sh\n")
@@ -341,8 +347,7 @@ class StartFailureTests(ProcessCase):
 
     def test_missing_executable_fails_at_once_and_later_start_works(self):
         """PROC-3/PROC-8: spawn failure -> failed start, back to stopped; a later start is fresh."""
-        tmp = self.mktemp()
-        os.makedirs(tmp)
+        tmp = self.tmpdir()
         exe = os.path.join(tmp, "llama-server")
         proc = self.make(argv=(exe, "--port", "1"))
         d = proc.start()
@@ -656,6 +661,20 @@ class StopTests(ProcessCase):
 
 
 class TransitionTests(ProcessCase):
+    def test_exit_during_start_goes_starting_to_stopped(self):
+        """PROC-1: exit during start is starting -> stopped (the group being empty)."""
+        proc = self.make()
+        d = proc.start()
+        self.child.exit(code=1)
+        self.failureResultOf(d, UpstreamStartFailed)
+        self.assertEqual(self.transitions, [("stopped", "starting"), ("starting", "stopped")])
+
+    def test_unexpected_exit_goes_ready_to_stopped(self):
+        """PROC-1/PROC-10: an unexpected exit is ready -> stopped (the group being empty)."""
+        self.start_ready()
+        self.child.exit(code=1)
+        self.assertEqual(self.transitions[2:], [("ready", "stopped")])
+
     def test_illegal_transitions_raise(self):
         """PROC-1: only the listed transitions are allowed."""
         proc = self.make()
