@@ -744,3 +744,12 @@ def test_any_text_gives_config_or_config_error(text):
         assert e.errors and all(isinstance(line, str) and line for line in e.errors)
     else:
         assert isinstance(config, Config)
+
+
+@settings(max_examples=100)
+@given(st.text(alphabet=st.characters(blacklist_categories=("Cs", "Cc", "Zl", "Zp"),
+                                      blacklist_characters="\ufeff\x85"), max_size=40))
+def test_env_value_round_trips_in_double_quotes(value):
+    """MAC-7: any printable single-line value comes out exactly inside a double-quoted scalar."""
+    c = parse_config('models:\n  a:\n    cmd: srv ${PORT}\n    useModelName: "${env.V}"\n', "f.yaml", {"V": value})
+    assert c.models["a"].use_model_name == value
