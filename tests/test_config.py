@@ -487,12 +487,12 @@ def test_anchors_and_merge_keys():
 
 def test_ttl_defaults():
     """CFG-37/CFG-14: ttl -1 or unset uses globalTTL; 0 means never."""
-    c = parse(f"""\
+    c = parse("""\
         globalTTL: 300
         models:
-          a: {{cmd: 'a ${{PORT}}', ttl: -1}}
-          b: {{cmd: 'b ${{PORT}}'}}
-          c: {{cmd: 'c ${{PORT}}', ttl: 0}}
+          a: {cmd: 'a ${PORT}', ttl: -1}
+          b: {cmd: 'b ${PORT}'}
+          c: {cmd: 'c ${PORT}', ttl: 0}
         """)
     assert [m.ttl for m in c.models.values()] == [300, 300, 0]
 
