@@ -160,6 +160,16 @@ class ForwardingTests(HTTPCase):
         self.assertEqual(h.getRawHeaders(b"x-custom"), [b"c"])
         self.assertEqual(h.getRawHeaders(b"authorization"), [b"Bearer u"])  # no apiKeys: kept
 
+    def test_auth_headers_stripped_when_api_keys_set(self):
+        """SEC-6/PROXY-2: with apiKeys, Authorization and x-api-key never reach the upstream."""
+        self.config.api_keys = ("k",)
+        self.call(b"POST", "/v1/completions", b'{"model":"a"}',
+                  {b"authorization": b"Bearer k", b"x-api-key": b"k", b"x-custom": b"c"})
+        (up, _), = self.upstream.requests
+        self.assertFalse(up.requestHeaders.hasHeader(b"authorization"))
+        self.assertFalse(up.requestHeaders.hasHeader(b"x-api-key"))
+        self.assertEqual(up.requestHeaders.getRawHeaders(b"x-custom"), [b"c"])
+
     def test_alias_model_unchanged_without_use_model_name(self):
         """RT-8: without useModelName the body goes unchanged even for an alias."""
         raw = b'{"model":"gpt"}'

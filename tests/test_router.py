@@ -254,6 +254,7 @@ class SwapTests(RouterCase):
         self.assertEqual(self.state("a"), "ready")
         lease.release()
         self.assertEqual(self.terms("a"), [TERM])
+        self.assertNoResult(late)  # never granted onto the model being evicted
         self.settle()
         self.ready("b")
         lease_b = self.successResultOf(d_b)
