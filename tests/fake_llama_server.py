@@ -417,7 +417,7 @@ def make_site(args: argparse.Namespace, reactor: Any = None, out: Output | None 
 def _install_signals(reactor: Any, state: FakeState) -> None:
     def on_term(signum: int, frame: Any) -> None:
         state.out.err(f"main: received signal {signum}, exiting")
-        reactor.callFromThread(reactor.stop)
+        reactor.callFromThread(_stop, reactor)
 
     if state.args.ignore_sigterm:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
@@ -425,6 +425,13 @@ def _install_signals(reactor: Any, state: FakeState) -> None:
     else:
         signal.signal(signal.SIGTERM, on_term)
         signal.signal(signal.SIGINT, on_term)
+
+
+def _stop(reactor: Any) -> None:
+    if reactor.running:
+        reactor.stop()
+    else:                                  # signalled before run(): stop as soon as it starts
+        reactor.callWhenRunning(reactor.stop)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -448,6 +455,7 @@ def main(argv: list[str] | None = None) -> int:
 
     site = make_site(args, reactor, out)
     state = site.state
+    _install_signals(reactor, state)      # before the listening line: a test may signal right after it
     try:
         port = reactor.listenTCP(args.port, site, interface=args.host)
     except Exception as e:  # CannotListenError
@@ -465,7 +473,6 @@ def main(argv: list[str] | None = None) -> int:
         out.err("main: model loaded")
     if args.exit_after is not None:
         reactor.callLater(args.exit_after, state.crash, f"--exit-after {args.exit_after}s passed")
-    _install_signals(reactor, state)
     reactor.run(installSignalHandlers=False)
     out.err("main: stopped")
     return 0
