@@ -122,13 +122,26 @@ class Output:
 
     def err(self, line: str) -> None:
         if not self.silent:
-            sys.stderr.write(line + "\n")
-            sys.stderr.flush()
+            self._write(sys.stderr, line)
 
     def out(self, line: str) -> None:
         if not self.silent:
-            sys.stdout.write(line + "\n")
-            sys.stdout.flush()
+            self._write(sys.stdout, line)
+
+    @staticmethod
+    def _write(stream: Any, line: str) -> None:
+        try:
+            stream.write(line + "\n")
+            stream.flush()
+        except (BrokenPipeError, ValueError, OSError):
+            # The reader (the daemon) is gone, e.g. SIGKILLed: carry on like llama-server would,
+            # and point the fd at /dev/null so later writes and the flush at exit cannot fail either.
+            try:
+                devnull = os.open(os.devnull, os.O_WRONLY)
+                os.dup2(devnull, stream.fileno())
+                os.close(devnull)
+            except (OSError, ValueError):
+                pass
 
 
 class FakeState:
@@ -416,8 +429,8 @@ def make_site(args: argparse.Namespace, reactor: Any = None, out: Output | None 
 
 def _install_signals(reactor: Any, state: FakeState) -> None:
     def on_term(signum: int, frame: Any) -> None:
+        reactor.callFromThread(_stop, reactor)      # first: logging below must never prevent the exit
         state.out.err(f"main: received signal {signum}, exiting")
-        reactor.callFromThread(_stop, reactor)
 
     if state.args.ignore_sigterm:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)

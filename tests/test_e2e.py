@@ -14,7 +14,9 @@ import http.client
 import json
 import os
 import re
+import signal
 import socket
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -52,13 +54,23 @@ def port_of(cfg: dict[str, Any], model_id: str) -> int:
     return cfg["startPort"] + ids.index(model_id)
 
 
-def stop_and_clean(d: Daemon) -> None:
-    """SIGTERM the daemon, then SIGKILL whatever is left; print its output for failure reports."""
+def stop_and_clean(d: Daemon) -> list[str]:
+    """SIGTERM the daemon, then SIGKILL whatever is left; return what went wrong (CLI-9).
+
+    The daemon's output is printed so that pytest shows it with any failure.
+    """
+    problems = []
     try:
-        d.stop()
+        rc = d.stop()
+        left = sorted(p for p in d.child_pids if pid_alive(p))
+        if rc != 0:
+            problems.append(f"daemon exit status after SIGTERM: {rc} (expected 0)")
+        if left:
+            problems.append(f"children alive after the daemon stopped: {left}")
     finally:
         d.kill()
         print(d.output())
+    return problems
 
 
 @pytest.fixture
@@ -74,8 +86,8 @@ def start_daemon(tmp_path):
         return d.start()
 
     yield start
-    for d in started:
-        stop_and_clean(d)
+    problems = [p for d in started for p in stop_and_clean(d)]
+    assert not problems, problems
 
 
 SHARED = {
@@ -96,7 +108,8 @@ def shared(tmp_path_factory):
     d.cfg = cfg
     d.start()
     yield d
-    stop_and_clean(d)
+    problems = stop_and_clean(d)
+    assert not problems, problems
 
 
 def error_of(status_body: tuple[int, Any]) -> tuple[int, str]:
@@ -606,7 +619,11 @@ def test_sigterm_stops_daemon_and_all_children(start_daemon):
     assert len(running) == 2
     pids = [m["pid"] for m in running]
     grandchild = d.request("GET", "/upstream/a/info").json()["grandchild_pid"]
-    assert os.path.exists(d.state_file)
+    with open(d.state_file) as f:
+        state = json.load(f)                          # PROC-14: what a restarted daemon would clean up
+    assert state["daemon_pid"] == d.proc.pid
+    assert sorted((c["model"], c["pid"], c["pgid"]) for c in state["children"]) == \
+        sorted((m["model"], m["pid"], m["pid"]) for m in running)
     pids.append(grandchild)
     assert all(pid_alive(p) for p in pids)
     t0 = time.monotonic()
@@ -657,3 +674,81 @@ def test_missing_config_file_exits_1(tmp_path):
         assert "Traceback" not in d.output()
     finally:
         d.kill()
+
+
+def test_state_file_in_use_refuses_second_daemon(start_daemon, tmp_path):
+    """A second daemon given a live daemon's state file exits 1 naming the file and the pid (PROC-14)."""
+    first = start_daemon(config({"a": model("a")}))
+    second = Daemon(config({"a": model("a")}), tmp_path)
+    second.state_file = first.state_file
+    second.spawn()
+    try:
+        rc = second.wait(20)
+        assert rc == 1, second.output()
+        assert f"state file {first.state_file} is in use by pid {first.proc.pid}" in second.stderr.text()
+        assert "Traceback" not in second.output()
+    finally:
+        second.kill()
+    assert first.request("GET", "/health").status == 200
+
+
+def test_leftover_children_killed_at_next_startup(tmp_path):
+    """After the daemon is SIGKILLed, the next daemon on the same state file kills the old process groups."""
+    # --ignore-sigterm: the parent-death signal (PROC-2) does not end the leader, so PROC-14 has to.
+    cfg = config({"a": model("a", "--fork-child", "--ignore-sigterm")})
+    for name in ("first", "second"):
+        (tmp_path / name).mkdir()
+    first = Daemon(cfg, tmp_path / "first")
+    second = Daemon(cfg, tmp_path / "second")
+    second.state_file = first.state_file
+    try:
+        first.start()
+        assert first.chat("a")[0] == 200
+        [entry] = first.running()
+        grandchild = first.request("GET", "/upstream/a/info").json()["grandchild_pid"]
+        first.child_pids.add(grandchild)
+        os.kill(first.proc.pid, signal.SIGKILL)
+        assert first.wait(10) == -signal.SIGKILL
+        assert pid_alive(grandchild), "nothing killed the grandchild yet: the test would prove nothing"
+
+        second.start()                  # CLI-7: the cleanup runs before the listener binds
+        # The SIGKILL has been sent by now; give the kernel a moment to finish the processes off.
+        assert wait_until(lambda: not pid_alive(entry["pid"]) and not pid_alive(grandchild), 2), \
+            second.output()
+        logged = second.stdout.text() + second.request("GET", "/logs").text
+        assert any(str(entry["pid"]) in line and "warn" in line.lower() for line in logged.splitlines()), \
+            second.output()
+        assert second.stop() == 0, second.output()
+    finally:
+        print(first.output())
+        print(second.output())
+        first.kill()
+        second.kill()
+
+
+def test_daemon_mode_pidfile(tmp_path):
+    """Without -n, twistd daemonizes: the pidfile appears, the daemon serves, and SIGTERM removes the pidfile."""
+    cfg = config({"a": model("a")})
+    d = Daemon(cfg, tmp_path)
+    logfile = tmp_path / "llamaswap.log"
+    argv = [a for a in d.argv() if a not in ("-n", "--logfile=-")]
+    argv.insert(argv.index("llamaswap"), f"--logfile={logfile}")
+    launcher = subprocess.run(argv, cwd=tmp_path, env=d.env, stdin=subprocess.DEVNULL,
+                              capture_output=True, timeout=30)
+    pid = None
+    try:
+        assert launcher.returncode == 0, launcher
+        assert wait_until(lambda: os.path.exists(d.pidfile), 10)
+        pid = int(Path(d.pidfile).read_text().strip())
+        port = wait_until(lambda: re.search(r"listening on tcp:127\.0\.0\.1:(\d+)",
+                                            logfile.read_text() if logfile.exists() else ""), 10)
+        assert port, logfile.read_text()
+        from tests.daemon import http_request
+        assert http_request(int(port.group(1)), "GET", "/health").text == "OK"
+        os.kill(pid, signal.SIGTERM)
+        assert wait_until(lambda: not pid_alive(pid), 15)
+        assert not os.path.exists(d.pidfile)
+        assert not os.path.exists(d.state_file)
+    finally:
+        if pid is not None and pid_alive(pid):
+            os.kill(pid, signal.SIGKILL)
