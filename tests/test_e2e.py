@@ -97,6 +97,7 @@ SHARED = {
     "crashy": model("crashy"),
     "hidden": model("hidden", unlisted=True),
     "slow": model("slow", "--load-delay", "0.5"),
+    "vendor/m1": model("vendor/m1"),
 }
 
 
@@ -217,6 +218,10 @@ def test_unknown_model_404(shared):
     assert error_of((status, body)) == (404, "model_not_found")
     assert body["error"]["message"] == "model 'no-such-model' not found"
     assert body["error"]["type"] == "invalid_request_error" and body["error"]["param"] is None
+    r = shared.request("POST", "/v1/chat/completions", {"model": "no-such-model"},
+                       headers={"Origin": "http://example.test"})
+    assert r.headers["Content-Type"].startswith("application/json")
+    assert r.headers["Access-Control-Allow-Origin"] == "*"          # SEC-8: errors carry it with Origin
 
 
 def test_missing_model_400(shared):
@@ -247,7 +252,7 @@ def test_v1_models_listing(shared):
     assert status == 200, body
     assert body["object"] == "list"
     ids = [m["id"] for m in body["data"]]
-    assert ids == ["a", "b", "crashy", "slow"]
+    assert ids == ["a", "b", "crashy", "slow", "vendor/m1"]
     entry = body["data"][0]
     assert entry["object"] == "model" and entry["owned_by"] == "llama-swap"
     assert entry["name"] == "Model A" and entry["description"] == "first model"
@@ -356,6 +361,94 @@ def test_upstream_unknown_model_and_listing(shared):
     assert error_of(shared.json("GET", "/upstream/nope/x")) == (404, "model_not_found")
 
 
+def test_upstream_model_id_with_slash(shared):
+    """/upstream/<id>/… resolves the longest prefix, so ids containing '/' work, percent-encoded or not (RT-5)."""
+    for path in ("/upstream/vendor/m1/info", "/upstream/vendor%2Fm1/info"):
+        r = shared.request("GET", path)
+        assert r.status == 200, (path, r)
+        assert r.json()["model"] == "vendor/m1"
+
+
+def test_client_disconnect_mid_stream_frees_the_model(shared):
+    """A client that leaves during a stream is no longer in flight, and the model serves the next request."""
+    conn, resp = open_stream(shared.port, "POST", "/v1/chat/completions?wait=0.5&chunks=40",
+                             {"model": "a", "stream": True, "messages": []})
+    try:
+        assert resp.status == 200
+        assert resp.readline().startswith(b"data: ")
+        assert [m["inflight"] for m in shared.running() if m["model"] == "a"] == [1]
+    finally:
+        conn.sock.shutdown(socket.SHUT_RDWR)
+        conn.close()
+    assert wait_until(lambda: [m["inflight"] for m in shared.running() if m["model"] == "a"] == [0], 3), \
+        shared.running()
+    assert shared.chat("a")[0] == 200
+
+
+def test_unload_during_stream_ends_it_with_error_event(start_daemon):
+    """Unloading a busy model ends its in-flight SSE response with an upstream_error event (EP-6, PROXY-9)."""
+    d = start_daemon(config({"a": model("a")}))
+    conn, resp = open_stream(d.port, "POST", "/v1/chat/completions?wait=0.5&chunks=40",
+                             {"model": "a", "stream": True, "messages": []})
+    try:
+        assert resp.status == 200
+        first = resp.readline()
+        assert first.startswith(b"data: ")
+        assert d.json("POST", "/api/models/unload/a") == (200, {"msg": "ok"})
+        raw = first + resp.read()
+    finally:
+        conn.close()
+    events = sse_data(raw)
+    assert b"[DONE]" not in raw
+    assert json.loads(events[-1])["error"]["code"] == "upstream_error", events
+    assert d.running() == []
+
+
+def _in_thread(fn, *args):
+    """Run fn(*args) in a thread; returns a callable that joins and gives the result (or raises)."""
+    box: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            box["value"] = fn(*args)
+        except BaseException as e:      # handed back to the test thread
+            box["error"] = e
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+
+    def result(timeout: float = 20) -> Any:
+        t.join(timeout)
+        assert not t.is_alive(), "request did not finish"
+        if "error" in box:
+            raise box["error"]
+        return box["value"]
+    return result
+
+
+def test_unload_during_start_gives_waiters_503(start_daemon):
+    """A request waiting on a start that gets unloaded receives 503 model_unloaded (SCHED-10)."""
+    d = start_daemon(config({"a": model("a", "--load-delay", "3")}))
+    result = _in_thread(d.chat, "a")
+    assert wait_until(lambda: [m["state"] for m in d.running()] == ["starting"], 5), d.running()
+    assert d.json("POST", "/api/models/unload/a") == (200, {"msg": "ok"})
+    assert error_of(result()) == (503, "model_unloaded")
+    assert d.running() == []
+
+
+def test_shutdown_answers_waiters_503(start_daemon):
+    """SIGTERM while a request waits for a start answers it with 503 shutting_down and still exits 0."""
+    d = start_daemon(config({"a": model("a", "--load-delay", "5")}))
+    result = _in_thread(d.chat, "a")
+    assert wait_until(lambda: [m["state"] for m in d.running()] == ["starting"], 5), d.running()
+    d.record_children()
+    t0 = time.monotonic()
+    d.proc.send_signal(signal.SIGTERM)
+    assert error_of(result()) == (503, "shutting_down")
+    assert d.wait(10) == 0, d.output()
+    assert time.monotonic() - t0 < 4, "shutdown waited for the load instead of aborting it"
+
+
 # -- management endpoints ---------------------------------------------------------------------------
 
 def test_running_fields(shared):
@@ -389,6 +482,11 @@ def test_logs_contain_upstream_output(shared):
     assert r.status == 200 and r.headers["Content-Type"].startswith("text/plain"), r
     assert "main: fake llama-server build=0 model='a'" in r.text
     assert "request: POST /v1/chat/completions" in r.text
+    # LOG-5 access line from the daemon itself; /health is never access-logged.
+    assert re.search(r'Request 127\.0\.0\.1 "POST /v1/chat/completions HTTP/1\.1" 200 \d+ "[^"]*" \d+\.\d{3}s',
+                     r.text), r.text[-2000:]
+    shared.request("GET", "/health")
+    assert '"GET /health ' not in shared.request("GET", "/logs").text
 
 
 def test_logs_stream_no_history_gets_live_output(shared):
@@ -430,6 +528,18 @@ def test_logs_stream_no_history_gets_live_output(shared):
     assert headers.get("status") == "200", headers
     assert headers.get("content-type", "").startswith("text/plain")
     assert b"main: fake llama-server" not in received, "history was sent despite no-history"
+
+
+def test_version_and_api_models(shared):
+    """/api/version gives the version; /api/models lists every model, unlisted included."""
+    status, body = shared.json("GET", "/api/version")
+    assert status == 200 and re.fullmatch(r"\d+\.\d+\.\d+.*", body["version"]), body
+    assert body["version"] in shared.stdout.text()
+    status, body = shared.json("GET", "/api/models")
+    assert status == 200, body
+    assert sorted(m["id"] for m in body) == sorted(SHARED)
+    assert {"id", "name", "description", "state", "pid", "ready_since", "last_error", "inflight", "waiting",
+            "aliases"} <= set(body[0])
 
 
 def test_logs_stream_unknown_source(shared):
@@ -581,6 +691,7 @@ def test_start_failure_reports_child_output(start_daemon):
     assert "E srv load_model: failed to load model 'bad'" in msg
     first_pid = re.search(r"\(pid (\d+)\)", msg).group(1)
     assert d.running() == []
+    assert "bad: starting -> stopped" in d.request("GET", "/logs").text   # PROC-1: exit during start
     status, body = d.chat("bad")                  # PROC-8: no failed state, a fresh start
     assert error_of((status, body)) == (502, "upstream_start_failed")
     second_pid = re.search(r"\(pid (\d+)\)", body["error"]["message"]).group(1)
