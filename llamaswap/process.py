@@ -25,7 +25,6 @@ from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.client import readBody
 
 from llamaswap.errors import UpstreamStartFailed
 
@@ -167,13 +166,13 @@ class _UpstreamProtocol(ProcessProtocol):
 class _StopCommandProtocol(ProcessProtocol):
     def __init__(self, owner: "UpstreamProcess") -> None:
         self._owner = owner
-        self.ended: Deferred[Failure] = Deferred()
+        self.ended: Deferred = Deferred()
 
     def childDataReceived(self, fd: int, data: bytes) -> None:
         self._owner._output(data, tail=False)
 
     def processEnded(self, reason: Failure) -> None:
-        self.ended.callback(reason)
+        self.ended.callback(reason.value)  # the exception, not the Failure: this is a result
 
 
 @attr.s(eq=False)
@@ -222,6 +221,7 @@ class UpstreamProcess:
     _health_d: Optional[Deferred] = attr.ib(default=None, init=False)
     _exit_reason: Optional[Failure] = attr.ib(default=None, init=False)
     _leader_gone: bool = attr.ib(default=False, init=False)
+    _pipes_done: bool = attr.ib(default=False, init=False)
     _spawned_at: float = attr.ib(default=0.0, init=False)
     _stop_cmd: Any = attr.ib(default=None, init=False)
 
@@ -248,6 +248,8 @@ class UpstreamProcess:
             return succeed(None)
         if self.state is not State.STARTING:
             raise RuntimeError(f"cannot start model '{self.id}' while {self.state.value}")
+        if self._leader_gone:  # it already failed; the state follows once the group is gone
+            return fail(UpstreamStartFailed(self.last_error or f"failed to start model '{self.id}'"))
         d: Deferred = Deferred(self._start_waiters.remove)
         self._start_waiters.append(d)
         return d
@@ -284,6 +286,8 @@ class UpstreamProcess:
         self._attempt_output = bytearray()
         self._exit_reason = None
         self._leader_gone = False
+        self._health_d = None  # a probe of the previous attempt may still be in flight
+        self._pipes_done = False
         self.last_error = None
         self._transition(State.STARTING)
         self._spawned_at = self.clock.seconds()
@@ -344,15 +348,16 @@ class UpstreamProcess:
 
     def _check_health(self) -> None:
         self._cancel_timer("next_check")
-        if self.state is not State.STARTING or self._health_d is not None:
+        if self.state is not State.STARTING or self._health_d is not None or self._leader_gone:
             return
         generation = self._generation
         d = self._probe()
         self._health_d = d
 
         def _done(status: Optional[int]) -> None:
-            self._health_d = None
-            if generation != self._generation or self.state is not State.STARTING:
+            if self._health_d is d:
+                self._health_d = None
+            if generation != self._generation or self.state is not State.STARTING or self._leader_gone:
                 return
             if status == 200:
                 self._became_ready()
@@ -370,7 +375,7 @@ class UpstreamProcess:
 
             def _drain(response):
                 code = response.code
-                return readBody(response.original).addBoth(lambda _: code)
+                return response.content().addBoth(lambda _: code)
 
             d.addCallback(_drain)
         d.addErrback(lambda f: None)
@@ -380,10 +385,8 @@ class UpstreamProcess:
         self._timers.pop("deadline", None)
         if self.state is not State.STARTING:
             return
-        self._fail_start(
-            f"failed to start model '{self.id}': health check did not pass within "
-            f"{int(self.health_timeout)}s")
-        self._begin_stop()
+        self._begin_stop(f"failed to start model '{self.id}': health check did not pass within "
+                         f"{int(self.health_timeout)}s")
 
     def _became_ready(self) -> None:
         self._cancel_timer("deadline")
@@ -409,22 +412,26 @@ class UpstreamProcess:
 
     # -- stopping (PROC-9) --------------------------------------------------------------------
 
-    def _begin_stop(self) -> None:
-        if self.state is State.STARTING and self.last_error is None:
-            self._fail_start(f"start of model '{self.id}' was aborted")
+    def _begin_stop(self, failure: Optional[str] = None) -> None:
+        """Enter ``stopping`` and send the stop; a start under way fails (PROC-6/PROC-13).
+
+        The state changes *before* start waiters are failed: their errbacks run
+        synchronously and may ask for another stop, which must then join this one.
+        """
+        was_starting = self.state is State.STARTING
         self._transition(State.STOPPING)
         self._cancel_timer("deadline")
         self._cancel_timer("next_check")
         if self._leader_gone:
-            self._kill_group(signal.SIGKILL)
-            self._await_empty_group()
-            return
-        grace = self.model.unload_timeout
-        self._timers["murder"] = self.clock.callLater(grace, self._grace_over)
-        if self.model.cmd_stop_argv:
-            self._run_stop_command()
+            self._kill_group(signal.SIGKILL)  # processEnded completes the stop
         else:
-            self._kill_group(signal.SIGTERM)
+            self._timers["murder"] = self.clock.callLater(self.model.unload_timeout, self._grace_over)
+            if self.model.cmd_stop_argv:
+                self._run_stop_command()
+            else:
+                self._kill_group(signal.SIGTERM)
+        if was_starting:
+            self._fail_start(failure or f"start of model '{self.id}' was aborted")
 
     def _run_stop_command(self) -> None:
         argv = [a.replace("${PID}", str(self.pid)) for a in self.model.cmd_stop_argv]
@@ -438,13 +445,13 @@ class UpstreamProcess:
             self._kill_group(signal.SIGTERM)
             return
 
-        def _ended(reason: Failure) -> None:
+        def _ended(outcome: BaseException) -> None:
             self._stop_cmd = None
-            if isinstance(reason.value, ierror.ProcessDone):
+            if isinstance(outcome, ierror.ProcessDone):
                 return
             if self.state is State.STOPPING and not self._leader_gone:
                 self.log.warn("{model}: cmdStop failed ({why}); sending SIGTERM",
-                              model=self.id, why=_describe_exit(reason))
+                              model=self.id, why=_describe_exit(Failure(outcome)))
                 self._kill_group(signal.SIGTERM)
 
         proto.ended.addCallback(_ended)
@@ -469,26 +476,27 @@ class UpstreamProcess:
     # -- exit handling ----------------------------------------------------------------------
 
     def _leader_exited(self, generation: int, reason: Failure) -> None:
-        if generation != self._generation:
+        if generation != self._generation or self._leader_gone:
             return
         self._leader_gone = True
         self._exit_reason = reason
+        self._cancel_timer("deadline")
+        self._cancel_timer("next_check")
         # PROC-5/9/10: whatever is left of the group dies with its leader; this also
-        # closes pipes a grandchild inherited, so processEnded can follow.
+        # closes pipes a grandchild inherited, so processEnded can follow. The state
+        # becomes ``stopped`` once the group is empty (_reaped).
         self._kill_group(signal.SIGKILL)
         if self.state is State.STARTING:
             self._fail_start(f"failed to start model '{self.id}': {_describe_exit(reason)}")
-            self._transition(State.STOPPING)
         elif self.state is State.READY:
             self.log.warn("{model} exited unexpectedly ({why})", model=self.id,
                           why=_describe_exit(reason).replace("exited with ", ""))
-            self._transition(State.STOPPING)
 
     def _pipes_closed(self, generation: int, reason: Failure) -> None:
-        if generation != self._generation:
+        if generation != self._generation or self._pipes_done:
             return
-        if not self._leader_gone:
-            self._leader_exited(generation, reason)
+        self._pipes_done = True
+        self._leader_exited(generation, reason)
         self._await_empty_group()
 
     def _await_empty_group(self) -> None:
@@ -519,8 +527,11 @@ class UpstreamProcess:
         self.ready_since = None
         self._transport = None
         self.http, self._pool = None, None
+        late, self._start_waiters = self._start_waiters, []
+        for d in late:
+            d.errback(UpstreamStartFailed(self.last_error or f"failed to start model '{self.id}'"))
         if self.state is not State.STOPPED:
-            self._transition(State.STOPPED)
+            self._transition(State.STOPPED)  # listeners may start the next child right here
         waiters, self._stop_waiters = self._stop_waiters, []
         for d in waiters:
             d.callback(None)

@@ -18,7 +18,7 @@ from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.client import (
-    Agent, HTTPConnectionPool, PotentialDataLoss, RequestNotSent, RequestTransmissionFailed,
+    Agent, HTTPConnectionPool, _HTTP11ClientFactory, PotentialDataLoss, RequestNotSent, RequestTransmissionFailed,
     ResponseDone, ResponseNeverReceived)
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer
@@ -137,9 +137,14 @@ def _to_body_producer(data: Any) -> IBodyProducer:
     return IBodyProducer(data)
 
 
+class _QuietClientFactory(_HTTP11ClientFactory):
+    noisy = False  # no "Starting factory" line per upstream connection
+
+
 def make_http_client(reactor: Any, persistent: bool = True, max_per_host: int = 64):
     """A treq ``HTTPClient`` set up for proxying, and its pool (for one child lifetime)."""
     pool = HTTPConnectionPool(reactor, persistent=persistent)
+    pool._factory = _QuietClientFactory
     pool.maxPersistentPerHost = max_per_host
     pool.retryAutomatically = False  # PROXY-10 retries are ours, for every method
     agent = Agent(reactor, connectTimeout=CONNECT_TIMEOUT, pool=pool)
@@ -188,6 +193,8 @@ def copy_response_headers(response: Any, request: Any) -> bool:
         lname = name.lower()
         if lname in HOP_BY_HOP or lname == b"content-length":
             continue
+        if lname == b"content-encoding" and not any(v.strip() for v in values):
+            continue  # ContentDecoderAgent leaves an empty one behind when it decoded nothing
         if lname == b"content-type" and values and values[0].lower().startswith(b"text/event-stream"):
             sse = True
         request.responseHeaders.setRawHeaders(name, list(values))
@@ -280,7 +287,7 @@ class Forwarder:
         return {"status": response.code, "bytes": relay.nbytes, "stream_error": None}
 
     async def _send(self, http, request, url, headers, body, model_id, still_ready):
-        method = request.method
+        method = request.method.decode("ascii")
         try:
             return await http.request(method, url, headers=headers, data=body(),
                                       unbuffered=True, allow_redirects=False)

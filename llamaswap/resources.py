@@ -140,6 +140,10 @@ class JSONResource(Resource):
 
     def render(self, request: Request):
         handler = getattr(self, "render_" + request.method.decode("ascii", "replace"), None)
+        if handler is None and not any(m.startswith("render_") and m != "render_HEAD" for m in dir(self)):
+            # an intermediate node (/v1, /api): not a listed path (§8)
+            write_error(request, NotFound(f"not found: {request.path.decode('latin-1')}"))
+            return NOT_DONE_YET
         if handler is None:
             if request.method == b"HEAD" and hasattr(self, "render_GET"):
                 return self.render_GET(request)
@@ -363,7 +367,7 @@ class UpstreamResource(Resource):
                 write_error(request, MethodNotAllowed(["GET", "OPTIONS"]))
                 return NOT_DONE_YET
             return self._listing(request)
-        return self._passthrough(request, rest)
+        return self._passthrough(request)
 
     def _listing(self, request: Request) -> bytes:
         config = self.app.config
@@ -389,8 +393,9 @@ class UpstreamResource(Resource):
         raise ModelNotFound.named(unquote(segments[0].decode("latin-1")))
 
     @async_render
-    async def _passthrough(self, request: Request, rest: bytes) -> None:
+    async def _passthrough(self, request: Request) -> None:
         started = self.app.clock.seconds()
+        rest = request.path[len(b"/upstream"):].lstrip(b"/")
         resolved, remainder, exact = self._find(rest)
         _, _, query = request.uri.partition(b"?")
         if exact:
@@ -628,7 +633,10 @@ class LogStream(JSONResource):
         request.setHeader(b"x-accel-buffering", b"no")
         request.setHeader(b"cache-control", b"no-cache")
         request.write(b"")  # send headers now: a quiet source must not look like a hung request
-        self.app.logs.subscribe(source, request, history=b"no-history" not in request.args)
+        # twisted's parse_qs drops a bare "?no-history"; look at the raw query instead.
+        query = request.uri.partition(b"?")[2]
+        keys = {unquote(part.split(b"=", 1)[0].decode("latin-1")) for part in query.split(b"&")}
+        self.app.logs.subscribe(source, request, history="no-history" not in keys)
         return NOT_DONE_YET
 
 
@@ -751,6 +759,7 @@ class LlamaSwapRequest(Request):
         self._received = 0
         self._refused = False
         self._logged = False
+        self._site = None
         self._t0 = time.monotonic()
 
     def gotLength(self, length: Optional[int]) -> None:
@@ -790,10 +799,12 @@ class LlamaSwapRequest(Request):
         super().requestReceived(command, path, version)
 
     def finish(self) -> None:
+        self._site = getattr(self.channel, "site", None)  # finish() may drop the channel
         super().finish()
         self._access_log(self.code)
 
     def connectionLost(self, reason: Failure) -> None:
+        self._site = getattr(self.channel, "site", None)
         super().connectionLost(reason)
         if not self.finished:
             self._access_log(499)  # ERR-3: a client that left is not an error
@@ -802,7 +813,7 @@ class LlamaSwapRequest(Request):
         if self._logged or self._refused and status == 499:
             return
         self._logged = True
-        site = getattr(self.channel, "site", None)
+        site = self._site
         if site is not None and hasattr(site, "access_log"):
             site.access_log(self, status, time.monotonic() - self._t0)
 

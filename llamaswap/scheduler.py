@@ -88,10 +88,31 @@ def decide(snap: Snapshot, evict_for: Callable[[str, Optional[str], frozenset], 
     """One scheduling pass (SCHED-2..SCHED-5).
 
     :param evict_for: ``(target, profile, running ids) -> evict set`` (see ``evict_set``).
+
+    Grants come first (to ready models that are not draining), then swaps are planned
+    on the world *after* those grants, so a swap never evicts a model it just handed
+    work to.
     """
-    models = snap.models
     fifo = snap.policy == "fifo"
-    max_wait = 0.0 if fifo else snap.max_wait
+    _, draining, _ = _plan(snap.models, snap, evict_for)
+    # Models draining for the head get no new work, except requests older than every
+    # waiting candidate (they are first in line anyway).
+    held = set(draining)
+    oldest_candidate = min((m.waiting[0].seq for m in snap.models.values()
+                            if m.waiting and m.state != "ready"), default=None)
+    grants = _grants(snap.models, held, fifo, oldest_candidate)
+    granted = dict(grants)
+    after = {
+        mid: attr.evolve(m, inflight=m.inflight + granted[mid], waiting=m.waiting[granted[mid]:])
+        if mid in granted else m
+        for mid, m in snap.models.items()}
+    swaps, more_draining, wake_at = _plan(after, snap, evict_for)
+    return Decision(tuple(grants), tuple(swaps), frozenset(draining | more_draining), wake_at)
+
+
+def _plan(models: Mapping[str, ModelView], snap: Snapshot, evict_for: Callable) -> tuple:
+    """SCHED-3/4/5: (swaps that may begin, draining models, wake-up time)."""
+    max_wait = 0.0 if snap.policy == "fifo" else snap.max_wait
     # A swap in progress counts as running: its target is about to start, so another
     # candidate must treat it as something to evict (and therefore wait for it).
     running = frozenset(m.id for m in models.values() if m.state in RUNNING) | snap.swapping
@@ -116,39 +137,47 @@ def decide(snap: Snapshot, evict_for: Callable[[str, Optional[str], frozenset], 
         blocked = bool(involved & claimed)
         # SCHED-4: a starting model that others wait for is never evicted.
         blocked = blocked or any(x in models and models[x].state == "starting" and models[x].waiting
-                                  for x in evict)
+                                 for x in evict)
         if index > 0 and involved & head_claim:
             blocked = True  # never take what the head is waiting for
         busy = [x for x in evict if x in models and models[x].inflight > 0]
-        if not blocked and busy:
+        if index == 0 and evict and not blocked:
+            if snap.now - first.admitted >= max_wait:
+                draining |= evict  # SCHED-5: no more batching onto them, busy or not
+            elif busy:
+                wake_at = first.admitted + max_wait
+        if busy:
             blocked = True
-            if index == 0:
-                if snap.now - first.admitted >= max_wait:
-                    draining |= evict  # SCHED-5: stop batching onto them
-                else:
-                    wake_at = first.admitted + max_wait
         if index == 0:
             head_claim = involved
         if not blocked:
             swaps.append(Swap(cand.id, evict))
             claimed |= involved
-    grants = _grants(models, draining, fifo)
-    return Decision(tuple(grants), tuple(swaps), frozenset(draining), wake_at)
+    return swaps, draining, wake_at
 
 
-def _grants(models: Mapping[str, ModelView], draining: set, fifo: bool) -> list[tuple[str, int]]:
-    """SCHED-2: every waiter of a ready, non-draining model; under ``fifo`` only those
-    with no older waiter for another model (llama-swap-like order)."""
+def _grants(models: Mapping[str, ModelView], held: set, fifo: bool,
+            oldest_candidate: Optional[int]) -> list[tuple[str, int]]:
+    """SCHED-2: the waiters of ready models, oldest first.
+
+    A held model (draining, or about to be evicted) only gets waiters older than the
+    oldest candidate; under ``fifo`` no waiter passes an older waiter of another model.
+    """
     grants = []
     for m in models.values():
-        if m.state != "ready" or m.id in draining or not m.waiting:
+        if m.state != "ready" or not m.waiting:
             continue
-        if not fifo:
-            grants.append((m.id, len(m.waiting)))
-            continue
-        older_elsewhere = min(
-            (o.waiting[0].seq for o in models.values() if o.id != m.id and o.waiting), default=None)
-        n = sum(1 for w in m.waiting if older_elsewhere is None or w.seq < older_elsewhere)
+        bound = None
+        if m.id in held:
+            bound = oldest_candidate
+        if fifo:
+            older_elsewhere = min(
+                (o.waiting[0].seq for o in models.values() if o.id != m.id and o.waiting), default=None)
+            if older_elsewhere is not None:
+                bound = older_elsewhere if bound is None else min(bound, older_elsewhere)
+        n = sum(1 for w in m.waiting if bound is None or w.seq < bound)
+        if m.id in held and bound is None:
+            n = 0
         if n:
             grants.append((m.id, n))
     return grants
