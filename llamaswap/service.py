@@ -110,6 +110,7 @@ class LlamaSwapService(MultiService):
         self.listener = ListenerService(listen, self.site, reactor, self._listening)
         self.listener.setServiceParent(self)
         self._stopping = False
+        self.startup_warnings: list[str] = []
 
     def _make_process(self, model: Any) -> UpstreamProcess:
         return UpstreamProcess(
@@ -129,6 +130,8 @@ class LlamaSwapService(MultiService):
 
     def _log_config_warnings(self) -> None:
         for warning in self.config.warnings:
+            self.log.warn("{warning}", warning=warning)
+        for warning in self.startup_warnings:
             self.log.warn("{warning}", warning=warning)
         for path in self.config.later_keys:
             self.log.warn("config: '{path}' is not implemented yet (ignored)", path=path)

@@ -125,7 +125,10 @@ def make_service(options: Any, reactor: Any = None):
         from twisted.internet import reactor  # the project's only global-reactor import
     from llamaswap.service import LlamaSwapService
 
-    return LlamaSwapService(options["loaded_config"], reactor, options["listen"], options["state-file"])
+    service = LlamaSwapService(options["loaded_config"], reactor, options["listen"], options["state-file"])
+    if options["watch-config"]:
+        service.startup_warnings.append("'--watch-config' is not implemented yet (ignored)")
+    return service
 
 
 makeService = make_service  # the name twistd looks up
