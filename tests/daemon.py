@@ -245,12 +245,14 @@ class Daemon:
     start_timeout = 20.0
 
     def __init__(self, config: dict[str, Any] | str, workdir: str | os.PathLike | None = None,
-                 extra_args: Iterable[str] = (), env: dict[str, str] | None = None) -> None:
+                 extra_args: Iterable[str] = (), env: dict[str, str] | None = None,
+                 listen: str = "tcp:0:interface=127.0.0.1") -> None:
         self.workdir = Path(workdir or tempfile.mkdtemp(prefix="llamaswap-e2e-"))
         self.config_path = write_config(self.workdir, config)
         self.pidfile = str(self.workdir / "twistd.pid")
         self.state_file = str(self.workdir / "children.json")
         self.extra_args = list(extra_args)
+        self.listen = listen
         self.env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), **(env or {})}
         self.proc: subprocess.Popen | None = None
         self.port: int | None = None
@@ -262,7 +264,7 @@ class Daemon:
     def argv(self) -> list[str]:
         return [sys.executable, "-c", "from twisted.scripts.twistd import run; run()", "-n",
                 "--pidfile", self.pidfile, "--logfile=-", "llamaswap", "--config", self.config_path,
-                "--listen", "tcp:0:interface=127.0.0.1", "--state-file", self.state_file,
+                "--listen", self.listen, "--state-file", self.state_file,
                 *self.extra_args]
 
     def spawn(self) -> "Daemon":

@@ -98,13 +98,14 @@ SHARED = {
     "hidden": model("hidden", unlisted=True),
     "slow": model("slow", "--load-delay", "0.5"),
     "vendor/m1": model("vendor/m1"),
+    "one": model("one", concurrencyLimit=1, unlisted=True),
 }
 
 
 @pytest.fixture(scope="module")
 def shared(tmp_path_factory):
     """One daemon for the tests that do not depend on what else is running."""
-    cfg = config(SHARED)
+    cfg = config(SHARED, maxRequestBody="64KiB")
     d = Daemon(cfg, tmp_path_factory.mktemp("shared"))
     d.cfg = cfg
     d.start()
@@ -313,6 +314,46 @@ def test_transcription_use_model_name_rewrites_field(shared):
     assert status == 200, data
     assert data["model"] == "upstream-b" and data["served_by"] == "b"
     assert data["text"] == "The length of the file is 500 bytes"
+
+
+def test_concurrency_limit_429(shared):
+    """With concurrencyLimit 1, a second request while one is in flight gets 429 with Retry-After: 1."""
+    conn, resp = open_stream(shared.port, "POST", "/v1/chat/completions?wait=0.3&chunks=4",
+                             {"model": "one", "stream": True, "messages": []})
+    try:
+        assert resp.status == 200
+        assert resp.readline().startswith(b"data: ")
+        r = shared.request("POST", "/v1/chat/completions", {"model": "one", "messages": []})
+        assert r.status == 429, r
+        assert r.headers["Retry-After"] == "1"
+        assert r.json()["error"]["code"] == "concurrency_limit"
+        resp.read()
+    finally:
+        conn.close()
+    assert wait_until(lambda: shared.chat("one")[0] == 200, 3)
+
+
+def test_request_too_large_413(shared):
+    """A body over maxRequestBody is refused with 413 request_too_large before any model starts."""
+    before = shared.running_ids()
+    body = json.dumps({"model": "hidden", "messages": [], "pad": "x" * 70000})
+    try:
+        r = shared.request("POST", "/v1/chat/completions", body)
+    except (ConnectionError, http.client.HTTPException) as e:       # refused mid-body: acceptable
+        pytest.fail(f"no 413 response: {e!r}")
+    assert r.status == 413, r
+    assert r.json()["error"]["code"] == "request_too_large"
+    assert "hidden" not in shared.running_ids() or "hidden" in before
+
+
+def test_root_and_logs_redirect_to_ui(shared):
+    """GET / answers 302 to /ui/, GET /ui 301 to /ui/, and /logs from a browser 302 to /ui/."""
+    r = shared.request("GET", "/")
+    assert r.status == 302 and r.headers["Location"].endswith("/ui/"), r
+    r = shared.request("GET", "/ui")
+    assert r.status == 301 and r.headers["Location"].endswith("/ui/"), r
+    r = shared.request("GET", "/logs", headers={"Accept": "text/html,application/xhtml+xml"})
+    assert r.status == 302 and r.headers["Location"].endswith("/ui/"), r
 
 
 # -- /upstream --------------------------------------------------------------------------------------
@@ -615,6 +656,57 @@ def test_crash_while_ready_restarts_on_next_request(start_daemon):
     assert d.running()[0]["pid"] != entry["pid"]
 
 
+def test_requests_for_same_model_share_one_load(start_daemon):
+    """A B A B arriving together while nothing is loaded give one load of A and one of B (SCHED-7a)."""
+    d = start_daemon(config({"a": model("a", "--load-delay", "0.5"), "b": model("b", "--load-delay", "0.5")}))
+    results = []
+    for m in ("a", "b", "a", "b"):
+        results.append((m, _in_thread(d.chat, m)))
+        time.sleep(0.1)                 # admission order a, b, a, b
+    for m, result in results:
+        status, body = result()
+        assert status == 200, body
+        assert body["responseMessage"] == f"from {m}"
+    logs = d.request("GET", "/logs").text
+    assert logs.count("a: stopped -> starting") == 1, logs
+    assert logs.count("b: stopped -> starting") == 1, logs
+
+
+def test_check_endpoint_none_and_upstream_errors_relayed(start_daemon):
+    """checkEndpoint none makes a model ready at spawn; the upstream's own 503 is relayed unchanged."""
+    d = start_daemon(config({"a": model("a", "--load-delay", "2", checkEndpoint="none")}))
+    r = d.request("POST", "/v1/chat/completions", {"model": "a", "messages": []})
+    # Ready at once, so the request reaches a server that is still loading: its 503 body, not ours.
+    assert r.status in (503, 502), r
+    if r.status == 503:
+        assert r.json()["error"]["message"] == "Loading model"
+    else:       # the child had not bound its port yet: nothing listening
+        assert r.json()["error"]["code"] == "upstream_unreachable"
+    assert wait_until(lambda: d.chat("a")[0] == 200, 5)
+
+
+def test_upstream_unreachable_502(start_daemon):
+    """A proxy URL where nothing listens gives 502 upstream_unreachable naming the model."""
+    cfg = config({"a": model("a", checkEndpoint="none")})
+    cfg["models"]["a"]["proxy"] = f"http://127.0.0.1:{cfg['startPort'] + 5}"
+    d = start_daemon(cfg)
+    status, body = d.chat("a")
+    assert error_of((status, body)) == (502, "upstream_unreachable")
+    assert "a" in body["error"]["message"]
+
+
+def test_cmd_stop_runs_with_pid(start_daemon, tmp_path):
+    """cmdStop runs instead of SIGTERM, with ${PID} replaced by the child's pid (PROC-9)."""
+    marker = tmp_path / "cmdstop.out"
+    stop = f"sh -c 'echo stopped ${{PID}} > {marker}; kill -TERM ${{PID}}'"
+    d = start_daemon(config({"a": model("a", cmdStop=stop)}))
+    assert d.chat("a")[0] == 200
+    [entry] = d.running()
+    assert d.json("POST", "/api/models/unload/a") == (200, {"msg": "ok"})
+    assert marker.read_text().strip() == f"stopped {entry['pid']}"
+    assert not pid_alive(entry["pid"])
+
+
 # -- groups and profiles ----------------------------------------------------------------------------
 
 def test_profile_runs_members_together(start_daemon):
@@ -752,6 +844,56 @@ def test_sigterm_idle_daemon_exits_zero(start_daemon):
     d = start_daemon(config({"a": model("a")}))
     assert re.search(r"llamaswap \S+ listening on tcp:127\.0\.0\.1:\d+", d.stdout.text())
     assert d.stop() == 0, d.output()
+
+
+def test_config_warnings_do_not_stop_startup(start_daemon):
+    """Unknown and unsupported keys are warned about on stderr, and the daemon still serves (CFG-4)."""
+    cfg = config({"a": model("a", colour="blue")}, logRequests=True)
+    d = start_daemon(cfg)
+    err = d.stderr.text()
+    assert "config: unknown key 'models.a.colour' (ignored)" in err, d.output()
+    assert "config: llama-swap key 'logRequests' is not supported by llamaswap (ignored)" in err, d.output()
+    assert d.chat("a")[0] == 200
+
+
+def test_listen_shorthand(start_daemon):
+    """--listen HOST:PORT is llama-swap's shorthand for tcp:PORT:interface=HOST (CLI-3)."""
+    d = start_daemon(config({"a": model("a")}), listen="127.0.0.1:0")
+    assert d.request("GET", "/health").text == "OK"
+
+
+def test_startup_usage_errors_exit_1(tmp_path):
+    """A taken port, a bad --listen and a missing --config each exit 1 with a message on stderr (CLI-6)."""
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen()
+    port = busy.getsockname()[1]
+    cases = {"busy": ["--listen", f"tcp:{port}:interface=127.0.0.1"], "bogus": ["--listen", "no-such-endpoint"]}
+    try:
+        for name, args in cases.items():
+            (tmp_path / name).mkdir()
+            d = Daemon(config({"a": model("a")}), tmp_path / name)
+            d.listen = args[1]
+            d.spawn()
+            try:
+                rc = d.wait(20)
+                assert rc == 1, (name, d.output())
+                if name == "busy":      # a listen failure: reported, in the twistd log or on stderr
+                    assert "in use" in d.stdout.text() + d.stderr.text(), d.output()
+                else:                   # a usage error: on stderr, before daemonizing
+                    assert "no-such-endpoint" in d.stderr.text(), d.output()
+                    assert "Traceback" not in d.output()
+            finally:
+                d.kill()
+    finally:
+        busy.close()
+    d = Daemon(config({"a": model("a")}), tmp_path)
+    argv = d.argv()
+    i = argv.index("--config")
+    del argv[i:i + 2]
+    proc = subprocess.run(argv, cwd=tmp_path, env=d.env, capture_output=True, timeout=30)
+    assert proc.returncode == 1, proc
+    assert b"--config" in proc.stderr, proc
 
 
 def test_bad_config_exits_1_with_paths(tmp_path):
