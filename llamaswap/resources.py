@@ -20,9 +20,9 @@ from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
-from llamaswap import __version__
+from llamaswap import __version__, auth
 from llamaswap.errors import (
-    LlamaSwapError, MethodNotAllowed, MissingModel, ModelNotFound, NotFound,
+    InvalidAPIKey, LlamaSwapError, MethodNotAllowed, MissingModel, ModelNotFound, NotFound,
     error_body, to_openai_error)
 from llamaswap.process import State
 from llamaswap.proxy import FileSliceProducer, Forwarder, file_size, upstream_headers
@@ -63,6 +63,7 @@ class App:
         self.log = log or Logger(namespace="llamaswap.http")
         self.started = int(started if started is not None else time.time())
         self.request_listeners: list[Callable[[dict], None]] = []
+        self.reload: Optional[Callable[[], dict]] = None  # set by the service (EP-13)
 
     @property
     def config(self) -> Any:
@@ -584,6 +585,31 @@ class ApiModelsLoad(JSONResource):
                                   "state": self.app.router.process(model_id).state.value})
 
 
+class ConfigReload(JSONResource):
+    """EP-13: ``POST /api/config/reload`` answers once the new config is in force."""
+
+    isLeaf = True
+
+    def __init__(self, app: App) -> None:
+        super().__init__()
+        self.app = app
+
+    def render_POST(self, request: Request):
+        from llamaswap.config import ConfigError
+        from llamaswap.errors import InvalidConfig
+
+        if self.app.reload is None:
+            write_error(request, NotFound("config reload is not available"))
+            return NOT_DONE_YET
+        try:
+            outcome = self.app.reload()
+        except ConfigError as e:
+            write_error(request, InvalidConfig("\n".join(e.errors)))
+            return NOT_DONE_YET
+        write_json(request, 200, {"msg": "ok", **outcome})
+        return NOT_DONE_YET
+
+
 class Version(JSONResource):
     isLeaf = True
 
@@ -655,14 +681,18 @@ class Redirect(Resource):
 
 
 class Root(JSONResource):
-    """The tree's root: OPTIONS short-circuits to CORS (SEC-8) before any lookup."""
+    """The tree's root: OPTIONS short-circuits to CORS (SEC-8) and API keys are checked
+    (SEC-2..5) before any lookup, so a request that fails auth is never parsed (EP-17)."""
 
-    def __init__(self) -> None:
+    def __init__(self, app: Optional[App] = None) -> None:
         super().__init__()
+        self.app = app
 
     def getChildWithDefault(self, path: bytes, request: Request) -> Resource:
         if request.method == b"OPTIONS":
             return CorsPreflight()
+        if self.app is not None and not auth.check(request, self.app.config.api_keys):
+            return ErrorResource(InvalidAPIKey())
         return super().getChildWithDefault(path, request)
 
     def render_GET(self, request: Request) -> bytes:
@@ -685,7 +715,7 @@ def _put(root: Resource, path: str, leaf: Resource) -> None:
 
 def build_root(app: App, extra: Optional[dict[str, Resource]] = None) -> Resource:
     """The resource tree of SPEC §8 (``extra`` mounts later resources: metrics, UI, events)."""
-    root = Root()
+    root = Root(app)
     dispatch = ModelDispatch(app)
     for route in INFERENCE_ROUTES:
         _put(root, route, dispatch)
@@ -701,6 +731,7 @@ def build_root(app: App, extra: Optional[dict[str, Resource]] = None) -> Resourc
     api.children[b"models"].isLeaf = False
     _ApiModelsNode(app).adopt(api)
     _put(root, "/api/version", Version())
+    _put(root, "/api/config/reload", ConfigReload(app))
     _put(root, "/health", Health())
     logs = Logs(app)
     logs_node = _LogsNode(logs, LogStream(app))

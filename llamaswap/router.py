@@ -75,6 +75,16 @@ class _Slot:
         self.inflight = 0
         self.ttl_call = None
         self.last_used: Optional[float] = None
+        # RLD-3: a changed model waits for its in-flight requests, then its child is
+        # replaced by one built from ``pending``; a removed model then disappears.
+        self.pending: Any = None
+        self.removed = False
+        self.restart = False
+        self.retiring = False
+
+    @property
+    def replacing(self) -> bool:
+        return self.removed or self.pending is not None
 
 
 class ModelRouter(Service):
@@ -152,7 +162,9 @@ class ModelRouter(Service):
         """
         if self._shutting_down:
             return fail(ShuttingDown())
-        slot = self._slots[model_id]
+        slot = self._slots.get(model_id)
+        if slot is None or slot.removed:
+            return fail(ModelNotFound.named(model_id))
         inflight, waiting = self.counts(model_id)
         limit = slot.proc.model.concurrency_limit
         if inflight + waiting >= limit:
@@ -163,6 +175,8 @@ class ModelRouter(Service):
         """EP-7 / preload: start ``model_id`` through the scheduler; fire once it is ready."""
         if self._shutting_down:
             return fail(ShuttingDown())
+        if model_id not in self._slots or self._slots[model_id].removed:
+            return fail(ModelNotFound.named(model_id))
         d = self._enqueue(model_id, None, counted=False)
         d.addCallback(lambda lease: lease.release())
         return d
@@ -205,7 +219,10 @@ class ModelRouter(Service):
             slot.inflight -= 1
         slot.last_used = self.clock.seconds()
         self._emit("queue", lease.model_id)
-        self._maybe_arm_ttl(slot)
+        if slot.replacing:
+            self._retire(slot)
+        else:
+            self._maybe_arm_ttl(slot)
         self.schedule()
 
     # -- the scheduling pass ------------------------------------------------------------------
@@ -227,7 +244,9 @@ class ModelRouter(Service):
     def _snapshot(self) -> scheduler.Snapshot:
         views = {
             model_id: scheduler.ModelView(
-                model_id, slot.proc.state.value, slot.inflight,
+                # a model being replaced by reload takes no new work: to the scheduler it
+                # is stopping, so its waiters wait for the new child (RLD-3)
+                model_id, "stopping" if slot.replacing else slot.proc.state.value, slot.inflight,
                 tuple(scheduler.Waiter(t.seq, t.admitted, t.profile) for t in slot.waiting))
             for model_id, slot in self._slots.items()}
         return scheduler.Snapshot(views, self.clock.seconds(), self.config.max_wait,
@@ -288,7 +307,7 @@ class ModelRouter(Service):
     def _start_failed(self, swap: scheduler.Swap, failure: Failure) -> None:
         """SCHED-9: every request waiting on that start gets the same 502."""
         slot = self._slots.get(swap.target)
-        if slot is not None:
+        if slot is not None and not slot.replacing:
             error = failure.value if isinstance(failure.value, LlamaSwapError) else \
                 UpstreamStartFailed(str(failure.value))
             self._fail_waiters(slot, error)
@@ -337,11 +356,84 @@ class ModelRouter(Service):
     def _ttl_expired(self, slot: _Slot) -> None:
         slot.ttl_call = None
         proc = slot.proc
-        if proc.state is not State.READY or slot.inflight or slot.waiting or proc.id in self._swapping:
+        if proc.state is not State.READY or slot.inflight or slot.waiting or proc.id in self._swapping \
+                or slot.replacing:
             return
         self.log.info("{model}: unloading after {ttl}s idle", model=proc.id, ttl=proc.model.ttl)
         self._emit("stop", (proc.id, "ttl"))
         proc.stop()
+
+    # -- reload (RLD-3) ------------------------------------------------------------------------------
+
+    def reconfigure(self, config: Any) -> dict:
+        """Apply a new, valid config; return ``{"added", "removed", "changed", "unchanged"}``.
+
+        Unchanged models keep their child (same pid, logs, TTL clock, in-flight requests);
+        changed ones drain and are replaced once idle, and restarted if they were starting
+        or ready; removed ones stop once idle and their waiters get 404; added ones start
+        stopped. Everything else takes effect for new requests at once.
+        """
+        old = self.config
+        added = sorted(config.models.keys() - old.models.keys())
+        removed = sorted(old.models.keys() - config.models.keys())
+        common = sorted(old.models.keys() & config.models.keys())
+        changed = [m for m in common
+                   if old.models[m].process_key() != config.models[m].process_key()]
+        unchanged = [m for m in common if m not in changed]
+        self.config = config
+        for model_id in added:
+            self._add(config.models[model_id])
+        for model_id in unchanged:
+            self._slots[model_id].proc.model = config.models[model_id]
+            self._slots[model_id].proc.health_timeout = getattr(
+                config, "health_check_timeout", self._slots[model_id].proc.health_timeout)
+        for model_id in removed:
+            slot = self._slots[model_id]
+            slot.removed = True
+            self._fail_waiters(slot, ModelNotFound(f"model '{model_id}' was removed by a config reload"))
+            self._retire(slot)
+        for model_id in changed:
+            slot = self._slots[model_id]
+            slot.restart = slot.restart or slot.proc.state in (State.STARTING, State.READY)
+            slot.pending = config.models[model_id]
+            self._retire(slot)
+        self._emit("reload", {"added": added, "removed": removed, "changed": changed})
+        self.schedule()
+        return {"added": added, "removed": removed, "changed": changed, "unchanged": unchanged}
+
+    def _retire(self, slot: _Slot) -> None:
+        """Stop a changed/removed model's child once its in-flight requests are done."""
+        if slot.retiring or slot.inflight > 0:
+            return
+        slot.retiring = True
+        self._cancel_ttl(slot)
+        if slot.proc.state in (State.STARTING, State.READY):
+            self._emit("stop", (slot.proc.id, "reload"))
+        d = slot.proc.stop()
+        d.addCallback(lambda _: self._retired(slot))
+        d.addErrback(lambda f: self.log.failure("reload of {model} failed", f, model=slot.proc.id))
+
+    def _retired(self, slot: _Slot) -> None:
+        slot.retiring = False
+        model_id = slot.proc.id
+        if slot.removed:
+            if self._slots.get(model_id) is slot:
+                del self._slots[model_id]
+            self._emit("removed", model_id)
+            self.schedule()
+            return
+        if slot.pending is None:
+            return
+        model, slot.pending = slot.pending, None
+        slot.proc = self._make_process(model)
+        slot.proc.on_transition = self._on_transition
+        if slot.restart and not self._shutting_down:
+            slot.restart = False
+            self.load(model_id).addErrback(
+                lambda f: self.log.error("restart of {model} after reload failed: {why}",
+                                         model=model_id, why=str(f.value)))
+        self._emit("replaced", model_id)
+        self.schedule()
 
     # -- unload and shutdown ----------------------------------------------------------------------
 

@@ -3,6 +3,7 @@ and owns the daemon's lifecycle (SPEC §2: CLI-7 startup order, CLI-8/9 signals 
 """
 from __future__ import annotations
 
+import os
 import signal
 from typing import Any, Optional
 
@@ -19,7 +20,17 @@ from llamaswap.resources import AccessLogSite, App, build_root
 from llamaswap.router import ModelRouter
 from llamaswap.statefile import ChildRegistry, cleanup_leftovers
 
-_LATER_KEY_PHASES = {"apiKeys", "hooks", "sendLoadingState", "peers", "memory"}
+#: CLI-4: how often --watch-config looks at the file.
+WATCH_INTERVAL = 2.0
+
+
+def _stat_key(path: str) -> Optional[tuple]:
+    """(mtime, size, inode) of the resolved target (symlinks followed), or None if missing."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_mtime_ns, st.st_size, st.st_ino, st.st_dev)
 
 
 def describe_port(port: Any) -> str:
@@ -86,9 +97,13 @@ class LlamaSwapService(MultiService):
     """
 
     def __init__(self, config: Any, reactor: Any, listen: str, state_file: str,
-                 install_signals: bool = True) -> None:
+                 install_signals: bool = True, config_path: Optional[str] = None,
+                 watch_config: bool = False) -> None:
         super().__init__()
         self.config = config
+        self.config_path = config_path or config.source
+        self.watch_config = watch_config
+        self._watch = None
         self.reactor = reactor
         self.install_signals = install_signals
         self.logs = LogBroadcaster()
@@ -101,8 +116,10 @@ class LlamaSwapService(MultiService):
             self.logs.add_source(model_id)
         self.router = ModelRouter(config, self._make_process, reactor,
                                   make_logger(self.proxy_log, "llamaswap.router"))
+        self.router.listeners.append(self._on_model_removed)
         self.app = App(self.router, self.logs, Forwarder(reactor), reactor,
                        make_logger(self.proxy_log, "llamaswap.http"))
+        self.app.reload = self.reload
         self.site = AccessLogSite(build_root(self.app), self.app, reactor,
                                   make_logger(self.proxy_log, "llamaswap.access"))
         self.logs.setServiceParent(self)
@@ -115,7 +132,8 @@ class LlamaSwapService(MultiService):
     def _make_process(self, model: Any) -> UpstreamProcess:
         return UpstreamProcess(
             model=model, reactor=self.reactor, clock=self.reactor, logs=self.logs,
-            health_timeout=self.config.health_check_timeout,
+            health_timeout=self.router.config.health_check_timeout if hasattr(self, "router")
+            else self.config.health_check_timeout,
             on_spawn=self.registry.spawned, on_reap=self.registry.reaped,
             log=make_logger(self.proxy_log, "llamaswap.process"))
 
@@ -153,6 +171,8 @@ class LlamaSwapService(MultiService):
 
     def startService(self) -> None:
         super().startService()
+        if self.watch_config:
+            self._start_watching()
         if self.install_signals:
             self.reactor.callWhenRunning(self._install_signal_handlers)
 
@@ -165,14 +185,98 @@ class LlamaSwapService(MultiService):
             self.reactor.callFromThread(self.reactor.stop)
 
         def on_hup(signum: int, frame: Any) -> None:
-            self.reactor.callFromThread(self.reload)
+            self.reactor.callFromThread(self._safe_reload)
 
         signal.signal(signal.SIGTERM, on_stop_signal)
         signal.signal(signal.SIGINT, on_stop_signal)
         signal.signal(signal.SIGHUP, on_hup)
 
-    def reload(self) -> None:
-        self.log.warn("config reload (SIGHUP) is not implemented yet; keeping the current config")
+    def reload(self) -> dict:
+        """RLD-1..RLD-5: re-read the config file and apply it.
+
+        Returns the RLD-5 outcome; raises ``ConfigError`` (after logging every line) when
+        the new file is invalid, and the old config stays in force. Synchronous, so two
+        reloads can never interleave (RLD-1).
+        """
+        from llamaswap.config import ConfigError, load_config
+
+        try:
+            new = load_config(self.config_path)
+        except ConfigError as e:
+            self.log.error("config reload failed, keeping previous config:\n{errors}",
+                           errors="\n".join(e.errors))
+            self._reload_observed("failure")
+            raise
+        old = self.config
+        for model_id in new.models.keys() - old.models.keys():
+            self.logs.add_source(model_id)
+        outcome = self.router.reconfigure(new)
+        self.config = new
+        self.proxy_log.set_level(new.log_level)
+        self.proxy_log.set_to_stdout(new.log_to_stdout)
+        for warning in new.warnings:
+            self.log.warn("{warning}", warning=warning)
+        self.log.info("config reloaded: added=[{added}] removed=[{removed}] changed=[{changed}] "
+                      "unchanged={unchanged}", added=", ".join(outcome["added"]),
+                      removed=", ".join(outcome["removed"]), changed=", ".join(outcome["changed"]),
+                      unchanged=len(outcome["unchanged"]))
+        self._preload_after_reload(old, new, outcome)
+        self._reload_observed("success")
+        return outcome
+
+    def _preload_after_reload(self, old: Any, new: Any, outcome: dict) -> None:
+        """CFG-30: preload again when the list changed or a listed model was added/changed."""
+        preload = getattr(self, "preload", None)
+        if preload is None or not new.preload:
+            return
+        touched = set(outcome["added"]) | set(outcome["changed"])
+        listed = {new.resolve(name) for name in new.preload}
+        if tuple(old.preload) != tuple(new.preload) or listed & touched:
+            preload(list(new.preload))
+
+    def _reload_observed(self, result: str) -> None:
+        listener = getattr(self, "on_reload", None)
+        if listener is not None:
+            listener(result)
+
+    def _on_model_removed(self, event: str, payload: Any) -> None:
+        if event == "removed" and payload not in self.config.models:
+            self.logs.remove_source(payload)
+
+    def _safe_reload(self) -> None:
+        from llamaswap.config import ConfigError
+
+        try:
+            self.reload()
+        except ConfigError:
+            pass
+        except Exception:
+            self.log.failure("config reload crashed")
+
+    # -- --watch-config (CLI-4) ---------------------------------------------------------------------
+
+    def _start_watching(self) -> None:
+        from twisted.internet.task import LoopingCall
+
+        self._watched = _stat_key(self.config_path)
+        self._missing_warned = False
+        self._watch = LoopingCall(self._check_config_file)
+        self._watch.clock = self.reactor
+        self._watch.start(WATCH_INTERVAL, now=False)
+
+    def _check_config_file(self) -> None:
+        key = _stat_key(self.config_path)
+        if key is None:
+            if not self._missing_warned:
+                self._missing_warned = True
+                self.log.warn("config file {path} is missing; keeping the current config",
+                              path=self.config_path)
+            self._watched = None
+            return
+        self._missing_warned = False
+        if key != self._watched:
+            self._watched = key
+            self._safe_reload()
 
     # -- shutdown (CLI-9) ---------------------------------------------------------------------------
 
@@ -182,6 +286,8 @@ class LlamaSwapService(MultiService):
 
     async def _stop_in_order(self) -> None:
         Service.stopService(self)  # not MultiService's: that stops every child at once
+        if self._watch is not None and self._watch.running:
+            self._watch.stop()
         await maybeDeferred(self.listener.stopService)
         await maybeDeferred(self.router.stopService)  # fires once every child is gone
         self.registry.remove()

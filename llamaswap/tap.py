@@ -125,10 +125,8 @@ def make_service(options: Any, reactor: Any = None):
         from twisted.internet import reactor  # the project's only global-reactor import
     from llamaswap.service import LlamaSwapService
 
-    service = LlamaSwapService(options["loaded_config"], reactor, options["listen"], options["state-file"])
-    if options["watch-config"]:
-        service.startup_warnings.append("'--watch-config' is not implemented yet (ignored)")
-    return service
+    return LlamaSwapService(options["loaded_config"], reactor, options["listen"], options["state-file"],
+                            config_path=options["config"], watch_config=bool(options["watch-config"]))
 
 
 makeService = make_service  # the name twistd looks up
