@@ -256,8 +256,10 @@ class Forwarder:
     :param reactor: used for the one fresh connection of a PROXY-10 retry.
     """
 
-    def __init__(self, reactor: Any) -> None:
+    def __init__(self, reactor: Any, fresh_client: Optional[Callable[[], Any]] = None) -> None:
         self.reactor = reactor
+        # PROXY-10: the client for a retry, on a connection of its own (not pooled)
+        self.fresh_client = fresh_client or (lambda: make_http_client(reactor, persistent=False)[0])
 
     async def forward(self, *, http: Any, request: Any, url: bytes, headers: Headers,
                       body: Callable[[], Any], model_id: str, still_ready: Callable[[], bool],
@@ -301,7 +303,7 @@ class Forwarder:
             # once on a connection of its own, whatever the method.
             log.debug("retrying request to {model} on a new connection ({why})",
                       model=model_id, why=_reason(e))
-            fresh, pool = make_http_client(self.reactor, persistent=False)
+            fresh = self.fresh_client()
         except Exception as e:
             raise UpstreamUnreachable(
                 f"upstream for model '{model_id}' unreachable: {_reason(e)}") from None
