@@ -693,6 +693,8 @@ class Root(JSONResource):
             return CorsPreflight()
         if self.app is not None and not auth.check(request, self.app.config.api_keys):
             return ErrorResource(InvalidAPIKey())
+        if path == b"" and not request.postpath:
+            return self  # "GET /" renders the root itself (EP-15 redirect)
         return super().getChildWithDefault(path, request)
 
     def render_GET(self, request: Request) -> bytes:
