@@ -1,0 +1,822 @@
+"""Benchmarks: llamaswap side by side with the upstream itself and, optionally, another proxy.
+
+::
+
+    python bench/run.py [--quick | --smoke] [--name NAME] [--only SCENARIO,...]
+                        [--compare-cmd "/path/to/llama-swap -config {config} -listen 127.0.0.1:{port}"]
+
+Every scenario runs against (a) the upstream directly, (b) llamaswap (``twistd -n llamaswap``
+from this checkout) and (c) the ``--compare-cmd`` proxy when given (``{config}`` is replaced by
+a llama-swap config file, ``{port}`` by a free port), in the same run on the same upstream.
+It prints a table and writes ``bench/results/<name>.json``.
+
+The proxy-overhead scenarios use ``bench/upstream.py`` (a raw-asyncio llama-server stand-in)
+started once by this script; the proxies' model ``cmd`` is then a ``sleep`` with ``proxy``
+pointing at that one upstream, so (a), (b) and (c) talk to the very same process. The
+scenarios that start and stop models run ``bench/upstream.py`` as the model's ``cmd``, and
+the real-server ones run llama.cpp's ``llama-server`` on the tiny models.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import http.client
+import json
+import os
+import platform
+import re
+import resource
+import shlex
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path.insert(0, str(HERE))
+
+import loadgen  # noqa: E402
+from loadgen import SyncClient, chat_request, header, percentile  # noqa: E402
+
+UPSTREAM = HERE / "upstream.py"
+LISTENING = re.compile(rb"listening on tcp:127\.0\.0\.1:(\d+)")
+UP_LISTENING = re.compile(rb"listening on http://127\.0\.0\.1:(\d+)")
+
+SCENARIOS = ["loadgen_ceiling", "latency_c1", "throughput_c32", "stream_500", "readiness", "swap",
+             "mixed_load", "streams_1000", "idle_rss_10_models", "real_llama", "router_mode"]
+
+# name: (quick, full, smoke) parameters
+PROFILES = {
+    "full": dict(lat_n=3000, tp_seconds=8, tp_conc=32, stream_n=20, stream_chunks=500, stream_delay=0.002,
+                 ready_n=10, ready_delay=0.3, swap_n=10, mixed_load=2.0, mixed_per_client=5, mixed_wait=10.0,
+                 slow_n=1000, slow_chunks=20, slow_delay=0.25, real_n=10, own_n=7, warm_n=50),
+    "quick": dict(lat_n=1000, tp_seconds=4, tp_conc=32, stream_n=8, stream_chunks=500, stream_delay=0.002,
+                  ready_n=5, ready_delay=0.3, swap_n=6, mixed_load=1.0, mixed_per_client=3, mixed_wait=5.0,
+                  slow_n=1000, slow_chunks=10, slow_delay=0.2, real_n=6, own_n=5, warm_n=20),
+    "smoke": dict(lat_n=30, tp_seconds=1, tp_conc=4, stream_n=2, stream_chunks=20, stream_delay=0.001,
+                  ready_n=1, ready_delay=0.1, swap_n=2, mixed_load=0.1, mixed_per_client=1, mixed_wait=1.0,
+                  slow_n=20, slow_chunks=3, slow_delay=0.05, real_n=2, own_n=1, warm_n=3),
+}
+
+TARGETS = {
+    "latency_c1": "added p50 <= 1 ms, added p99 <= 3 ms",
+    "throughput_c32": "ratio >= 0.5",
+    "stream_500": "added TTFB <= 1 ms, added per-chunk p99 <= 0.5 ms",
+    "readiness": "<= 50 ms",
+    "swap": "<= 100 ms",
+    "mixed_load": "makespan <= 0.5 x FIFO, max wait bounded",
+    "streams_1000": "0 errors, RSS <= 100 MB",
+    "idle_rss_10_models": "<= 50 MB",
+    "real_llama": "<= 50 ms",
+    "router_mode": "ratios <= 1.0",
+}
+
+
+def log(msg: str) -> None:
+    sys.stderr.write(msg + "\n")
+    sys.stderr.flush()
+
+
+def ms(x: Optional[float]) -> Optional[float]:
+    return None if x is None else round(x * 1000.0, 3)
+
+
+def med(values: list) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
+# -- processes --------------------------------------------------------------------------------------
+
+class Proc:
+    """A child in its own session; stdout/stderr go to files; killed (group) on close."""
+
+    def __init__(self, argv: list[str], workdir: Path, name: str, env: Optional[dict] = None) -> None:
+        self.name = name
+        self.out_path = workdir / f"{name}.out"
+        self.err_path = workdir / f"{name}.err"
+        self.out = open(self.out_path, "wb")
+        self.err = open(self.err_path, "wb")
+        self.t_spawn = time.monotonic()
+        self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=self.out, stderr=self.err,
+                                     cwd=str(workdir), env=env or os.environ.copy(), start_new_session=True)
+        self.pid = self.proc.pid
+
+    def wait_for(self, pattern: re.Pattern, timeout: float, which: str = "out") -> Optional[re.Match]:
+        path = self.out_path if which == "out" else self.err_path
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            m = pattern.search(path.read_bytes())
+            if m:
+                return m
+            if self.proc.poll() is not None:
+                return pattern.search(path.read_bytes())
+            time.sleep(0.005)
+        return None
+
+    def rss_kb(self) -> int:
+        return _status_kb(self.pid, "VmRSS")
+
+    def hwm_kb(self) -> int:
+        return _status_kb(self.pid, "VmHWM")
+
+    def text(self) -> str:
+        return (self.out_path.read_bytes() + self.err_path.read_bytes()).decode("utf-8", "replace")
+
+    def stop(self, timeout: float = 15.0) -> Optional[int]:
+        if self.proc.poll() is None:
+            try:
+                self.proc.send_signal(signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                pass
+        self.kill()
+        return self.proc.returncode
+
+    def kill(self) -> None:
+        try:
+            os.killpg(self.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        try:
+            self.proc.wait(5)
+        except subprocess.TimeoutExpired:
+            pass
+        self.out.close()
+        self.err.close()
+
+
+def _status_kb(pid: int, field: str) -> int:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_port(port: int, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return True
+        except OSError:
+            time.sleep(0.01)
+    return False
+
+
+def start_upstream(workdir: Path, name: str, *args: str) -> tuple[Proc, int]:
+    p = Proc([sys.executable, str(UPSTREAM), "--port", "0", *args], workdir, name)
+    m = p.wait_for(UP_LISTENING, 10, which="err")
+    if not m:
+        p.kill()
+        raise RuntimeError(f"bench upstream did not start: {p.text()}")
+    return p, int(m.group(1))
+
+
+def upstream_cmd(*args: str) -> str:
+    return " ".join(shlex.quote(a) for a in [sys.executable, str(UPSTREAM), "--port"]) + " ${PORT} " + \
+        " ".join(shlex.quote(a) for a in args)
+
+
+class ProxyTarget:
+    """How to start one proxy under test with a given config."""
+
+    def __init__(self, name: str, template: Optional[str]) -> None:
+        self.name = name
+        self.template = template  # None: llamaswap from this checkout
+
+    @property
+    def is_llamaswap(self) -> bool:
+        return self.template is None
+
+    def start(self, config: dict, workdir: Path) -> "RunningProxy":
+        workdir.mkdir(parents=True, exist_ok=True)
+        if not self.is_llamaswap:
+            config = {k: v for k, v in config.items() if k != "scheduler"}
+        cpath = workdir / "config.yaml"
+        cpath.write_text(json.dumps(config, indent=1))
+        if self.is_llamaswap:
+            argv = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()", "-n",
+                    "--pidfile", str(workdir / "twistd.pid"), "--logfile=-", "llamaswap",
+                    "--config", str(cpath), "--listen", "tcp:0:interface=127.0.0.1",
+                    "--state-file", str(workdir / "children.json")]
+            env = {**os.environ, "PYTHONPATH": str(ROOT)}
+            p = Proc(argv, workdir, "daemon", env)
+            m = p.wait_for(LISTENING, 30)
+            if not m:
+                p.stop()
+                raise RuntimeError(f"llamaswap did not start:\n{p.text()}")
+            return RunningProxy(p, int(m.group(1)), workdir)
+        port = free_port()
+        argv = shlex.split(self.template.format(config=str(cpath), port=port))
+        p = Proc(argv, workdir, "proxy")
+        if not wait_port(port, 30):
+            p.stop()
+            raise RuntimeError(f"{self.name} did not listen on {port}:\n{p.text()}")
+        return RunningProxy(p, port, workdir)
+
+
+class RunningProxy:
+    def __init__(self, proc: Proc, port: int, workdir: Path) -> None:
+        self.proc, self.port, self.workdir = proc, port, workdir
+
+    def get(self, path: str, method: str = "GET", timeout: float = 30) -> tuple[int, bytes]:
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
+        try:
+            conn.request(method, path)
+            r = conn.getresponse()
+            return r.status, r.read()
+        finally:
+            conn.close()
+
+    def unload(self) -> None:
+        self.get("/unload")
+
+    def stop(self) -> None:
+        self.proc.stop(30)
+
+    def __enter__(self) -> "RunningProxy":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+
+
+def static_config(port: int, concurrency: int = 64, **top: Any) -> dict:
+    """One model ``m`` whose upstream is the already running bench upstream on ``port``."""
+    return {"healthCheckTimeout": 30, **top,
+            "models": {"m": {"cmd": "sleep 3600", "proxy": f"http://127.0.0.1:{port}",
+                             "checkEndpoint": "/health", "concurrencyLimit": concurrency}}}
+
+
+# -- scenarios ------------------------------------------------------------------------------------------
+
+class Bench:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.mode = "smoke" if args.smoke else "quick" if args.quick else "full"
+        self.p = PROFILES[self.mode]
+        self.workdir = Path(tempfile.mkdtemp(prefix="llamaswap-bench-"))
+        self.proxies = [ProxyTarget("llamaswap", None)]
+        if args.compare_cmd:
+            self.proxies.append(ProxyTarget(args.compare_name, args.compare_cmd))
+        self.results: dict = {}
+        self.upstream: Optional[Proc] = None
+        self.up_port = 0
+
+    def wd(self, *parts: str) -> Path:
+        d = self.workdir.joinpath(*parts)
+        d.mkdir(parents=True, exist_ok=True)
+        return d
+
+    def run(self) -> dict:
+        self.upstream, self.up_port = start_upstream(self.wd("upstream"), "upstream")
+        only = set(self.args.only.split(",")) if self.args.only else None
+        try:
+            for name in SCENARIOS:
+                if only and name not in only:
+                    continue
+                log(f"== {name}")
+                t0 = time.monotonic()
+                try:
+                    self.results[name] = getattr(self, "s_" + name)()
+                except Exception as e:  # a failed scenario is reported, the others still run
+                    import traceback
+                    traceback.print_exc()
+                    self.results[name] = {"error": f"{type(e).__name__}: {e}"}
+                self.results[name]["seconds"] = round(time.monotonic() - t0, 1)
+                log(f"   {json.dumps(self.results[name])[:600]}")
+        finally:
+            self.upstream.stop()
+        return self.results
+
+    # -- proxy overhead on the shared fast upstream --
+
+    def with_proxies(self, config: dict, fn: Callable[[int], dict], tag: str) -> dict:
+        out = {"direct": fn(self.up_port)}
+        for target in self.proxies:
+            with target.start(config, self.wd(tag, target.name)) as proxy:
+                fn(proxy.port)  # warm-up run: the model starts, the pools fill
+                out[target.name] = fn(proxy.port)
+                out[target.name]["rss_mb"] = round(proxy.proc.rss_kb() / 1024, 1)
+        return out
+
+    def s_loadgen_ceiling(self) -> dict:
+        """The load generators alone against the trivial upstream."""
+        p = self.p
+        raw = chat_request("m")
+        c = SyncClient(self.up_port)
+        lat = []
+        for _ in range(max(50, p["lat_n"] // 3)):
+            r = c.request(raw)
+            lat.append(r["t_end"] - r["t_sent"])
+        c.close()
+        out = {"sync_c1_p50_ms": ms(percentile(lat, 50)), "sync_c1_p99_ms": ms(percentile(lat, 99)),
+               "asyncio_c32_rps": round(loadgen.throughput(self.up_port, raw, p["tp_conc"], p["tp_seconds"] / 2)["rps"])}
+        if loadgen.wrk_path():
+            out["wrk_c32_rps"] = round(loadgen.wrk_throughput(self.up_port, "m", p["tp_conc"], p["tp_seconds"] / 2)["rps"])
+        return out
+
+    def s_latency_c1(self) -> dict:
+        n = self.p["lat_n"]
+        raw = chat_request("m")
+
+        def measure(port: int) -> dict:
+            c = SyncClient(port)
+            lat = []
+            for i in range(n + 50):
+                r = c.request(raw)
+                assert r["status"] == 200, r
+                if i >= 50:
+                    lat.append(r["t_end"] - r["t_sent"])
+            c.close()
+            return {"p50_ms": ms(percentile(lat, 50)), "p99_ms": ms(percentile(lat, 99)), "n": n}
+
+        # interleave direct/proxy twice to even out drift
+        out = self.with_proxies(static_config(self.up_port), measure, "latency")
+        for t in self.proxies:
+            out[t.name]["added_p50_ms"] = round(out[t.name]["p50_ms"] - out["direct"]["p50_ms"], 3)
+            out[t.name]["added_p99_ms"] = round(out[t.name]["p99_ms"] - out["direct"]["p99_ms"], 3)
+        return out
+
+    def s_throughput_c32(self) -> dict:
+        p = self.p
+        conc = p["tp_conc"]
+        use_wrk = loadgen.wrk_path() is not None and self.mode != "smoke"
+
+        def measure(port: int) -> dict:
+            if use_wrk:
+                r = loadgen.wrk_throughput(port, "m", conc, p["tp_seconds"])
+            else:
+                r = loadgen.throughput(port, chat_request("m"), conc, p["tp_seconds"])
+            return {"rps": round(r["rps"], 1), "errors": r["errors"], "tool": r["tool"]}
+
+        out = self.with_proxies(static_config(self.up_port, concurrency=max(64, conc * 2)), measure, "throughput")
+        for t in self.proxies:
+            out[t.name]["ratio"] = round(out[t.name]["rps"] / out["direct"]["rps"], 3)
+        return out
+
+    def s_stream_500(self) -> dict:
+        p = self.p
+        path = b"/v1/chat/completions?chunks=%d&delay=%s" % (p["stream_chunks"], str(p["stream_delay"]).encode())
+        raw = chat_request("m", stream=True, path=path)
+
+        def measure(port: int) -> dict:
+            ttfb, per_chunk = [], []
+            c = SyncClient(port)
+            for _ in range(p["stream_n"]):
+                lags = []
+
+                def on_chunk(data: bytes, t: float) -> None:
+                    for m in re.finditer(rb'"t":([0-9.e+-]+)\}', data):
+                        lags.append(t - float(m.group(1)))
+
+                r = c.request(raw, on_chunk=on_chunk)
+                assert r["status"] == 200 and r["body"].endswith(b"data: [DONE]\n\n"), r["head"]
+                ttfb.append(r["t_first"] - r["t_sent"])
+                per_chunk.extend(lags)
+            c.close()
+            return {"ttfb_p50_ms": ms(percentile(ttfb, 50)), "chunk_lag_p50_ms": ms(percentile(per_chunk, 50)),
+                    "chunk_lag_p99_ms": ms(percentile(per_chunk, 99)), "chunks": len(per_chunk)}
+
+        out = self.with_proxies(static_config(self.up_port), measure, "stream")
+        for t in self.proxies:
+            o = out[t.name]
+            o["added_ttfb_ms"] = round(o["ttfb_p50_ms"] - out["direct"]["ttfb_p50_ms"], 3)
+            o["added_chunk_p99_ms"] = round(o["chunk_lag_p99_ms"] - out["direct"]["chunk_lag_p99_ms"], 3)
+        return out
+
+    # -- starting and swapping models --
+
+    def s_readiness(self) -> dict:
+        p = self.p
+        out = {}
+        for target in self.proxies:
+            config = {"healthCheckTimeout": 30, "models": {"r": {
+                "cmd": upstream_cmd("--model", "r", "--load-delay", str(p["ready_delay"])),
+                "proxy": "http://127.0.0.1:${PORT}"}}}
+            lags, totals = [], []
+            with target.start(config, self.wd("readiness", target.name)) as proxy:
+                for _ in range(p["ready_n"]):
+                    c = SyncClient(proxy.port)
+                    r = c.request(chat_request("r"))
+                    c.close()
+                    assert r["status"] == 200, r
+                    ready_at = float(header(r["head"], b"x-ready-at"))
+                    lags.append(r["t_first"] - ready_at)
+                    totals.append(r["t_first"] - r["t_sent"])
+                    proxy.unload()
+            out[target.name] = {"ready_to_first_byte_p50_ms": ms(med(lags)), "max_ms": ms(max(lags)),
+                                "cold_request_p50_ms": ms(med(totals)), "n": len(lags),
+                                "load_delay_ms": ms(p["ready_delay"])}
+        return out
+
+    def own_start(self, argv_for_port: Callable[[int], list], n: int, tag: str) -> list:
+        """spawn -> first /health 200 of a command run directly (2 ms poll)."""
+        times = []
+        for i in range(n):
+            port = free_port()
+            proc = Proc(argv_for_port(port), self.wd("own_start"), f"{tag}-{i}")
+            t0 = proc.t_spawn
+            deadline = t0 + 30
+            ok = False
+            while time.monotonic() < deadline:
+                try:
+                    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
+                    conn.request("GET", "/health")
+                    status = conn.getresponse().status
+                    conn.close()
+                    if status == 200:
+                        ok = True
+                        break
+                except OSError:
+                    pass
+                time.sleep(0.002)
+            t1 = time.monotonic()
+            proc.stop()
+            if ok:
+                times.append(t1 - t0)
+        return times
+
+    def s_swap(self) -> dict:
+        p = self.p
+        own = self.own_start(lambda port: [sys.executable, str(UPSTREAM), "--port", str(port)],
+                             p["own_n"] + 2, "bench-upstream")
+        own_ms = ms(med(own))
+        out: dict = {"upstream_own_start_p50_ms": own_ms}
+        for target in self.proxies:
+            config = {"healthCheckTimeout": 30, "models": {
+                x: {"cmd": upstream_cmd("--model", x), "proxy": "http://127.0.0.1:${PORT}"} for x in ("A", "B")}}
+            totals, pre, post = [], [], []
+            with target.start(config, self.wd("swap", target.name)) as proxy:
+                c = SyncClient(proxy.port)
+                c.request(chat_request("A"))
+                c.close()
+                for i in range(p["swap_n"]):
+                    model = "B" if i % 2 == 0 else "A"
+                    c = SyncClient(proxy.port)
+                    r = c.request(chat_request(model))
+                    c.close()
+                    assert r["status"] == 200, r
+                    ready_at = float(header(r["head"], b"x-ready-at"))
+                    totals.append(r["t_first"] - r["t_sent"])
+                    pre.append(ready_at - r["t_sent"])
+                    post.append(r["t_first"] - ready_at)
+            out[target.name] = {"swap_to_first_byte_p50_ms": ms(med(totals)),
+                                "request_to_upstream_ready_p50_ms": ms(med(pre)),
+                                "upstream_ready_to_first_byte_p50_ms": ms(med(post)),
+                                "overhead_p50_ms": round(ms(med(totals)) - own_ms, 3),
+                                "overhead_max_ms": round(ms(max(totals)) - own_ms, 3), "n": len(totals)}
+        return out
+
+    def s_mixed_load(self) -> dict:
+        p = self.p
+        out: dict = {"load_time_s": p["mixed_load"], "clients": 6, "requests_per_client": p["mixed_per_client"],
+                     "max_wait_s": p["mixed_wait"]}
+        for target in self.proxies:
+            policies = ["swap-aware", "fifo"] if target.is_llamaswap else ["own"]
+            for policy in policies:
+                wd = self.wd("mixed", target.name, policy)
+                start_log = wd / "starts.log"
+                start_log.write_text("")
+                config = {"healthCheckTimeout": 60, "models": {
+                    x: {"cmd": upstream_cmd("--model", x, "--load-delay", str(p["mixed_load"]),
+                                            "--start-log", str(start_log)),
+                        "proxy": "http://127.0.0.1:${PORT}", "concurrencyLimit": 32} for x in "ABC"}}
+                if policy != "own":
+                    config["scheduler"] = {"policy": policy, "maxWait": p["mixed_wait"]}
+                with target.start(config, wd) as proxy:
+                    r = asyncio.run(_mixed(proxy.port, 6, p["mixed_per_client"]))
+                r["swaps"] = len(start_log.read_text().splitlines())
+                out[f"{target.name}:{policy}"] = r
+        if "llamaswap:fifo" in out and "llamaswap:swap-aware" in out:
+            aware, fifo = out["llamaswap:swap-aware"], out["llamaswap:fifo"]
+            out["makespan_ratio"] = round(aware["makespan_s"] / fifo["makespan_s"], 3)
+            # a waiter is held for at most maxWait, then drains in-flight work and waits one swap
+            out["wait_bound_s"] = round(p["mixed_wait"] + 2 * p["mixed_load"] + 1.0, 2)
+            out["max_wait_within_bound"] = aware["max_wait_s"] <= out["wait_bound_s"]
+        return out
+
+    def s_streams_1000(self) -> dict:
+        p = self.p
+        n = p["slow_n"]
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        want = min(hard, max(soft, 4 * n + 1024))
+        if want > soft:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))  # children inherit it
+        path = b"/v1/chat/completions?chunks=%d&delay=%s" % (p["slow_chunks"], str(p["slow_delay"]).encode())
+        raw = chat_request("m", stream=True, path=path)
+        out: dict = {"streams": n, "stream_seconds": round(p["slow_chunks"] * p["slow_delay"], 2),
+                     "nofile": want}
+        r = loadgen.run_streams(self.up_port, raw, n, ramp=1.0)
+        out["direct"] = {"ok": r["ok"], "errors": r["errors"], "why": r["why"]}
+        for target in self.proxies:
+            with target.start(static_config(self.up_port, concurrency=n + 100),
+                              self.wd("streams", target.name)) as proxy:
+                loadgen.run_streams(proxy.port, chat_request("m", stream=True), 4)
+                before = proxy.proc.rss_kb()
+                peak = [before]
+                stop = threading.Event()
+
+                def sample() -> None:
+                    while not stop.wait(0.05):
+                        peak.append(proxy.proc.rss_kb())
+
+                th = threading.Thread(target=sample, daemon=True)
+                th.start()
+                r = loadgen.run_streams(proxy.port, raw, n, ramp=1.0)
+                stop.set()
+                th.join()
+                out[target.name] = {"ok": r["ok"], "errors": r["errors"], "why": r["why"],
+                                    "rss_before_mb": round(before / 1024, 1),
+                                    "rss_peak_mb": round(max(peak) / 1024, 1),
+                                    "vmhwm_mb": round(proxy.proc.hwm_kb() / 1024, 1)}
+        return out
+
+    def s_idle_rss_10_models(self) -> dict:
+        out = {}
+        config = {"models": {f"model-{i}": {"cmd": upstream_cmd("--model", f"model-{i}"),
+                                            "proxy": "http://127.0.0.1:${PORT}"} for i in range(10)}}
+        for target in self.proxies:
+            with target.start(config, self.wd("idle", target.name)) as proxy:
+                proxy.get("/v1/models")
+                time.sleep(1.0)
+                out[target.name] = {"rss_mb": round(proxy.proc.rss_kb() / 1024, 1)}
+        return out
+
+    # -- real llama-server --
+
+    def _llama(self) -> Optional[tuple[str, dict]]:
+        try:
+            sys.path.insert(0, str(ROOT))
+            from llamaswap import llama_server, tinymodels
+            binary = llama_server.find_binary()
+            if binary is None:
+                raise RuntimeError("no llama-server binary")
+            paths = {k: str(v) for k, v in tinymodels.ensure_models(names=["chat-a", "chat-b"]).items()}
+        except Exception as e:  # no llama-server here: the scenario reports why
+            log(f"   no llama-server: {e}")
+            return None
+        return str(binary), paths
+
+    def s_real_llama(self) -> dict:
+        found = self._llama()
+        if found is None:
+            return {"skipped": "llama-server not found"}
+        binary, paths = found
+        p = self.p
+        own = {}
+        for name in ("chat-a", "chat-b"):
+            own[name] = self.own_start(
+                lambda port, n=name: [binary, "-m", paths[n], "--host", "127.0.0.1", "--port", str(port)],
+                p["own_n"], f"llama-{name}")
+        own_all = own["chat-a"] + own["chat-b"]
+        out: dict = {"llama_server_own_start_p50_ms": ms(med(own_all)), "binary": binary}
+        self._real_own = med(own_all)
+        for target in self.proxies:
+            config = {"healthCheckTimeout": 60, "models": {
+                n: {"cmd": f"{shlex.quote(binary)} -m {shlex.quote(paths[n])} --host 127.0.0.1 --port ${{PORT}}",
+                    "proxy": "http://127.0.0.1:${PORT}"} for n in ("chat-a", "chat-b")}}
+            with target.start(config, self.wd("real", target.name)) as proxy:
+                out[target.name] = _alternate(proxy.port, ("chat-a", "chat-b"), p["real_n"], p["warm_n"])
+            o = out[target.name]
+            o["overhead_p50_ms"] = round(o["cold_first_byte_p50_ms"] - ms(self._real_own), 3)
+        return out
+
+    def s_router_mode(self) -> dict:
+        found = self._llama()
+        if found is None:
+            return {"skipped": "llama-server not found"}
+        binary, paths = found
+        p = self.p
+        models_dir = self.wd("router", "models")
+        for n in ("chat-a", "chat-b"):
+            link = models_dir / f"tiny-{n}.gguf"
+            if not link.exists():
+                link.symlink_to(paths[n])
+        port = free_port()
+        router = Proc([binary, "--models-dir", str(models_dir), "--models-max", "1", "--host", "127.0.0.1",
+                       "--port", str(port)], self.wd("router"), "router")
+        try:
+            if not wait_port(port, 30):
+                raise RuntimeError("router did not listen:\n" + router.text())
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:
+                try:
+                    c = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
+                    c.request("GET", "/health")
+                    if c.getresponse().status == 200:
+                        break
+                except OSError:
+                    pass
+                time.sleep(0.01)
+            out: dict = {"router": _alternate(port, ("tiny-chat-a", "tiny-chat-b"), p["real_n"], p["warm_n"])}
+        finally:
+            router.stop()
+        real = self.results.get("real_llama", {})
+        for target in self.proxies:
+            if target.name in real and "cold_first_byte_p50_ms" in real[target.name]:
+                mine = real[target.name]
+                out[target.name] = {
+                    "cold_swap_ratio": round(mine["cold_first_byte_p50_ms"] / out["router"]["cold_first_byte_p50_ms"], 3),
+                    "warm_latency_ratio": round(mine["warm_p50_ms"] / out["router"]["warm_p50_ms"], 3)}
+        return out
+
+
+def _alternate(port: int, names: tuple, n: int, warm_n: int) -> dict:
+    """Cold requests alternating between two models, then warm requests to the loaded one."""
+    cold = []
+    for i in range(n + 1):
+        model = names[i % 2]
+        c = SyncClient(port, timeout=120)
+        r = c.request(chat_request(model, stream=True))
+        c.close()
+        assert r["status"] == 200, r
+        if i > 0:  # the first one starts from nothing: not a swap
+            cold.append(r["t_first"] - r["t_sent"])
+    model = names[n % 2]
+    warm = []
+    c = SyncClient(port, timeout=120)
+    for i in range(warm_n + 3):
+        r = c.request(chat_request(model))
+        assert r["status"] == 200, r
+        if i >= 3:
+            warm.append(r["t_end"] - r["t_sent"])
+    c.close()
+    return {"cold_first_byte_p50_ms": ms(med(cold)), "cold_first_byte_max_ms": ms(max(cold)),
+            "warm_p50_ms": ms(med(warm)), "warm_p99_ms": ms(percentile(warm, 99)), "n": len(cold)}
+
+
+async def _mixed(port: int, clients: int, per_client: int) -> dict:
+    """``clients`` clients, client i asking A B C A B C ... starting at model i % 3."""
+    models = "ABC"
+    waits: list = []
+    errors = [0]
+    raw_for = {m: chat_request(m) for m in models}
+
+    async def client(i: int) -> None:
+        for k in range(per_client):
+            model = models[(i + k) % 3]
+            t0 = time.monotonic()
+            try:
+                reader, writer = await asyncio.open_connection("127.0.0.1", port)
+                writer.write(raw_for[model])
+                status, _ = await loadgen._read_response(reader)
+                writer.close()
+                if status != 200:
+                    errors[0] += 1
+            except (OSError, asyncio.IncompleteReadError):
+                errors[0] += 1
+            waits.append(time.monotonic() - t0)
+
+    t0 = time.monotonic()
+    await asyncio.gather(*[client(i) for i in range(clients)])
+    makespan = time.monotonic() - t0
+    return {"makespan_s": round(makespan, 2), "requests": len(waits), "errors": errors[0],
+            "p99_wait_s": round(percentile(waits, 99), 2), "max_wait_s": round(max(waits), 2),
+            "p50_wait_s": round(percentile(waits, 50), 2)}
+
+
+# -- report ------------------------------------------------------------------------------------------------
+
+def rows(results: dict, proxies: list[str]) -> list[tuple]:
+    """(scenario, figure, direct, llamaswap[, compare...], target, met) for the table."""
+    R = results
+    out: list = []
+
+    def g(*keys, default=None):
+        d: Any = R
+        for k in keys:
+            if not isinstance(d, dict) or k not in d:
+                return default
+            d = d[k]
+        return d
+
+    def per(scn: str, key: str) -> list:
+        return [g(scn, t, key) for t in proxies]
+
+    def fmt(v: Any) -> str:
+        if v is None:
+            return "-"
+        if isinstance(v, float):
+            return f"{v:.3g}" if abs(v) < 100 else f"{v:.0f}"
+        return str(v)
+
+    def add(scn, figure, direct, values, target, met):
+        out.append((scn, figure, fmt(direct), *[fmt(v) for v in values], target,
+                    "-" if met is None else ("yes" if met else "NO")))
+
+    lt = g("loadgen_ceiling") or {}
+    add("loadgen ceiling", "c=1 p50 ms / c=32 req/s (asyncio, wrk)",
+        f"{fmt(lt.get('sync_c1_p50_ms'))} / {fmt(lt.get('asyncio_c32_rps'))}, {fmt(lt.get('wrk_c32_rps'))}",
+        [None] * len(proxies), "-", None)
+    a50, a99 = per("latency_c1", "added_p50_ms"), per("latency_c1", "added_p99_ms")
+    add("chat c=1", "p50 / p99 ms (added)", f"{fmt(g('latency_c1', 'direct', 'p50_ms'))} / {fmt(g('latency_c1', 'direct', 'p99_ms'))}",
+        [f"{fmt(g('latency_c1', t, 'p50_ms'))} / {fmt(g('latency_c1', t, 'p99_ms'))} (+{fmt(x)} / +{fmt(y)})"
+         for t, x, y in zip(proxies, a50, a99)],
+        "<= 1 / <= 3 ms", None if a50[0] is None else a50[0] <= 1 and a99[0] <= 3)
+    ratio = per("throughput_c32", "ratio")
+    add("chat c=32", "req/s (ratio)", g("throughput_c32", "direct", "rps"),
+        [f"{fmt(g('throughput_c32', t, 'rps'))} ({fmt(r)})" for t, r in zip(proxies, ratio)],
+        ">= 0.5", None if ratio[0] is None else ratio[0] >= 0.5)
+    tt, ch = per("stream_500", "added_ttfb_ms"), per("stream_500", "added_chunk_p99_ms")
+    add("stream 500 chunks", "added TTFB ms; added per-chunk p99 ms",
+        f"{fmt(g('stream_500', 'direct', 'ttfb_p50_ms'))}; {fmt(g('stream_500', 'direct', 'chunk_lag_p99_ms'))}",
+        [f"+{fmt(x)}; +{fmt(y)}" for x, y in zip(tt, ch)], "<= 1; <= 0.5",
+        None if tt[0] is None else tt[0] <= 1 and ch[0] <= 0.5)
+    rd = per("readiness", "ready_to_first_byte_p50_ms")
+    add("readiness", "health 200 -> first byte, p50 ms", None, rd, "<= 50", None if rd[0] is None else rd[0] <= 50)
+    sw = per("swap", "overhead_p50_ms")
+    add("swap A->B", "overhead beyond own start, p50 ms", g("swap", "upstream_own_start_p50_ms"), sw, "<= 100",
+        None if sw[0] is None else sw[0] <= 100)
+    aware, fifo = g("mixed_load", "llamaswap:swap-aware"), g("mixed_load", "llamaswap:fifo")
+    if aware and fifo:
+        vals = [f"{aware['makespan_s']} s vs FIFO {fifo['makespan_s']} s; swaps {aware['swaps']} vs {fifo['swaps']}; "
+                f"p99/max wait {aware['p99_wait_s']}/{aware['max_wait_s']} s vs {fifo['p99_wait_s']}/{fifo['max_wait_s']} s"]
+        for t in proxies[1:]:
+            o = g("mixed_load", f"{t}:own") or {}
+            vals.append(f"{o.get('makespan_s')} s; swaps {o.get('swaps')}; max wait {o.get('max_wait_s')} s")
+        add("mixed 3 models x 6 clients", "makespan; swaps; p99/max wait", None, vals,
+            f"<= 0.5x FIFO; max wait <= {g('mixed_load', 'wait_bound_s')} s",
+            g("mixed_load", "makespan_ratio", default=9) <= 0.5 and g("mixed_load", "max_wait_within_bound"))
+    er = per("streams_1000", "errors")
+    rss = per("streams_1000", "rss_peak_mb")
+    add(f"{g('streams_1000', 'streams')} slow streams", "errors; peak RSS MB", f"{g('streams_1000', 'direct', 'errors')}; -",
+        [f"{fmt(e)}; {fmt(r)}" for e, r in zip(er, rss)], "0; <= 100",
+        None if er[0] is None else er[0] == 0 and rss[0] <= 100)
+    idle = per("idle_rss_10_models", "rss_mb")
+    add("idle, 10 models", "RSS MB", None, idle, "<= 50", None if idle[0] is None else idle[0] <= 50)
+    rl = per("real_llama", "overhead_p50_ms")
+    add("llama-server chat-a<->chat-b", "cold first byte minus own start, p50 ms",
+        g("real_llama", "llama_server_own_start_p50_ms"), rl, "<= 50", None if rl[0] is None else rl[0] <= 50)
+    cr, wr = per("router_mode", "cold_swap_ratio"), per("router_mode", "warm_latency_ratio")
+    add("vs llama-server router", "cold swap ratio; warm latency ratio",
+        f"router: {fmt(g('router_mode', 'router', 'cold_first_byte_p50_ms'))} ms; {fmt(g('router_mode', 'router', 'warm_p50_ms'))} ms",
+        [f"{fmt(x)}; {fmt(y)}" for x, y in zip(cr, wr)], "<= 1.0",
+        None if cr[0] is None else cr[0] <= 1.0 and wr[0] <= 1.0)
+    return out
+
+
+def render_table(results: dict, proxies: list[str]) -> str:
+    header_row = ("scenario", "figure", "direct", *proxies, "target", "met")
+    body = rows(results, proxies)
+    widths = [max(len(str(r[i])) for r in [header_row, *body]) for i in range(len(header_row))]
+    line = "+".join("-" * (w + 2) for w in widths)
+    fmt_row = lambda r: " | ".join(str(c).ljust(w) for c, w in zip(r, widths))  # noqa: E731
+    return "\n".join([fmt_row(header_row), line, *[fmt_row(r) for r in body]])
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    mode = ap.add_mutually_exclusive_group()
+    mode.add_argument("--quick", action="store_true", help="shorter runs (about a minute and a half)")
+    mode.add_argument("--smoke", action="store_true", help="tiny counts: checks that everything runs (seconds)")
+    ap.add_argument("--name", default=None, help="results/<name>.json (default: the mode)")
+    ap.add_argument("--compare-cmd", default=None,
+                    help="another llama-swap-compatible proxy: a command with {config} and {port}")
+    ap.add_argument("--compare-name", default="compare")
+    ap.add_argument("--only", default=None, help="comma-separated scenario names: " + ",".join(SCENARIOS))
+    ap.add_argument("--out-dir", default=str(HERE / "results"))
+    args = ap.parse_args(argv)
+    bench = Bench(args)
+    t0 = time.monotonic()
+    results = bench.run()
+    proxies = [t.name for t in bench.proxies]
+    doc = {"name": args.name or bench.mode, "mode": bench.mode, "proxies": proxies,
+           "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
+                       "platform": platform.platform(), "load_generator": "wrk" if loadgen.wrk_path() else "python"},
+           "command": " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv]),
+           "seconds": round(time.monotonic() - t0, 1), "targets": TARGETS, "scenarios": results,
+           "table": [list(r) for r in rows(results, proxies)]}
+    out_dir = Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"{doc['name']}.json"
+    path.write_text(json.dumps(doc, indent=1, default=str) + "\n")
+    print(render_table(results, proxies))
+    print(f"\nwritten {path} ({doc['seconds']} s)")
+    import shutil
+    shutil.rmtree(bench.workdir, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
