@@ -149,6 +149,7 @@ def test_streaming_arrives_incrementally(shared):
         assert resp.status == 200
         assert resp.getheader("Content-Type", "").startswith("text/event-stream")
         assert resp.getheader("X-Accel-Buffering") == "no"
+        assert resp.getheader("Cache-Control") == "no-cache"
         stamps: list[tuple[float, str]] = []
         while True:
             line = resp.readline()
@@ -568,6 +569,8 @@ def test_logs_stream_no_history_gets_live_output(shared):
         reader.join(5)
     assert headers.get("status") == "200", headers
     assert headers.get("content-type", "").startswith("text/plain")
+    assert headers.get("x-content-type-options") == "nosniff"
+    assert headers.get("cache-control") == "no-cache"
     assert b"main: fake llama-server" not in received, "history was sent despite no-history"
 
 
