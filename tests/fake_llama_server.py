@@ -36,6 +36,11 @@ Routes (Appendix A plus extras):
 * ``GET /slow-respond?echo=X&delay=0.1``: X, one character at a time.
 * ``GET /env``: the process environment, ``KEY=VALUE`` lines.
 * ``GET /info``: ``{"pid","pgid","sid","ppid","model","port","grandchild_pid"}``.
+* ``GET /spew?bytes=N``: writes about N bytes of log lines to stderr, then answers
+  ``{"written","seconds"}`` (a reader that stops reading the pipe makes it hang).
+* ``POST /v1/chat/completions?die``: a non-streamed request during which the process
+  exits before sending any response header.
+* A stream whose client goes away logs ``E fake: client went away after N chunks``.
 * ``/`` (any method): ``"<METHOD> /"``.
 * anything else: a JSON echo of method, path, query, headers and body.
 """
@@ -53,6 +58,7 @@ import time
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
+from twisted.python.failure import Failure
 from twisted.web import server
 from twisted.web.resource import Resource
 
@@ -236,6 +242,8 @@ class FakeLlamaResource(Resource):
             return "".join(f"{k}={v}\n" for k, v in os.environ.items()).encode("utf-8", "replace")
         if method == "GET" and path == "/info":
             return _json(request, self.info())
+        if method == "GET" and path == "/spew":
+            return self.spew(request)
         if path == "/":
             request.setHeader(b"content-type", b"text/plain; charset=utf-8")
             return f"{method} {path}".encode("utf-8")
@@ -265,6 +273,11 @@ class FakeLlamaResource(Resource):
         model = req.get("model") if isinstance(req.get("model"), str) else self.state.args.model
         if req.get("stream") is True:
             return self.stream(request, model)
+        if "die" in _qs(request):
+            # A crash during a non-streamed generation: no response headers at all.
+            request.notifyFinish().addErrback(lambda _: None)
+            self.state.clock.callLater(0.05, self.state.crash, "died while generating (die)")
+            return server.NOT_DONE_YET
         return _json(request, {
             "id": "chatcmpl-fake",
             "object": "chat.completion",
@@ -302,9 +315,17 @@ class FakeLlamaResource(Resource):
 
         pieces = self.state.stream_pieces(n)
         gone: list[bool] = []
-        request.notifyFinish().addBoth(lambda _: gone.append(True))
+        sent = [0]
+
+        def finished(result: Any) -> None:
+            gone.append(True)
+            if isinstance(result, Failure):      # the client (llamaswap) closed the connection
+                self.state.out.err(f"E fake: client went away after {sent[0]} chunks")
+
+        request.notifyFinish().addBoth(finished)
 
         def step(i: int) -> None:
+            sent[0] = i
             if gone:
                 return
             if die is not None and i >= die:
@@ -325,6 +346,17 @@ class FakeLlamaResource(Resource):
         return server.NOT_DONE_YET
 
     # -- other routes ---------------------------------------------------------------------------
+
+    def spew(self, request: server.Request) -> bytes:
+        """Write ``?bytes=N`` bytes of log lines to stderr (blocking writes), then answer."""
+        total = int(_qs(request).get("bytes", "65536"))
+        line = "I fake: spew " + "x" * 100
+        t0 = time.monotonic()
+        written = 0
+        while written < total:
+            self.state.out.err(line)
+            written += len(line) + 1
+        return _json(request, {"written": written, "seconds": time.monotonic() - t0})
 
     def echo(self, request: server.Request, path: str, body: bytes) -> bytes:
         req = _parse_json(body) or {}
