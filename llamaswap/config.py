@@ -1245,17 +1245,16 @@ def _collect_aliases(built: dict[str, ModelConfig], all_ids: Iterable[str],
 
 
 def _later_keys(data: dict) -> tuple[str, ...]:
+    # apiKeys, hooks, sendLoadingState and peers are implemented (issue 8): no longer listed.
     keys = []
-    if data.get("apiKeys"):
-        keys.append("apiKeys")
-    for key in ("hooks", "peers", "memory", "sendLoadingState"):
+    for key in ("memory",):
         if key in data:
             keys.append(key)
     models = data.get("models")
     if isinstance(models, dict):
         for model_id, raw in models.items():
             if isinstance(raw, dict):
-                for key in ("sendLoadingState", "memory"):
+                for key in ("memory",):
                     if key in raw:
                         keys.append(_key(_key("models", model_id), key))
     return tuple(keys)

@@ -24,6 +24,7 @@ from llamaswap import __version__, auth
 from llamaswap.errors import (
     InvalidAPIKey, LlamaSwapError, MethodNotAllowed, MissingModel, ModelNotFound, NotFound,
     error_body, to_openai_error)
+from llamaswap.loading import LoadingProgress
 from llamaswap.process import State
 from llamaswap.proxy import FileSliceProducer, Forwarder, file_size, upstream_headers
 from llamaswap.requestbody import (
@@ -62,12 +63,40 @@ class App:
         self.clock = clock
         self.log = log or Logger(namespace="llamaswap.http")
         self.started = int(started if started is not None else time.time())
+        #: called with one record per finished model-dispatched request (MET-2, EVT-2):
+        #: ``model`` ("" if unresolved), ``endpoint`` (route pattern), ``status`` (sent, 499 when
+        #: the client left), ``started``, ``duration``, ``ttfb``, ``queue_wait`` (None when
+        #: unknown), ``stream_error``, ``usage`` (see ``metrics.response_parser``).
         self.request_listeners: list[Callable[[dict], None]] = []
+        #: ``(status, upstream headers) -> parser | None``; a parser's ``feed(chunk)`` sees
+        #: every relayed body chunk and its ``result()`` becomes the record's ``usage`` (MET-3).
+        self.response_observer_factory: Optional[Callable[[int, Any], Any]] = None
         self.reload: Optional[Callable[[], dict]] = None  # set by the service (EP-13)
 
     @property
     def config(self) -> Any:
         return self.router.config
+
+    def begin_record(self, request: Request, endpoint: str) -> dict:
+        """Start the record of a model-dispatched request; it is handed to
+        ``request_listeners`` when the response ends (``LlamaSwapRequest``)."""
+        record = {"model": "", "endpoint": endpoint, "started": self.clock.seconds(), "status": None,
+                  "duration": None, "ttfb": None, "queue_wait": None, "stream_error": None,
+                  "usage": None}
+        request.llamaswap_record = record
+        return record
+
+    def finish_record(self, record: dict, status: int, sent: int) -> None:
+        """The response of ``record``'s request ended with ``status`` after ``sent`` bytes."""
+        record["status"] = status
+        record["duration"] = self.clock.seconds() - record["started"]
+        if record["ttfb"] is None and sent and status != 499:
+            record["ttfb"] = record["duration"]  # a llamaswap answer: written at once
+        for listener in self.request_listeners:
+            try:
+                listener(record)
+            except Exception:
+                self.log.failure("request listener failed")
 
 
 # -- rendering helpers -------------------------------------------------------------------------
@@ -231,6 +260,8 @@ class ModelDispatch(Resource):
         self.log = app.log
 
     def render(self, request: Request):
+        # MET-2: the route pattern (a leaf also gets /v1/chat/completions/x); never the raw path.
+        self.app.begin_record(request, "/" + b"/".join(request.prepath).decode("latin-1"))
         if request.method != b"POST":
             write_error(request, MethodNotAllowed(["OPTIONS", "POST"]))
             return NOT_DONE_YET
@@ -238,9 +269,11 @@ class ModelDispatch(Resource):
 
     @async_render
     async def _render_post(self, request: Request) -> None:
-        started = self.app.clock.seconds()
+        record = request.llamaswap_record
+        started = record["started"]
         target = self._prepare(request)
         resolved = self.app.router.resolve(target.requested)
+        record["model"] = resolved.model_id
         model = self.app.config.models[resolved.model_id]
         upstream_model = model.use_model_name or (resolved.name if resolved.profile else None)
         body = target.body_for(model, resolved.name, upstream_model)
@@ -248,8 +281,12 @@ class ModelDispatch(Resource):
         if target.from_query and upstream_model is not None:
             uri = _rewrite_query(uri, upstream_model)
         path, _, query = uri.partition(b"?")
+        # RT-12: loading state only for streamed chat completions of models that ask for it.
+        loading = getattr(model, "send_loading_state", False) and target.streaming \
+            and request.path == b"/v1/chat/completions"
         await serve(self.app, request, resolved.model_id, resolved.profile, path, query, body,
-                     started, endpoint=request.path.decode("latin-1"))
+                    started, endpoint=record["endpoint"],
+                    loading_name=target.requested if loading else None)
 
     def _prepare(self, request: Request) -> "_DispatchBody":
         boundary = multipart_boundary(request.getHeader(b"content-type") or b"")
@@ -270,6 +307,7 @@ class ModelDispatch(Resource):
 class _DispatchBody:
     requested: str
     from_query: bool
+    streaming = False  # RT-1: the JSON "stream" key is true (RT-12)
 
     def body_for(self, model: Any, name: str, upstream_model: Optional[str]) -> Callable[[], Any]:
         raise NotImplementedError
@@ -278,6 +316,7 @@ class _DispatchBody:
 class _JSONDispatchBody(_DispatchBody):
     def __init__(self, requested: str, from_query: bool, parsed: Any) -> None:
         self.requested, self.from_query, self.parsed = requested, from_query, parsed
+        self.streaming = parsed is not None and parsed.stream
 
     def body_for(self, model, name, upstream_model):
         if self.parsed is None:
@@ -322,12 +361,37 @@ class _MultipartBody(_DispatchBody):
 
 
 async def serve(app: App, request: Request, model_id: str, profile: Optional[str], path: bytes,
-                query: bytes, body: Callable[[], Any], started: float, endpoint: str) -> None:
-    """Admit, wait for the model, forward, relay, release (the common path of EP-1 and EP-4)."""
+                query: bytes, body: Callable[[], Any], started: float, endpoint: str,
+                loading_name: Optional[str] = None) -> None:
+    """Admit, wait for the model, forward, relay, release (the common path of EP-1 and EP-4).
+
+    The request's record (``App.begin_record``) gets the model, queue wait, TTFB, stream
+    error and parsed tokens here; it is handed to ``app.request_listeners`` when the
+    response ends, whatever ended it (``LlamaSwapRequest._access_log``).
+
+    ``loading_name`` (the requested name) asks for RT-12 loading-state output, given only
+    when the route, ``"stream": true`` and the model's ``sendLoadingState`` allow it; it
+    is used when the model is not ready at admission and the admission was not refused.
+    """
     router = app.router
-    lease = await router.acquire(model_id, profile)
-    record = {"model": model_id, "endpoint": endpoint, "started": started, "status": None,
-              "ttfb": None, "stream_error": None}
+    record = getattr(request, "llamaswap_record", None)
+    if record is None:
+        record = app.begin_record(request, endpoint)
+        record["started"] = started
+    record["model"] = model_id
+    admitted = app.clock.seconds()
+    show_loading = loading_name is not None and router.process(model_id).state is not State.READY
+    waiting = router.acquire(model_id, profile)
+    progress = None
+    if show_loading and not waiting.called:  # a 429 (SCHED-1) fires at once: no loading output
+        progress = LoadingProgress(app, request, model_id, loading_name, waiting)
+        lease = await progress.wait()
+        if lease is None:
+            return
+    else:
+        lease = await waiting
+    record["queue_wait"] = max(0.0, getattr(lease, "granted", admitted) - admitted)
+    parser = None
     try:
         proc = lease.proc
         url = _join_url(proc.model.proxy, path, query)
@@ -335,19 +399,28 @@ async def serve(app: App, request: Request, model_id: str, profile: Optional[str
         scheme = b"https" if request.isSecure() else b"http"
         headers = upstream_headers(request, strip_auth, scheme)
 
-        def on_data(_chunk: bytes) -> None:
+        def on_headers(response: Any) -> None:
+            nonlocal parser
+            factory = app.response_observer_factory
+            if factory is not None:
+                parser = factory(response.code, response.headers)
+
+        def on_data(chunk: bytes) -> None:
             if record["ttfb"] is None:
                 record["ttfb"] = app.clock.seconds() - started
+            if parser is not None:
+                parser.feed(chunk)
 
-        result = await app.forwarder.forward(
+        forward = progress.relay if progress is not None else app.forwarder.forward
+        result = await forward(
             http=proc.http, request=request, url=url, headers=headers, body=body,
-            model_id=model_id, still_ready=lambda: proc.state is State.READY, on_data=on_data)
-        record.update(status=result["status"], stream_error=result["stream_error"])
+            model_id=model_id, still_ready=lambda: proc.state is State.READY,
+            on_headers=on_headers, on_data=on_data)
+        record["stream_error"] = result["stream_error"]
     finally:
         lease.release()
-        record["duration"] = app.clock.seconds() - started
-        for listener in app.request_listeners:
-            listener(record)
+        if parser is not None:
+            record["usage"] = parser.result()
 
 
 class UpstreamResource(Resource):
@@ -395,11 +468,12 @@ class UpstreamResource(Resource):
 
     @async_render
     async def _passthrough(self, request: Request) -> None:
-        started = self.app.clock.seconds()
+        started = self.app.begin_record(request, "/upstream")["started"]
         rest = request.path[len(b"/upstream"):].lstrip(b"/")
         resolved, remainder, exact = self._find(rest)
         _, _, query = request.uri.partition(b"?")
         if exact:
+            request.llamaswap_record = None  # a redirect, not a forwarded request
             location = request.path + b"/" + (b"?" + query if query else b"")
             status = 301 if request.method in (b"GET", b"HEAD") else 308
             request.setResponseCode(status)
@@ -789,11 +863,15 @@ class LlamaSwapRequest(Request):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        # twisted.web's __init__ sets this on the instance from the Site, hiding the class
+        # attribute: without this, every POST paid for an email-package Content-Type parse.
+        self._parsePOSTFormSubmission = False
         self._received = 0
         self._refused = False
         self._logged = False
         self._site = None
         self._t0 = time.monotonic()
+        self.llamaswap_record: Optional[dict] = None  # set on model-dispatched routes (MET-2)
 
     def gotLength(self, length: Optional[int]) -> None:
         self._received = 0
@@ -849,6 +927,9 @@ class LlamaSwapRequest(Request):
         site = self._site
         if site is not None and hasattr(site, "access_log"):
             site.access_log(self, status, time.monotonic() - self._t0)
+        record, self.llamaswap_record = self.llamaswap_record, None
+        if record is not None and site is not None and getattr(site, "app", None) is not None:
+            site.app.finish_record(record, status, self.sentLength)
 
 
 class AccessLogSite(Site):

@@ -135,6 +135,20 @@ class ModelRouter(Service):
     def is_draining(self, model_id: str) -> bool:
         return model_id in self._draining
 
+    def position(self, d: Deferred) -> Optional[int]:
+        """RT-12: 1-based place of the waiting request ``d`` (from ``acquire``) among every
+        waiting request, all models, in admission order; None once it is no longer waiting.
+        Loads (EP-7, preload) are not requests and do not count."""
+        mine = None
+        for slot in self._slots.values():
+            for ticket in slot.waiting:
+                if ticket.d is d:
+                    mine = ticket
+        if mine is None:
+            return None
+        return 1 + sum(1 for slot in self._slots.values() for t in slot.waiting
+                       if t.counted and t.seq < mine.seq)
+
     # -- resolution (RT-2, RT-4) --------------------------------------------------------------
 
     def resolve(self, name: str) -> Resolved:

@@ -3,16 +3,18 @@ and owns the daemon's lifecycle (SPEC §2: CLI-7 startup order, CLI-8/9 signals 
 """
 from __future__ import annotations
 
+import ipaddress
 import os
 import signal
 from typing import Any, Optional
 
 from twisted.application.service import MultiService, Service
 from twisted.internet import endpoints
-from twisted.internet.defer import Deferred, ensureDeferred, maybeDeferred
+from twisted.internet.defer import Deferred, DeferredList, ensureDeferred, maybeDeferred
 from twisted.logger import Logger, globalLogPublisher
 
 from llamaswap import __version__
+from llamaswap.errors import ShuttingDown
 from llamaswap.logs import LogBroadcaster, ProxyLogObserver, make_logger
 from llamaswap.process import UpstreamProcess
 from llamaswap.proxy import Forwarder
@@ -31,6 +33,13 @@ def _stat_key(path: str) -> Optional[tuple]:
     except OSError:
         return None
     return (st.st_mtime_ns, st.st_size, st.st_ino, st.st_dev)
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host.split("%", 1)[0]).is_loopback
+    except ValueError:
+        return host == "localhost"
 
 
 def describe_port(port: Any) -> str:
@@ -164,10 +173,44 @@ class LlamaSwapService(MultiService):
             Logger(namespace="llamaswap").info(
                 "llamaswap {version} listening on {endpoint}", version=__version__, endpoint=where)
         host = port.getHost()
-        if getattr(host, "type", "") in ("TCP", "TCP6") and host.host not in ("127.0.0.1", "::1") \
+        if getattr(host, "type", "") in ("TCP", "TCP6") and not _is_loopback(host.host) \
                 and not self.config.api_keys:
             self.log.warn("listening on {host} without apiKeys: the API is unauthenticated",
                           host=host.host)
+        # CLI-7: preload runs after the listener is up (and once the reactor runs).
+        self.reactor.callWhenRunning(self._startup_preload)
+
+    def _startup_preload(self) -> None:
+        if self.router.config.preload and not self._stopping:
+            self.preload(list(self.router.config.preload))
+
+    def preload(self, names: list) -> Deferred:
+        """CFG-30: admit every listed model (ids or aliases) to the scheduler at once, in list
+        order, like EP-7; unknown names log a WARN and are skipped; a failure logs an ERROR
+        and the others go on. Fires (never fails) once every load has ended."""
+        config = self.router.config
+        ids: list = []
+        for name in names:
+            model_id = config.resolve(name)
+            if model_id is None:
+                self.log.warn("preload: unknown model '{name}' (skipped)", name=name)
+            elif model_id not in ids:
+                ids.append(model_id)
+        loads = []
+        for model_id in ids:
+            self.log.info("preloading {model}", model=model_id)
+            d = self.router.load(model_id)
+            d.addErrback(self._preload_failed, model_id)
+            loads.append(d)
+        return DeferredList(loads, consumeErrors=True).addCallback(lambda _: None)
+
+    def _preload_failed(self, failure: Any, model_id: str) -> None:
+        error = failure.value
+        reason = getattr(error, "message", None) or str(error) or type(error).__name__
+        if isinstance(error, ShuttingDown):
+            self.log.info("preload of '{model}' abandoned: {reason}", model=model_id, reason=reason)
+        else:
+            self.log.error("preload of '{model}' failed: {reason}", model=model_id, reason=reason)
 
     def startService(self) -> None:
         super().startService()
