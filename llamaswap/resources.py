@@ -20,7 +20,7 @@ from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
-from llamaswap import __version__, auth
+from llamaswap import __version__, auth, peers
 from llamaswap.errors import (
     InvalidAPIKey, LlamaSwapError, MethodNotAllowed, MissingModel, ModelNotFound, NotFound,
     error_body, to_openai_error)
@@ -272,7 +272,14 @@ class ModelDispatch(Resource):
         record = request.llamaswap_record
         started = record["started"]
         target = self._prepare(request)
-        resolved = self.app.router.resolve(target.requested)
+        try:
+            resolved = self.app.router.resolve(target.requested)
+        except ModelNotFound:
+            peer = peers.find_peer(self.app.config, target.requested)  # RT-2 step 4
+            if peer is None:
+                raise
+            await self._to_peer(request, target, peer)
+            return
         record["model"] = resolved.model_id
         model = self.app.config.models[resolved.model_id]
         upstream_model = model.use_model_name or (resolved.name if resolved.profile else None)
@@ -287,6 +294,14 @@ class ModelDispatch(Resource):
         await serve(self.app, request, resolved.model_id, resolved.profile, path, query, body,
                     started, endpoint=record["endpoint"],
                     loading_name=target.requested if loading else None)
+
+    async def _to_peer(self, request: Request, target: "_DispatchBody", peer: Any) -> None:
+        """RT-13: the peer's own model name, the peer's filters, no scheduling."""
+        request.llamaswap_record["model"] = peer.label
+        body = target.body_for(peers.filters_of(peer.peer), peer.model, peer.model)
+        uri = _rewrite_query(request.uri, peer.model) if target.from_query else request.uri
+        path, _, query = uri.partition(b"?")
+        await peers.forward(self.app, request, peer, _join_url(peer.peer.proxy, path, query), body)
 
     def _prepare(self, request: Request) -> "_DispatchBody":
         boundary = multipart_boundary(request.getHeader(b"content-type") or b"")
@@ -524,6 +539,7 @@ class ModelList(JSONResource):
                     alias_entry = dict(entry, id=alias)
                     alias_entry["meta"] = {"llamaswap": {"type": "alias", "modelID": mid}}
                     data.append(alias_entry)
+        data += peers.listing(config, self.app.started)  # RT-13: <peerId>/<model>
         origin = request.getHeader(b"origin")
         if origin:
             request.setHeader(b"access-control-allow-origin", origin)

@@ -1,0 +1,137 @@
+"""Peers (SPEC RT-13, CFG-55): models served by other llama-swap/llamaswap instances.
+
+A peer model is addressed as ``<peerId>/<model>``, or by its bare name when that is not a
+local id or alias and exactly one peer lists it. The request goes to ``<peer.proxy><path>``
+with ``model`` rewritten to the peer's own name and the peer's filters applied
+(``stripParams``, ``setParams``); the peer's ``apiKey``, when set, replaces the client's
+``Authorization``/``x-api-key`` (which SEC-6 already stripped when ``apiKeys`` is set).
+There is no process, TTL, health check, swap or concurrency limit; a transport failure
+before response headers is 502 ``peer_unreachable``. The response is relayed by the same
+``Forwarder`` as local models (streaming, back-pressure, PROXY-9), through a treq client
+and connection pool of its own (``App.peer_http``, created on first use).
+"""
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import attr
+
+from llamaswap.errors import ModelNotFound, PeerUnreachable, UpstreamUnreachable
+from llamaswap.proxy import make_http_client, upstream_headers
+
+
+@attr.s(frozen=True)
+class PeerTarget:
+    """A requested name resolved to a peer: the peer, and the model's name on the peer."""
+
+    peer: Any = attr.ib()
+    model: str = attr.ib()
+
+    @property
+    def label(self) -> str:
+        """``<peerId>/<model>``: the name in /v1/models, logs, metrics and error messages."""
+        return f"{self.peer.id}/{self.model}"
+
+
+@attr.s(frozen=True)
+class _PeerFilters:
+    """What ``apply_filters`` reads of a model, for a peer (RT-9 (2) and (3))."""
+
+    strip_params: tuple = attr.ib()
+    set_params: Any = attr.ib()
+    set_params_by_id: Any = attr.ib(factory=dict)
+    use_model_name: str = attr.ib(default="")
+
+
+def filters_of(peer: Any) -> _PeerFilters:
+    return _PeerFilters(tuple(peer.strip_params), dict(peer.set_params))
+
+
+def find_peer(config: Any, name: str) -> Optional[PeerTarget]:
+    """RT-2 step 4 / RT-13: the peer model ``name`` designates, or None.
+
+    Call it only once steps 1-3 found nothing. A bare name listed by several peers is
+    ambiguous: ``ModelNotFound`` says which peers list it.
+    """
+    peers = getattr(config, "peers", None) or {}
+    if not peers:
+        return None
+    if ":" in name and name.split(":", 1)[0] in (getattr(config, "profiles", None) or {}):
+        return None  # RT-2 step 3 owns P:M names
+    for peer_id, peer in peers.items():
+        prefix = f"{peer_id}/"
+        if name.startswith(prefix) and name[len(prefix):] in peer.models:
+            return PeerTarget(peer, name[len(prefix):])
+    owners = sorted(peer_id for peer_id, peer in peers.items() if name in peer.models)
+    if len(owners) == 1:
+        return PeerTarget(peers[owners[0]], name)
+    if owners:
+        raise ModelNotFound(f"model '{name}' is served by several peers ({', '.join(owners)}); "
+                            f"use '<peer>/{name}'")
+    return None
+
+
+def peer_client(app: Any) -> Any:
+    """The treq client used for every peer (its own pool, kept on ``app``)."""
+    client = getattr(app, "peer_http", None)
+    if client is None:
+        client, app.peer_pool = make_http_client(app.clock)
+        app.peer_http = client
+    return client
+
+
+def peer_headers(request: Any, peer: Any, strip_auth: bool, scheme: bytes) -> Any:
+    """PROXY-2 headers for a peer; its ``apiKey`` replaces the client's credentials."""
+    headers = upstream_headers(request, strip_auth, scheme)
+    if peer.api_key:
+        key = peer.api_key.encode("utf-8")
+        headers.removeHeader(b"authorization")
+        headers.removeHeader(b"x-api-key")
+        headers.setRawHeaders(b"authorization", [b"Bearer " + key])
+        headers.setRawHeaders(b"x-api-key", [key])
+    return headers
+
+
+def listing(config: Any, created: int) -> list[dict]:
+    """EP-2/RT-13: one ``/v1/models`` entry per peer model, ``<peerId>/<model>``, sorted."""
+    entries = []
+    for peer_id, peer in (getattr(config, "peers", None) or {}).items():
+        for model in peer.models:
+            entries.append({"id": f"{peer_id}/{model}", "object": "model", "created": created,
+                            "owned_by": "llama-swap", "meta": {"llamaswap": {"peerID": peer_id}}})
+    return sorted(entries, key=lambda e: e["id"])
+
+
+async def forward(app: Any, request: Any, target: PeerTarget, url: bytes, body: Any) -> dict:
+    """Forward to the peer and relay its answer; ``PeerUnreachable`` before any header."""
+    record = getattr(request, "llamaswap_record", None) or {}
+    started = record.get("started", app.clock.seconds())
+    scheme = b"https" if request.isSecure() else b"http"
+    headers = peer_headers(request, target.peer, bool(app.config.api_keys), scheme)
+    parser = None
+
+    def on_headers(response: Any) -> None:
+        nonlocal parser
+        factory = getattr(app, "response_observer_factory", None)
+        if factory is not None:
+            parser = factory(response.code, response.headers)
+
+    def on_data(chunk: bytes) -> None:
+        if record.get("ttfb") is None:
+            record["ttfb"] = app.clock.seconds() - started
+        if parser is not None:
+            parser.feed(chunk)
+
+    try:
+        result = await app.forwarder.forward(
+            http=peer_client(app), request=request, url=url, headers=headers, body=body,
+            model_id=target.label, still_ready=lambda: True, on_headers=on_headers, on_data=on_data)
+    except UpstreamUnreachable as e:
+        reason = e.message.split(" unreachable: ", 1)[-1]
+        raise PeerUnreachable(f"peer '{target.peer.id}' unreachable for model '{target.label}': "
+                              f"{reason}") from None
+    finally:
+        if parser is not None:
+            record["usage"] = parser.result()
+    record["stream_error"] = result["stream_error"]
+    return result
