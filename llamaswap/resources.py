@@ -87,11 +87,21 @@ class App:
         return record
 
     def finish_record(self, record: dict, status: int, sent: int) -> None:
-        """The response of ``record``'s request ended with ``status`` after ``sent`` bytes."""
+        """The response of ``record``'s request ended with ``status`` after ``sent`` bytes.
+
+        While ``serve`` still runs (``record["busy"]``: the forwarder finishes the response
+        before it returns the stream outcome) the listeners are called when it is done.
+        """
         record["status"] = status
         record["duration"] = self.clock.seconds() - record["started"]
         if record["ttfb"] is None and sent and status != 499:
             record["ttfb"] = record["duration"]  # a llamaswap answer: written at once
+        if record.get("busy"):
+            record["ended"] = True
+            return
+        self.emit_record(record)
+
+    def emit_record(self, record: dict) -> None:
         for listener in self.request_listeners:
             try:
                 listener(record)
@@ -407,6 +417,7 @@ async def serve(app: App, request: Request, model_id: str, profile: Optional[str
         lease = await waiting
     record["queue_wait"] = max(0.0, getattr(lease, "granted", admitted) - admitted)
     parser = None
+    record["busy"] = True
     try:
         proc = lease.proc
         url = _join_url(proc.model.proxy, path, query)
@@ -436,6 +447,9 @@ async def serve(app: App, request: Request, model_id: str, profile: Optional[str
         lease.release()
         if parser is not None:
             record["usage"] = parser.result()
+        record["busy"] = False
+        if record.pop("ended", False):
+            app.emit_record(record)
 
 
 class UpstreamResource(Resource):

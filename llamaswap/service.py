@@ -15,12 +15,15 @@ from twisted.logger import Logger, globalLogPublisher
 
 from llamaswap import __version__
 from llamaswap.errors import ShuttingDown
+from llamaswap.events import EventHub, EventsPage
 from llamaswap.logs import LogBroadcaster, ProxyLogObserver, make_logger
+from llamaswap.metrics import Metrics, MetricsPage, response_parser
 from llamaswap.process import UpstreamProcess
 from llamaswap.proxy import Forwarder
 from llamaswap.resources import AccessLogSite, App, build_root
 from llamaswap.router import ModelRouter
 from llamaswap.statefile import ChildRegistry, cleanup_leftovers
+from llamaswap.webui import UiFiles
 
 #: CLI-4: how often --watch-config looks at the file.
 WATCH_INTERVAL = 2.0
@@ -129,7 +132,10 @@ class LlamaSwapService(MultiService):
         self.app = App(self.router, self.logs, Forwarder(reactor), reactor,
                        make_logger(self.proxy_log, "llamaswap.http"))
         self.app.reload = self.reload
-        self.site = AccessLogSite(build_root(self.app), self.app, reactor,
+        self._observe(config)
+        extra = {"/metrics": MetricsPage(self.metrics.registry), "/api/events": EventsPage(self.events),
+                 "/ui": UiFiles()}
+        self.site = AccessLogSite(build_root(self.app, extra), self.app, reactor,
                                   make_logger(self.proxy_log, "llamaswap.access"))
         self.logs.setServiceParent(self)
         self.router.setServiceParent(self)
@@ -137,6 +143,17 @@ class LlamaSwapService(MultiService):
         self.listener.setServiceParent(self)
         self._stopping = False
         self.startup_warnings: list[str] = []
+
+    def _observe(self, config: Any) -> None:
+        """Metrics (MET-*) and the event hub (EVT-*) follow the router, requests and logs."""
+        self.metrics = Metrics(config.models, clock=self.reactor)
+        self.metrics.watch_router(self.router)
+        self.logs.on_dropped = self.metrics.log_bytes_dropped
+        self.on_reload = self.metrics.reload
+        self.events = EventHub(self.router, self.logs, self.reactor,
+                               log=make_logger(self.proxy_log, "llamaswap.events"))
+        self.app.response_observer_factory = response_parser
+        self.app.request_listeners += [self.metrics.request_finished, self.events.request_finished]
 
     def _make_process(self, model: Any) -> UpstreamProcess:
         return UpstreamProcess(
@@ -333,6 +350,7 @@ class LlamaSwapService(MultiService):
             self._watch.stop()
         await maybeDeferred(self.listener.stopService)
         await maybeDeferred(self.router.stopService)  # fires once every child is gone
+        self.events.stopService()  # open /api/events streams end cleanly
         self.registry.remove()
         self.log.info("llamaswap stopped")
         await maybeDeferred(self.logs.stopService)

@@ -1,0 +1,492 @@
+"""Prometheus metrics (SPEC §11: MET-1..MET-3) and the token parsers behind them.
+
+:class:`Metrics` owns our own ``CollectorRegistry`` (never the global ``REGISTRY``, so
+tests stay independent) and every metric of MET-2, with the SPEC's names, labels and
+buckets. It learns what happens from three feeds, wired by the service:
+
+* router events (``router.listeners``): ``state``, ``queue``, ``stop``, ``start``,
+  ``reload``, ``removed``, ``replaced`` -> model state, queue depth, in-flight, swaps,
+  stops by reason, load durations and failed starts;
+* finished requests (``App.request_listeners``): one record per model-dispatched request
+  -> requests, durations, TTFB, queue wait, tokens, tokens/s, stream errors;
+* ``LogBroadcaster.on_dropped`` -> ``llamaswap_log_bytes_dropped_total``.
+
+Token parsing (MET-3) never buffers a whole stream: :func:`response_parser` picks an
+incremental :class:`SSEUsageParser` for ``text/event-stream`` (it looks only at ``data:``
+lines that mention ``usage`` or ``timings``) or a bounded :class:`JSONUsageParser` for
+``application/json`` (parsed once, at the end, up to 4 MiB); anything else gets no parser,
+so relaying it costs nothing per chunk.
+
+This module imports nothing else from llamaswap (STYLE §1.3).
+"""
+from __future__ import annotations
+
+import json
+from typing import Any, Callable, Iterable, Optional
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import disable_created_metrics
+
+try:  # MET-1 asks for format 0.0.4; prometheus_client >= 0.22 calls 1.0.0 "latest"
+    from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4 as CONTENT_TYPE
+except ImportError:  # older clients: "latest" is 0.0.4
+    from prometheus_client import CONTENT_TYPE_LATEST as CONTENT_TYPE
+from twisted.web.resource import Resource
+
+__all__ = [
+    "CONTENT_TYPE", "DURATION_BUCKETS", "JSONUsageParser", "LOAD_BUCKETS", "MAX_JSON_BYTES", "MAX_SSE_LINE",
+    "Metrics", "MetricsPage", "SSEUsageParser", "STATES", "STOP_REASONS", "TPS_BUCKETS",
+    "response_parser", "usage_from",
+]
+
+#: MET-2 buckets.
+DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+LOAD_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300)
+TPS_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000)
+#: llama-swap's state strings (process.State values).
+STATES = ("stopped", "starting", "ready", "stopping", "shutdown")
+STOP_REASONS = ("swap", "ttl", "unload", "reload", "failed_start", "shutdown", "exited")
+TOKEN_TYPES = ("input", "output", "cached")
+LOG_SOURCES = ("proxy", "upstream", "combined")
+#: MET-3 limits.
+MAX_SSE_LINE = 1024 * 1024
+MAX_JSON_BYTES = 4 * 1024 * 1024
+
+
+class Metrics:
+    """Every MET-2 metric on one registry, and the feeds that update them.
+
+    :param registry: the ``CollectorRegistry`` to register on (a fresh one by default).
+    :param models: model ids that get their zero series at once (MET-1).
+    :param clock: ``IReactorTime`` for load durations (spawn -> ready/failure).
+    """
+
+    def __init__(self, models: Iterable[str] = (), clock: Any = None,
+                 registry: Optional[CollectorRegistry] = None) -> None:
+        # A ``*_created`` gauge per counter/histogram series would double the exposition
+        # for nothing MET-2 asks for; prometheus_client only has a process-wide switch.
+        disable_created_metrics()
+        self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
+        self.clock = clock
+        r = self.registry
+        self.requests = Counter("llamaswap_requests_total", "Finished model-dispatched requests.",
+                                ["model", "endpoint", "status"], registry=r)
+        self.request_duration = Histogram(
+            "llamaswap_request_duration_seconds", "From receipt to the last byte sent.",
+            ["model", "endpoint"], buckets=DURATION_BUCKETS, registry=r)
+        self.ttfb = Histogram(
+            "llamaswap_time_to_first_byte_seconds",
+            "From receipt to the first body byte sent (queueing and loading included).",
+            ["model", "endpoint"], buckets=DURATION_BUCKETS, registry=r)
+        self.queue_wait = Histogram("llamaswap_queue_wait_seconds", "From admission to grant.",
+                                    ["model"], buckets=DURATION_BUCKETS, registry=r)
+        self.load_duration = Histogram(
+            "llamaswap_model_load_duration_seconds", "From spawn to ready, or to failure.",
+            ["model", "outcome"], buckets=LOAD_BUCKETS, registry=r)
+        self.swaps = Counter("llamaswap_swaps_total", "Starts that evicted at least one other model.",
+                             ["model"], registry=r)
+        self.stops = Counter("llamaswap_model_stops_total", "Model stops, by cause.",
+                             ["model", "reason"], registry=r)
+        self.queue_depth = Gauge("llamaswap_queue_depth", "Waiting requests.", ["model"], registry=r)
+        self.inflight = Gauge("llamaswap_inflight_requests", "In-flight requests.", ["model"], registry=r)
+        self.model_state = Gauge("llamaswap_model_state",
+                                 "1 for the model's current state, 0 for the others.",
+                                 ["model", "state"], registry=r)
+        self.tokens = Counter("llamaswap_tokens_total", "Tokens parsed from responses.",
+                              ["model", "type"], registry=r)
+        self.prompt_tps = Histogram("llamaswap_prompt_tokens_per_second",
+                                    "llama.cpp timings.prompt_per_second.", ["model"],
+                                    buckets=TPS_BUCKETS, registry=r)
+        self.generation_tps = Histogram("llamaswap_generation_tokens_per_second",
+                                        "llama.cpp timings.predicted_per_second.", ["model"],
+                                        buckets=TPS_BUCKETS, registry=r)
+        self.stream_errors = Counter("llamaswap_upstream_stream_errors_total",
+                                     "Streams cut by the upstream after the headers (PROXY-9).",
+                                     ["model"], registry=r)
+        self.config_reloads = Counter("llamaswap_config_reloads_total", "Config reloads.",
+                                      ["result"], registry=r)
+        self.log_dropped = Counter("llamaswap_log_bytes_dropped_total",
+                                   "Log bytes discarded for slow stream readers (LOG-7).",
+                                   ["source"], registry=r)
+        for result in ("success", "failure"):
+            self.config_reloads.labels(result=result)
+        for source in LOG_SOURCES:
+            self.log_dropped.labels(source=source)
+        self._models: set[str] = set()
+        self._counts: Optional[Callable[[str], tuple[int, int]]] = None
+        self._loading: dict[str, float] = {}   # model -> spawn time, until ready or stopped
+        self._failed_at: dict[str, float] = {}  # model -> when a start turned into a stop
+        self._stop_asked: set[str] = set()      # a stop was asked while it was loading
+        for model_id in models:
+            self.add_model(model_id)
+
+    # -- the model set (MET-1) ------------------------------------------------------------------
+
+    def add_model(self, model_id: str) -> None:
+        """Create ``model_id``'s series with zero values (state ``stopped``)."""
+        if model_id in self._models:
+            return
+        self._models.add(model_id)
+        self.queue_depth.labels(model=model_id).set(0)
+        self.inflight.labels(model=model_id).set(0)
+        self.set_state(model_id, "stopped")
+        self.swaps.labels(model=model_id)
+        self.stream_errors.labels(model=model_id)
+        self.queue_wait.labels(model=model_id)
+        self.prompt_tps.labels(model=model_id)
+        self.generation_tps.labels(model=model_id)
+        for kind in TOKEN_TYPES:
+            self.tokens.labels(model=model_id, type=kind)
+        for reason in STOP_REASONS:
+            self.stops.labels(model=model_id, reason=reason)
+        for outcome in ("success", "failure"):
+            self.load_duration.labels(model=model_id, outcome=outcome)
+
+    def remove_model(self, model_id: str) -> None:
+        """Forget every series of a model removed by a reload (bounded label sets)."""
+        self._models.discard(model_id)
+        for metric in (self.queue_depth, self.inflight, self.swaps, self.stream_errors,
+                       self.queue_wait, self.prompt_tps, self.generation_tps):
+            _remove(metric, model_id)
+        for state in STATES:
+            _remove(self.model_state, model_id, state)
+        for kind in TOKEN_TYPES:
+            _remove(self.tokens, model_id, kind)
+        for reason in STOP_REASONS:
+            _remove(self.stops, model_id, reason)
+        for outcome in ("success", "failure"):
+            _remove(self.load_duration, model_id, outcome)
+        for metric in (self.requests, self.request_duration, self.ttfb):
+            for labels in [s for s in _label_sets(metric) if s[0] == model_id]:
+                _remove(metric, *labels)
+        _remove(self.log_dropped, model_id)
+
+    def set_state(self, model_id: str, state: str) -> None:
+        for s in STATES:
+            self.model_state.labels(model=model_id, state=s).set(1 if s == state else 0)
+
+    # -- feeds ------------------------------------------------------------------------------------
+
+    def watch_router(self, router: Any) -> None:
+        """Follow ``router``'s events; its ``counts(id)`` gives queue depth and in-flight."""
+        self._counts = router.counts
+        self._process = router.process
+        router.listeners.append(self.router_event)
+
+    def router_event(self, event: str, payload: Any) -> None:
+        """One ``router.listeners`` callback (see router.py for the events)."""
+        if event == "state":
+            proc, old, new = payload
+            self._state(proc.id, old.value, new.value)
+        elif event == "queue":
+            self._queue(payload)
+        elif event == "stop":
+            model_id, reason = payload
+            if model_id in self._loading:
+                self._stop_asked.add(model_id)
+            if reason in STOP_REASONS:
+                self.stops.labels(model=model_id, reason=reason).inc()
+        elif event == "start":
+            model_id, evicted = payload
+            if evicted:
+                self.swaps.labels(model=model_id).inc()
+        elif event == "reload":
+            for model_id in payload.get("added", ()):
+                self.add_model(model_id)
+        elif event == "removed":
+            self.remove_model(payload)
+            self._forget_load(payload)
+        elif event == "replaced":
+            self._forget_load(payload)
+            proc = getattr(self, "_process", None)
+            if proc is not None:
+                self.set_state(payload, proc(payload).state.value)
+
+    def _state(self, model_id: str, old: str, new: str) -> None:
+        if model_id not in self._models:
+            return
+        self.set_state(model_id, new)
+        now = self.clock.seconds() if self.clock is not None else 0.0
+        if new == "starting":
+            self._forget_load(model_id)
+            self._loading[model_id] = now
+        elif new == "ready" and model_id in self._loading:
+            spawned = self._loading.pop(model_id)
+            self.load_duration.labels(model=model_id, outcome="success").observe(now - spawned)
+        elif new == "stopping" and old == "starting":
+            self._failed_at[model_id] = now   # a failure unless a stop was asked for
+        elif new == "stopped" and model_id in self._loading:
+            # PROC-6/7: a start that ended without ``ready`` and without anyone asking for a
+            # stop (the router's ``stop`` event of a swap may come just after the stopping
+            # transition, so the verdict waits until the child is gone).
+            spawned = self._loading.pop(model_id)
+            failed_at = self._failed_at.pop(model_id, now)
+            if model_id not in self._stop_asked:
+                self.load_duration.labels(model=model_id, outcome="failure").observe(failed_at - spawned)
+                self.stops.labels(model=model_id, reason="failed_start").inc()
+            self._stop_asked.discard(model_id)
+
+    def _forget_load(self, model_id: str) -> None:
+        self._loading.pop(model_id, None)
+        self._failed_at.pop(model_id, None)
+        self._stop_asked.discard(model_id)
+
+    def _queue(self, model_id: str) -> None:
+        if self._counts is None or model_id not in self._models:
+            return
+        try:
+            inflight, waiting = self._counts(model_id)
+        except KeyError:
+            return
+        self.inflight.labels(model=model_id).set(inflight)
+        self.queue_depth.labels(model=model_id).set(waiting)
+
+    def request_finished(self, record: dict) -> None:
+        """One ``App.request_listeners`` record of a finished model-dispatched request."""
+        model = record.get("model") or ""
+        if model and model not in self._models:
+            model = ""  # removed by a reload meanwhile: keep label sets bounded
+        endpoint = record.get("endpoint") or ""
+        self.requests.labels(model=model, endpoint=endpoint, status=str(record.get("status"))).inc()
+        duration = record.get("duration")
+        if duration is not None:
+            self.request_duration.labels(model=model, endpoint=endpoint).observe(max(duration, 0.0))
+        ttfb = record.get("ttfb")
+        if ttfb is not None:
+            self.ttfb.labels(model=model, endpoint=endpoint).observe(max(ttfb, 0.0))
+        if not model:
+            return
+        wait = record.get("queue_wait")
+        if wait is not None:
+            self.queue_wait.labels(model=model).observe(max(wait, 0.0))
+        if record.get("stream_error"):
+            self.stream_errors.labels(model=model).inc()
+        usage = record.get("usage")
+        if usage:
+            for kind in TOKEN_TYPES:
+                n = usage.get(kind)
+                if n is not None and n > 0:
+                    self.tokens.labels(model=model, type=kind).inc(n)
+            if usage.get("prompt_per_second") is not None:
+                self.prompt_tps.labels(model=model).observe(usage["prompt_per_second"])
+            if usage.get("tokens_per_second") is not None:
+                self.generation_tps.labels(model=model).observe(usage["tokens_per_second"])
+
+    def log_bytes_dropped(self, source: str, nbytes: int) -> None:
+        """``LogBroadcaster.on_dropped``."""
+        self.log_dropped.labels(source=source).inc(nbytes)
+
+    def reload(self, result: str) -> None:
+        """Count a config reload: ``result`` is ``success`` or ``failure`` (RLD-*)."""
+        if result in ("success", "failure"):
+            self.config_reloads.labels(result=result).inc()
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+def _label_sets(metric: Any) -> list[tuple]:
+    with metric._lock:
+        return list(metric._metrics)
+
+
+def _remove(metric: Any, *labels: str) -> None:
+    try:
+        metric.remove(*labels)
+    except KeyError:
+        pass
+
+
+class MetricsPage(Resource):
+    """EP-11 / MET-1: ``GET /metrics`` in the Prometheus text format (STYLE §2.10)."""
+
+    isLeaf = True
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        super().__init__()
+        self._registry = registry  # ours, not the global REGISTRY: tests stay independent
+
+    def render_GET(self, request: Any) -> bytes:
+        request.setHeader(b"content-type", CONTENT_TYPE.encode("ascii"))
+        return generate_latest(self._registry)
+
+    def render_HEAD(self, request: Any) -> bytes:
+        return self.render_GET(request)
+
+
+# -- token parsing (MET-3) -----------------------------------------------------------------------
+
+def _int(value: Any) -> Optional[int]:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def _num(value: Any) -> Optional[float]:
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    return None
+
+
+def _usage_fields(usage: dict) -> dict:
+    """input/output/cached of one ``usage`` object (OpenAI, Responses or Anthropic names)."""
+    out = {}
+    for key, names in (("input", ("prompt_tokens", "input_tokens")),
+                       ("output", ("completion_tokens", "output_tokens"))):
+        for name in names:
+            n = _int(usage.get(name))
+            if n is not None:
+                out[key] = n
+                break
+    for holder, name in (("prompt_tokens_details", "cached_tokens"),
+                         ("input_tokens_details", "cached_tokens"), (None, "cache_read_input_tokens")):
+        src = usage.get(holder) if holder else usage
+        n = _int(src.get(name)) if isinstance(src, dict) else None
+        if n is not None:
+            out["cached"] = n
+            break
+    return out
+
+
+class _UsageAccumulator:
+    """Usage and timings seen so far; later non-zero values replace earlier ones (MET-3)."""
+
+    def __init__(self) -> None:
+        self.usage: dict = {}
+        self.timings: Optional[dict] = None
+
+    def take(self, obj: Any) -> None:
+        if not isinstance(obj, dict):
+            return
+        for holder in (obj, obj.get("response"), obj.get("message")):
+            usage = holder.get("usage") if isinstance(holder, dict) else None
+            if isinstance(usage, dict):
+                for key, n in _usage_fields(usage).items():
+                    if n or key not in self.usage:
+                        self.usage[key] = n
+        timings = obj.get("timings")
+        if isinstance(timings, dict):
+            self.timings = timings
+
+    def result(self) -> Optional[dict]:
+        """``{"input","output","cached","prompt_per_second","tokens_per_second"}`` or None."""
+        if not self.usage and self.timings is None:
+            return None
+        out = {"input": self.usage.get("input"), "output": self.usage.get("output"),
+               "cached": self.usage.get("cached"), "prompt_per_second": None, "tokens_per_second": None}
+        t = self.timings
+        if t is not None:  # llama.cpp timings take precedence
+            for key, name in (("input", "prompt_n"), ("output", "predicted_n"), ("cached", "cache_n")):
+                n = _int(t.get(name))
+                if n is not None:
+                    out[key] = n
+            out["prompt_per_second"] = _num(t.get("prompt_per_second"))
+            out["tokens_per_second"] = _num(t.get("predicted_per_second"))
+        return out
+
+
+def usage_from(obj: Any) -> Optional[dict]:
+    """The MET-3 token counts of one parsed JSON response body."""
+    acc = _UsageAccumulator()
+    acc.take(obj)
+    return acc.result()
+
+
+class SSEUsageParser:
+    """Incremental MET-3 parser of an SSE body: feed it chunks as they are relayed.
+
+    Only complete lines are looked at; a ``data:`` line is decoded only if it mentions
+    ``usage`` or ``timings``. A line longer than 1 MiB is skipped without being kept.
+    """
+
+    def __init__(self) -> None:
+        self._parts: list[bytes] = []
+        self._pending = 0
+        self._skipping = False
+        self._acc = _UsageAccumulator()
+
+    def feed(self, data: bytes) -> None:
+        if self._skipping:
+            cut = data.find(b"\n")
+            if cut < 0:
+                return
+            self._skipping = False
+            data = data[cut + 1:]
+        if b"\n" not in data:
+            self._hold(data)
+            return
+        if self._parts:
+            self._parts.append(data)
+            data = b"".join(self._parts)
+            self._parts, self._pending = [], 0
+        lines = data.split(b"\n")
+        rest = lines.pop()
+        for line in lines:
+            if line.startswith(b"data:") and (b"usage" in line or b"timings" in line) \
+                    and len(line) <= MAX_SSE_LINE:
+                self._line(line)
+        if rest:
+            self._hold(rest)
+
+    def _hold(self, data: bytes) -> None:
+        self._pending += len(data)
+        if self._pending > MAX_SSE_LINE:
+            self._parts, self._pending, self._skipping = [], 0, True
+            return
+        self._parts.append(data)
+
+    def _line(self, line: bytes) -> None:
+        payload = line[5:].strip()
+        if payload == b"[DONE]":
+            return
+        try:
+            obj = json.loads(payload)
+        except ValueError:
+            return
+        self._acc.take(obj)
+
+    def result(self) -> Optional[dict]:
+        return self._acc.result()
+
+
+class JSONUsageParser:
+    """MET-3 for ``application/json``: keep up to 4 MiB, parse once at the end."""
+
+    def __init__(self, limit: int = MAX_JSON_BYTES) -> None:
+        self._parts: list[bytes] = []
+        self._size = 0
+        self._limit = limit
+
+    def feed(self, data: bytes) -> None:
+        if self._parts is None:
+            return
+        self._size += len(data)
+        if self._size > self._limit:
+            self._parts = None  # larger bodies are relayed but not parsed
+            return
+        self._parts.append(data)
+
+    def result(self) -> Optional[dict]:
+        if not self._parts:
+            return None
+        try:
+            return usage_from(json.loads(b"".join(self._parts)))
+        except ValueError:
+            return None
+
+
+def response_parser(status: int, headers: Any) -> Optional[Any]:
+    """The MET-3 parser for an upstream response, or None when it is not parsed.
+
+    :param headers: the upstream response's ``twisted.web.http_headers.Headers``.
+    """
+    if not 200 <= status < 300:
+        return None
+    encoding = headers.getRawHeaders(b"content-encoding")
+    if encoding and any(v.strip().lower() not in (b"", b"identity") for v in encoding):
+        return None
+    ctype = (headers.getRawHeaders(b"content-type") or [b""])[0].lower()
+    if ctype.startswith(b"text/event-stream"):
+        return SSEUsageParser()
+    mime = ctype.split(b";", 1)[0].strip()
+    if mime == b"application/json" or mime.endswith(b"+json"):
+        return JSONUsageParser()
+    return None

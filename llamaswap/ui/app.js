@@ -1,0 +1,281 @@
+// llamaswap web UI (SPEC §13). Plain browser JavaScript, no build step, no external files.
+// Live state comes from /api/events (EVT-*); logs from /logs/stream/<source> (EP-10);
+// actions use POST /api/models/load/<id> (EP-7) and /api/models/unload[/<id>] (EP-6).
+// Credentials: same-origin requests carry the browser's Basic-auth credentials (UI-5);
+// nothing is stored by the UI.
+"use strict";
+
+const LOG_LIMIT = 256 * 1024;        // characters kept in the log view
+const MAX_REQUESTS = 100;            // rows in the recent-requests table
+const DROP_MARKER = /\n\u2014 \d+ bytes dropped \u2014\n/g;  // LOG-7
+
+const $ = (sel) => document.querySelector(sel);
+const modelsBody = $("#models tbody");
+const requestsBody = $("#requests tbody");
+const logView = $("#log");
+const logSource = $("#log-source");
+const pending = new Map();           // model id -> "load" | "unload" while a request runs
+let models = [];
+
+function el(tag, attrs, ...children) {
+  const node = document.createElement(tag);
+  for (const [k, v] of Object.entries(attrs || {})) {
+    if (k === "class") node.className = v;
+    else if (k.startsWith("on")) node.addEventListener(k.slice(2), v);
+    else if (v !== null && v !== undefined && v !== false) node.setAttribute(k, v === true ? "" : v);
+  }
+  for (const c of children) {
+    if (c !== null && c !== undefined) node.append(c instanceof Node ? c : String(c));
+  }
+  return node;
+}
+
+function modelPath(id) {
+  return id.split("/").map(encodeURIComponent).join("/");
+}
+
+function notice(text, isError) {
+  const n = $("#notice");
+  n.textContent = text || "";
+  n.classList.toggle("error", !!isError);
+}
+
+async function post(url) {
+  const resp = await fetch(url, { method: "POST", headers: { "Accept": "application/json" } });
+  let body = null;
+  try { body = await resp.json(); } catch (e) { /* not JSON */ }
+  if (!resp.ok) {
+    const msg = body && body.error ? body.error.message : `${resp.status} ${resp.statusText}`;
+    throw new Error(msg);
+  }
+  return body;
+}
+
+async function modelAction(id, action) {
+  pending.set(id, action);
+  renderModels();
+  notice(`${action === "load" ? "loading" : "unloading"} ${id}…`);
+  try {
+    await post(`/api/models/${action}/${modelPath(id)}`);
+    notice(`${id}: ${action === "load" ? "ready" : "unloaded"}`);
+  } catch (e) {
+    notice(`${id}: ${e.message}`, true);
+  } finally {
+    pending.delete(id);
+    renderModels();
+  }
+}
+
+// -- models (UI-2) -----------------------------------------------------------------------------
+
+function renderModels() {
+  const rows = models.map((m) => {
+    const busy = pending.get(m.id);
+    const running = m.state === "starting" || m.state === "ready";
+    const idCell = el("td", { class: "model" },
+      el("span", { class: "id" }, m.id),
+      m.unlisted ? el("span", { class: "tag", title: "not listed in /v1/models" }, "unlisted") : null,
+      m.name ? el("div", { class: "name" }, m.name) : null);
+    const actions = el("td", { class: "actions" },
+      el("button", { type: "button", class: "load", disabled: !!busy || m.state === "ready",
+                     onclick: () => modelAction(m.id, "load") }, busy === "load" ? "Loading…" : "Load"),
+      el("button", { type: "button", class: "unload", disabled: !!busy || !running && m.state !== "stopping",
+                     onclick: () => modelAction(m.id, "unload") }, busy === "unload" ? "Unloading…" : "Unload"),
+      m.state === "ready" ? el("a", { class: "open", href: `/upstream/${modelPath(m.id)}/`, target: "_blank" },
+                               "open ↗") : null);
+    return el("tr", { "data-model": m.id, "data-state": m.state },
+      idCell,
+      el("td", { class: "desc" }, m.description || ""),
+      el("td", { class: "aliases" }, (m.aliases || []).join(", ")),
+      el("td", {}, el("span", { class: `state state-${m.state}` }, m.state)),
+      el("td", { class: "num inflight" }, m.inflight),
+      el("td", { class: "num waiting" }, m.waiting),
+      actions);
+  });
+  if (!rows.length) rows.push(el("tr", { class: "empty" }, el("td", { colspan: 7 }, "no models configured")));
+  modelsBody.replaceChildren(...rows);
+}
+
+function updateSourceOptions() {
+  const wanted = ["", "proxy", "upstream", ...models.map((m) => m.id)];
+  const have = Array.from(logSource.options).map((o) => o.value);
+  if (wanted.join("\n") === have.join("\n")) return;
+  const current = logSource.value;
+  logSource.replaceChildren(...wanted.map((v) => el("option", { value: v }, v === "" ? "combined" : v)));
+  logSource.value = wanted.includes(current) ? current : "";
+  if (logSource.value !== current) openLog();
+}
+
+// -- recent requests (UI-4) --------------------------------------------------------------------
+
+function fmtMs(ms) {
+  if (ms < 0) return "–";
+  return ms < 1000 ? `${ms} ms` : `${(ms / 1000).toFixed(2)} s`;
+}
+
+function fmtNum(n, digits) {
+  if (n === null || n === undefined || n < 0) return "–";
+  return digits ? Number(n).toFixed(digits) : String(n);
+}
+
+function addRequests(records) {
+  const empty = requestsBody.querySelector("tr.empty");
+  if (empty && records.length) empty.remove();
+  for (const r of records) {
+    const time = new Date(r.timestamp).toLocaleTimeString();
+    const cls = r.status >= 500 || r.status === 499 ? "bad" : r.status >= 400 ? "warn" : "ok";
+    const row = el("tr", { "data-id": r.id },
+      el("td", { title: r.timestamp }, time),
+      el("td", {}, r.model || "–"),
+      el("td", { class: "endpoint" }, r.endpoint),
+      el("td", {}, el("span", { class: `status ${cls}` }, r.status)),
+      el("td", { class: "num" }, fmtMs(r.duration_ms)),
+      el("td", { class: "num" }, fmtMs(r.ttfb_ms)),
+      el("td", { class: "num" }, fmtNum(r.input_tokens)),
+      el("td", { class: "num" }, fmtNum(r.output_tokens)),
+      el("td", { class: "num" }, fmtNum(r.cached_tokens)),
+      el("td", { class: "num" }, fmtNum(r.prompt_per_second, 1)),
+      el("td", { class: "num" }, fmtNum(r.tokens_per_second, 1)));
+    requestsBody.prepend(row);
+  }
+  while (requestsBody.rows.length > MAX_REQUESTS) requestsBody.lastElementChild.remove();
+}
+
+// -- live events (EVT-1) -----------------------------------------------------------------------
+
+function connectEvents() {
+  const conn = $("#conn");
+  const source = new EventSource("/api/events");
+  source.onopen = () => { conn.textContent = "live"; conn.className = "conn live"; };
+  source.onerror = () => { conn.textContent = "reconnecting…"; conn.className = "conn connecting"; };
+  let first = true;
+  source.onmessage = (ev) => {
+    let msg, data;
+    try {
+      msg = JSON.parse(ev.data);
+      data = JSON.parse(msg.data);
+    } catch (e) { return; }
+    if (msg.type === "modelStatus") {
+      models = data;
+      renderModels();
+      updateSourceOptions();
+    } else if (msg.type === "metrics") {
+      if (first) { requestsBody.replaceChildren(); first = false; }  // a fresh snapshot after reconnect
+      addRequests(data);
+      if (!requestsBody.rows.length) {
+        requestsBody.append(el("tr", { class: "empty" }, el("td", { colspan: 11 }, "no requests yet")));
+      }
+    }
+  };
+  source.addEventListener("open", () => { first = true; });
+}
+
+// -- logs (UI-3) -------------------------------------------------------------------------------
+
+let logAbort = null;
+let logLength = 0;
+let retryTimer = null;
+
+function atBottom() {
+  return logView.scrollTop + logView.clientHeight >= logView.scrollHeight - 8;
+}
+
+function appendLog(text) {
+  const follow = atBottom();
+  let last = 0;
+  for (const m of text.matchAll(DROP_MARKER)) {
+    appendText(text.slice(last, m.index) + "\n");
+    logView.append(el("span", { class: "drop" }, m[0].trim()));
+    logLength += m[0].length;
+    last = m.index + m[0].length;
+    appendText("\n");
+  }
+  appendText(text.slice(last));
+  trimLog();
+  if (follow) logView.scrollTop = logView.scrollHeight;
+  updateFollow();
+}
+
+function appendText(text) {
+  if (!text) return;
+  const tail = logView.lastChild;
+  if (tail && tail.nodeType === Node.TEXT_NODE) tail.appendData(text);
+  else logView.append(document.createTextNode(text));
+  logLength += text.length;
+}
+
+function trimLog() {
+  // Oldest output goes first; drop markers are spans, highlighted while they are in view.
+  while (logLength > LOG_LIMIT && logView.firstChild) {
+    const node = logView.firstChild;
+    const excess = logLength - LOG_LIMIT;
+    const size = node.textContent.length;
+    if (node.nodeType === Node.TEXT_NODE && size > excess) {
+      node.deleteData(0, excess);
+      logLength -= excess;
+    } else {
+      node.remove();
+      logLength -= size;
+    }
+  }
+}
+
+function updateFollow() {
+  const follow = atBottom();
+  $("#log-follow").textContent = follow ? "following" : "paused (scrolled up)";
+  $("#log-end").hidden = follow;
+}
+
+async function openLog() {
+  if (logAbort) logAbort.abort();
+  clearTimeout(retryTimer);
+  const controller = new AbortController();
+  logAbort = controller;
+  logView.replaceChildren();
+  logLength = 0;
+  const src = logSource.value;
+  const url = src ? `/logs/stream/${modelPath(src)}` : "/logs/stream";
+  try {
+    const resp = await fetch(url, { signal: controller.signal, headers: { "Accept": "text/plain" } });
+    if (!resp.ok) throw new Error(`${resp.status} ${resp.statusText}`);
+    const reader = resp.body.getReader();
+    const decoder = new TextDecoder();
+    for (;;) {
+      const { value, done } = await reader.read();
+      if (done) break;
+      appendLog(decoder.decode(value, { stream: true }));
+    }
+  } catch (e) {
+    if (controller.signal.aborted) return;
+    appendLog(`\n[ui] log stream error: ${e.message}\n`);
+  }
+  if (logAbort === controller) {
+    retryTimer = setTimeout(() => { if (logAbort === controller) openLog(); }, 2000);
+  }
+}
+
+// -- start ----------------------------------------------------------------------------------------
+
+$("#unload-all").addEventListener("click", async () => {
+  const button = $("#unload-all");
+  button.disabled = true;
+  notice("unloading every model…");
+  try {
+    await post("/api/models/unload");
+    notice("all models unloaded");
+  } catch (e) {
+    notice(e.message, true);
+  } finally {
+    button.disabled = false;
+  }
+});
+logSource.addEventListener("change", openLog);
+logView.addEventListener("scroll", updateFollow);
+$("#log-end").addEventListener("click", () => { logView.scrollTop = logView.scrollHeight; updateFollow(); });
+$("#log-clear").addEventListener("click", () => { logView.replaceChildren(); logLength = 0; updateFollow(); });
+
+fetch("/api/version").then((r) => r.ok ? r.json() : null).then((v) => {
+  if (v && v.version) $("#version").textContent = `v${v.version}`;
+}).catch(() => {});
+connectEvents();
+openLog();

@@ -1,0 +1,118 @@
+"""The web UI in a real headless Chromium against the real daemon (SPEC §13, UI-1..UI-4).
+
+The daemon runs as users run it (tests/daemon.py) with fake upstreams; Chromium is Debian's
+``chromium`` driven by Playwright (``pip install playwright``; its own browser download is
+never used: ``executable_path`` points at the system browser). The test skips only when no
+Chromium binary is found (``.ci/run`` installs one); set ``LLAMASWAP_CHROMIUM`` to use
+another binary.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.daemon import Daemon, fake_cmd, free_port_range, pid_alive
+
+CHROMIUM = os.environ.get("LLAMASWAP_CHROMIUM") or next(
+    (p for p in (shutil.which("chromium"), shutil.which("chromium-browser"), "/usr/bin/chromium")
+     if p and os.path.exists(p)), None)
+# Flags this machine needs: no sandbox as root, and no background connections to Google's
+# hosts (they are refused here, many at a time).
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-quic"]
+TIMEOUT_MS = 20_000
+
+pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="no chromium binary (apt-get install chromium)")
+
+
+def _config() -> dict[str, Any]:
+    return {
+        "healthCheckTimeout": 15, "unloadTimeout": 2, "startPort": free_port_range(4),
+        "models": {
+            "alpha": {"cmd": fake_cmd("alpha", "--load-delay", "0.3", respond="from alpha"),
+                      "name": "Alpha 7B", "description": "general chat", "aliases": ["gpt-4o-mini"]},
+            "beta": {"cmd": fake_cmd("beta", respond="from beta"), "description": "embeddings"},
+            "hidden": {"cmd": fake_cmd("hidden"), "unlisted": True},
+        },
+    }
+
+
+@pytest.fixture
+def daemon(tmp_path):
+    (tmp_path / "daemon").mkdir()
+    d = Daemon(_config(), tmp_path / "daemon")
+    d.start()
+    yield d
+    try:
+        rc = d.stop()
+        left = sorted(p for p in d.child_pids if pid_alive(p))
+    finally:
+        d.kill()
+        print(d.output())
+    assert rc == 0, f"daemon exit status {rc}"
+    assert not left, f"children alive after the daemon stopped: {left}"
+
+
+def test_ui_load_logs_requests_unload(daemon, tmp_path: Path):
+    """In Chromium: the models appear, Load makes alpha ready (with a link), its log lines and a
+    finished request show up live, and Unload stops it again."""
+    from playwright.sync_api import expect, sync_playwright
+
+    screenshot = tmp_path / "ui.png"
+    with sync_playwright() as p:
+        context = p.chromium.launch_persistent_context(
+            str(tmp_path / "profile"), executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS,
+            viewport={"width": 1280, "height": 1000})
+        try:
+            page = context.pages[0] if context.pages else context.new_page()
+            errors: list[str] = []
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            page.goto(daemon.url("/ui/"))
+
+            rows = page.locator("#models tbody tr[data-model]")
+            expect(rows).to_have_count(3, timeout=TIMEOUT_MS)
+            alpha = page.locator('tr[data-model="alpha"]')
+            expect(alpha.locator(".state")).to_have_text("stopped")
+            expect(alpha).to_contain_text("Alpha 7B")
+            expect(alpha).to_contain_text("gpt-4o-mini")
+            expect(page.locator('tr[data-model="hidden"] .tag')).to_have_text("unlisted")
+            expect(page.locator("#conn")).to_have_text("live", timeout=TIMEOUT_MS)
+
+            alpha.locator("button.load").click()
+            expect(alpha.locator(".state")).to_have_text("ready", timeout=TIMEOUT_MS)
+            expect(alpha.locator("a.open")).to_have_attribute("href", "/upstream/alpha/")
+            daemon.record_children()
+
+            # Live log output: the combined view shows the fake's startup line and the proxy's
+            # state changes as they arrive.
+            log = page.locator("#log")
+            expect(log).to_contain_text("alpha: starting -> ready", timeout=TIMEOUT_MS)
+            expect(log).to_contain_text("listening on http://127.0.0.1", timeout=TIMEOUT_MS)
+            page.select_option("#log-source", "alpha")
+            expect(log).to_contain_text("listening on http://127.0.0.1", timeout=TIMEOUT_MS)
+            expect(log).not_to_contain_text("[INFO]")
+
+            # A finished request appears in the recent-requests table, with its tokens.
+            status, body = daemon.chat("alpha")
+            assert status == 200, body
+            first = page.locator("#requests tbody tr[data-id]").first
+            expect(first).to_contain_text("alpha", timeout=TIMEOUT_MS)
+            expect(first).to_contain_text("/v1/chat/completions")
+            expect(first).to_contain_text("200")
+            expect(first).to_contain_text("25")  # tokens in (the fake's timings.prompt_n)
+            expect(log).to_contain_text("POST /v1/chat/completions", timeout=TIMEOUT_MS)
+
+            page.screenshot(path=str(screenshot), full_page=True)
+
+            alpha.locator("button.unload").click()
+            expect(alpha.locator(".state")).to_have_text("stopped", timeout=TIMEOUT_MS)
+            expect(alpha.locator("a.open")).to_have_count(0)
+            assert not errors, errors
+        finally:
+            context.close()
+    assert screenshot.stat().st_size > 10_000
+    print(f"screenshot: {screenshot}")
