@@ -1,0 +1,339 @@
+"""``GET /api/events`` (SPEC §11 EVT-1..EVT-3): framing, the snapshot, live events,
+keepalives on the injected clock, and slow clients dropped without stalling others.
+
+The router is the real ``ModelRouter`` over fake processes (tests/test_resources.py's
+``HTTPCase``); most tests attach a ``FakeEventRequest`` to the hub directly, and one goes
+through the in-memory site for the HTTP headers.
+"""
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from twisted.internet.defer import Deferred
+from twisted.python.failure import Failure
+from twisted.internet.error import ConnectionDone
+from treq.testing import RequestTraversalAgent
+
+from llamaswap.events import KEEPALIVE_INTERVAL, MAX_UNSENT, EventHub, EventsPage, frame
+from llamaswap.resources import AccessLogSite, build_root
+from tests.fakes import ModelStub, capture_logger
+from tests.test_resources import Collect, HTTPCase
+
+
+class FakeTransport:
+    def __init__(self) -> None:
+        self.aborted = False
+
+    def abortConnection(self) -> None:
+        self.aborted = True
+
+
+class FakeChannel:
+    def __init__(self) -> None:
+        self.transport = FakeTransport()
+
+
+class FakeEventRequest:
+    """What the hub uses of a twisted.web request."""
+
+    def __init__(self) -> None:
+        self.data = b""
+        self.producer = None
+        self.finished = False
+        self.channel = FakeChannel()
+        self._finish: Deferred = Deferred()
+
+    def write(self, data: bytes) -> None:
+        self.data += data
+
+    def registerProducer(self, producer: Any, streaming: bool) -> None:
+        self.producer = producer
+
+    def unregisterProducer(self) -> None:
+        self.producer = None
+
+    def finish(self) -> None:
+        self.finished = True
+        self._finish.callback(None)
+
+    def notifyFinish(self) -> Deferred:
+        return self._finish
+
+    def lose(self) -> None:
+        """The client went away."""
+        self._finish.errback(Failure(ConnectionDone()))
+
+    def messages(self) -> list:
+        """[(type, payload)] and ("keepalive", None) for every complete message so far."""
+        out = []
+        for block in self.data.split(b"\n\n"):
+            if not block:
+                continue
+            if block == b": keepalive":
+                out.append(("keepalive", None))
+                continue
+            event, data = block.split(b"\n")
+            assert event == b"event:message", block
+            assert data.startswith(b"data:"), block
+            outer = json.loads(data[len(b"data:"):])
+            assert set(outer) == {"type", "data"} and isinstance(outer["data"], str), outer
+            out.append((outer["type"], json.loads(outer["data"])))
+        return out
+
+    def clear(self) -> None:
+        self.data = b""
+
+
+class EventsCase(HTTPCase):
+    def setUp(self) -> None:
+        self.build([ModelStub(id="b", unlisted=True, name="B", description="second"),
+                    ModelStub(id="a", aliases=("gpt",), name="Model A", description="first")])
+        self.hub = EventHub(self.router, self.logs, self.reactor, log=capture_logger(self.events))
+        self.app.request_listeners.append(self.hub.request_finished)
+
+    def tearDown(self) -> None:
+        self.hub.stopService()
+
+    def connect(self) -> FakeEventRequest:
+        request = FakeEventRequest()
+        self.hub.add_client(request)
+        return request
+
+    def turn(self) -> None:
+        self.reactor.advance(0)
+
+
+class FramingTests(EventsCase):
+    def test_frame(self):
+        """EVT-1: event:message, then data: with the payload JSON encoded as a string."""
+        self.assertEqual(frame("logData", {"source": "proxy", "data": "x\n"}),
+                         b'event:message\ndata:{"type":"logData","data":"{\\"source\\":\\"proxy\\",'
+                         b'\\"data\\":\\"x\\\\n\\"}"}\n\n')
+
+    def test_http_headers_and_snapshot(self):
+        """EP-12/EVT-1: text/event-stream, no-cache, no buffering; the snapshot arrives at once."""
+        root = build_root(self.app, {"/api/events": EventsPage(self.hub)})
+        self.agent = RequestTraversalAgent(root)
+        self.site = AccessLogSite(root, self.app, reactor=self.agent._memoryReactor,
+                                  log=capture_logger(self.access))
+        self.agent._serverFactory = self.site
+        response = self.successResultOf(self.request(b"GET", "/api/events"))
+        self.assertEqual(response.code, 200)
+        self.assertEqual(self.header(response, b"content-type"), b"text/event-stream")
+        self.assertEqual(self.header(response, b"cache-control"), b"no-cache")
+        self.assertEqual(self.header(response, b"x-accel-buffering"), b"no")
+        collect = Collect()
+        response.deliverBody(collect)
+        self.flush()
+        fake = FakeEventRequest()
+        fake.data = collect.data
+        self.assertEqual([t for t, _ in fake.messages()], ["logData", "logData", "modelStatus", "metrics"])
+        self.assertNoResult(collect.done)
+        self.logs.write_proxy(b"[INFO] live\n")
+        self.flush()
+        fake.data = collect.data
+        self.assertEqual(fake.messages()[-1], ("logData", {"source": "proxy", "data": "[INFO] live\n"}))
+        self.assertEqual(self.hub.client_count(), 1)
+        from tests.fakes import drop_clients
+        drop_clients(self.agent)
+        self.assertEqual(self.hub.client_count(), 0)
+        self.assertEqual(self.reactor.getDelayedCalls(), [])  # keepalive stopped with the last client
+
+
+class SnapshotTests(EventsCase):
+    def test_snapshot_order_and_contents(self):
+        """EVT-1/EVT-2: proxy history, upstream history, modelStatus (sorted, unlisted included),
+        then the last metrics records."""
+        self.logs.write_proxy(b"[INFO] hello\n")
+        self.logs.write("a", b"child says hi\n")
+        self.call(b"POST", "/v1/chat/completions", b'{"model":"nope"}')
+        request = self.connect()
+        messages = request.messages()
+        self.assertEqual([t for t, _ in messages], ["logData", "logData", "modelStatus", "metrics"])
+        self.assertEqual(messages[0][1]["source"], "proxy")
+        self.assertIn("[INFO] hello\n", messages[0][1]["data"])
+        self.assertEqual(messages[1][1], {"source": "upstream", "data": "child says hi\n"})
+        self.assertEqual(messages[2][1], [
+            {"id": "a", "name": "Model A", "description": "first", "state": "stopped", "unlisted": False,
+             "aliases": ["gpt"], "inflight": 0, "waiting": 0},
+            {"id": "b", "name": "B", "description": "second", "state": "stopped", "unlisted": True,
+             "aliases": [], "inflight": 0, "waiting": 0}])
+        [record] = messages[3][1]
+        self.assertEqual(record["model"], "")
+        self.assertEqual(record["status"], 404)
+        self.assertEqual(record["endpoint"], "/v1/chat/completions")
+
+    def test_snapshot_keeps_last_100_records(self):
+        """EVT-1: at most the last 100 records, ids increasing."""
+        for _ in range(105):
+            self.hub.request_finished({"model": "a", "endpoint": "/v1/completions", "status": 200,
+                                       "duration": 0.01, "ttfb": None, "usage": None})
+        records = self.connect().messages()[3][1]
+        self.assertEqual(len(records), 100)
+        ids = [r["id"] for r in records]
+        self.assertEqual(ids, sorted(ids))
+        self.assertEqual(ids[-1] - ids[0], 99)
+
+    def test_pending_output_not_sent_twice(self):
+        """EVT-1: output written just before a client connects is in its history only once."""
+        first = self.connect()
+        self.logs.write_proxy(b"[INFO] just now\n")
+        second = self.connect()  # before the coalescing turn
+        self.turn()
+        joined = "".join(p["data"] for t, p in second.messages() if t == "logData")
+        self.assertEqual(joined.count("just now"), 1)
+        self.assertEqual(sum(p["data"].count("just now") for t, p in first.messages() if t == "logData"), 1)
+
+
+class LiveTests(EventsCase):
+    def test_model_status_on_state_changes(self):
+        """EVT-2: modelStatus follows the model through starting and ready, then unload."""
+        request = self.connect()
+        request.clear()
+        d = self.router.load("a")
+        self.turn()
+        states = [p[0]["state"] for t, p in request.messages() if t == "modelStatus"]
+        self.assertIn(states[-1], ("starting", "ready"))
+        self.flush()
+        self.successResultOf(d)
+        self.turn()
+        statuses = [p for t, p in request.messages() if t == "modelStatus"]
+        self.assertEqual(statuses[-1][0]["state"], "ready")
+        self.assertEqual(statuses[-1][1]["state"], "stopped")
+        request.clear()
+        self.router.unload(["a"])
+        self.flush()
+        statuses = [p for t, p in request.messages() if t == "modelStatus"]
+        self.assertEqual(statuses[-1][0]["state"], "stopped")
+
+    def test_in_flight_counts_live(self):
+        """EVT-2: queue changes (a request in flight) send modelStatus with the counts."""
+        self.upstream.hold = True
+        request = self.connect()
+        self.request(b"POST", "/v1/completions", b'{"model":"a"}')
+        statuses = [p for t, p in request.messages() if t == "modelStatus"]
+        self.assertEqual((statuses[-1][0]["inflight"], statuses[-1][0]["state"]), (1, "ready"))
+        up, _ = self.upstream.requests[0]
+        up.finish()
+        self.flush()
+        statuses = [p for t, p in request.messages() if t == "modelStatus"]
+        self.assertEqual(statuses[-1][0]["inflight"], 0)
+
+    def test_log_data_coalesced_per_source(self):
+        """EVT-2: new output becomes logData per source, one event per reactor turn."""
+        request = self.connect()
+        request.clear()
+        self.logs.write("a", b"one\n")
+        self.logs.write("b", b"two\n")
+        self.logs.write_proxy(b"[INFO] p\n")
+        self.assertEqual(request.messages(), [])
+        self.turn()
+        self.assertEqual(request.messages(), [("logData", {"source": "proxy", "data": "[INFO] p\n"}),
+                                              ("logData", {"source": "upstream", "data": "one\ntwo\n"})])
+
+    def test_utf8_split_between_chunks(self):
+        """EVT-2: a character split across two chunks of child output arrives whole."""
+        request = self.connect()
+        request.clear()
+        self.logs.write("a", b"caf\xc3")
+        self.turn()
+        self.logs.write("a", b"\xa9\n")
+        self.turn()
+        text = "".join(p["data"] for t, p in request.messages() if t == "logData")
+        self.assertEqual(text, "café\n")
+
+    def test_metrics_record_per_request(self):
+        """EVT-2: one metrics event per finished request, with every field; unknown values are -1."""
+        self.upstream.reply = (200, {b"content-type": b"application/json"}, b"{}")
+        request = self.connect()
+        request.clear()
+        self.reactor.advance(1767225600)
+        self.call(b"POST", "/v1/chat/completions", b'{"model":"gpt"}')
+        [record] = [p for t, p in request.messages() if t == "metrics"][-1]
+        self.assertEqual(set(record), {"id", "timestamp", "model", "endpoint", "status", "duration_ms",
+                                       "ttfb_ms", "input_tokens", "output_tokens", "cached_tokens",
+                                       "prompt_per_second", "tokens_per_second"})
+        self.assertEqual((record["model"], record["endpoint"], record["status"]),
+                         ("a", "/v1/chat/completions", 200))
+        self.assertEqual(record["timestamp"], "2026-01-01T00:00:00Z")
+        self.assertIsInstance(record["duration_ms"], int)
+        for key in ("input_tokens", "output_tokens", "cached_tokens", "prompt_per_second",
+                    "tokens_per_second"):
+            self.assertEqual(record[key], -1, key)
+
+    def test_metrics_record_with_tokens(self):
+        """EVT-2: parsed tokens and tokens/s appear in the record."""
+        self.hub.request_finished({"model": "a", "endpoint": "/v1/chat/completions", "status": 200,
+                                   "duration": 1.2346, "ttfb": 0.1, "usage": {
+                                       "input": 25, "output": 10, "cached": 0, "prompt_per_second": 100.0,
+                                       "tokens_per_second": 10.0}})
+        [record] = self.connect().messages()[3][1]
+        self.assertEqual((record["duration_ms"], record["ttfb_ms"]), (1235, 100))
+        self.assertEqual((record["input_tokens"], record["output_tokens"], record["cached_tokens"]),
+                         (25, 10, 0))
+        self.assertEqual((record["prompt_per_second"], record["tokens_per_second"]), (100.0, 10.0))
+
+
+class KeepaliveTests(EventsCase):
+    def test_keepalive_every_15_seconds(self):
+        """EVT-1: a `: keepalive` comment every 15 s on the injected clock."""
+        request = self.connect()
+        request.clear()
+        self.reactor.advance(KEEPALIVE_INTERVAL - 0.5)
+        self.assertEqual(request.data, b"")
+        self.reactor.advance(0.5)
+        self.assertEqual(request.data, b": keepalive\n\n")
+        self.reactor.advance(KEEPALIVE_INTERVAL)
+        self.assertEqual(request.data, b": keepalive\n\n" * 2)
+
+    def test_no_timer_without_clients(self):
+        """The keepalive runs only while someone listens."""
+        request = self.connect()
+        self.assertEqual(len(self.reactor.getDelayedCalls()), 1)
+        request.lose()
+        self.assertEqual(self.hub.client_count(), 0)
+        self.assertEqual(self.reactor.getDelayedCalls(), [])
+
+
+class SlowClientTests(EventsCase):
+    def test_paused_client_queues_then_catches_up(self):
+        """EVT-3: while paused, events are queued and written in order on resume."""
+        request = self.connect()
+        request.clear()
+        request.producer.pauseProducing()
+        self.logs.write_proxy(b"[INFO] 1\n")
+        self.turn()
+        self.reactor.advance(KEEPALIVE_INTERVAL)
+        self.assertEqual(request.data, b"")
+        request.producer.resumeProducing()
+        self.assertEqual([t for t, _ in request.messages()], ["logData", "keepalive"])
+
+    def test_over_1_mib_unsent_disconnects_only_that_client(self):
+        """EVT-3: a client with more than 1 MiB unsent is dropped; others get everything."""
+        slow, fast = self.connect(), self.connect()
+        slow.producer.pauseProducing()
+        fast.clear()
+        chunk = b"x" * 65536 + b"\n"
+        sent = 0
+        while sent <= MAX_UNSENT:
+            self.logs.write("a", chunk)
+            self.turn()
+            sent += len(chunk)
+        self.assertTrue(slow.channel.transport.aborted)
+        self.assertFalse(fast.channel.transport.aborted)
+        self.assertEqual(self.hub.client_count(), 1)
+        received = "".join(p["data"] for t, p in fast.messages() if t == "logData")
+        self.assertEqual(len(received), sent)
+        self.logs.write_proxy(b"[INFO] after\n")
+        self.turn()
+        self.assertEqual(fast.messages()[-1], ("logData", {"source": "proxy", "data": "[INFO] after\n"}))
+        self.assertTrue(any(e.get("limit") == MAX_UNSENT for e in self.events))
+
+    def test_stop_service_finishes_clients(self):
+        """Shutdown ends every events stream cleanly."""
+        request = self.connect()
+        self.hub.stopService()
+        self.assertTrue(request.finished)
+        self.assertEqual(self.hub.client_count(), 0)
+        self.assertEqual(self.reactor.getDelayedCalls(), [])
