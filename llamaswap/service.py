@@ -185,8 +185,8 @@ class LlamaSwapService(MultiService):
     def _listening(self, port: Any) -> None:
         where = describe_port(port)
         self.log.info("llamaswap {version} listening on {endpoint}", version=__version__, endpoint=where)
-        if self.proxy_log.to_stdout not in ("proxy", "both"):
-            # The twistd log always learns where we listen, whatever logToStdout says.
+        if self.proxy_log.to_stdout not in ("proxy", "both") or self.proxy_log.level not in ("debug", "info"):
+            # The twistd log always learns where we listen, whatever logToStdout and logLevel say.
             Logger(namespace="llamaswap").info(
                 "llamaswap {version} listening on {endpoint}", version=__version__, endpoint=where)
         host = port.getHost()

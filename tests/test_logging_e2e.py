@@ -1,0 +1,73 @@
+"""Logging through the real daemon (SPEC §10): ``logToStdout`` picks what reaches the twistd
+log (LOG-6), ``logLevel`` filters what is stored and logged (LOG-4), and the combined
+history does not depend on either (LOG-1).
+
+The daemon runs with ``-n --logfile=-``, so its stdout is the twistd log.
+"""
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from tests.daemon import Daemon, wait_until
+from tests.test_e2e import config, model, stop_and_clean
+
+PROXY_LINE = re.compile(r"alpha: stopped -> starting")
+CHILD_LINE = re.compile(r"\[alpha\] main: server is listening on http://127\.0\.0\.1:\d+")
+
+
+def run(tmp_path, **top):
+    """Start a daemon with one model, load it, answer one request; return (stdout, /logs)."""
+    d = Daemon(config({"alpha": model("alpha")}, **top), tmp_path)
+    d.start()
+    try:
+        status, body = d.json("POST", "/api/models/load/alpha")
+        assert status == 200, body
+        d.record_children()
+        status, _ = d.chat("alpha")
+        assert status == 200
+        history = d.request("GET", "/logs").text
+        # the twistd log gets child lines as they arrive: wait for the startup line if expected
+        wait_until(lambda: CHILD_LINE.search(d.stdout.text()), 2 if top.get("logToStdout") in
+                   ("upstream", "both") else 0.3)
+    finally:
+        problems = stop_and_clean(d)
+    assert not problems, problems
+    return d.stdout.text(), history
+
+
+@pytest.mark.parametrize("to_stdout,proxy,child", [
+    ("proxy", True, False), ("upstream", False, True), ("both", True, True), ("none", False, False)])
+def test_log_to_stdout(tmp_path, to_stdout, proxy, child):
+    """LOG-6: proxy messages and/or child lines ('[<id>] <line>') in the twistd log, as
+    logToStdout says; /logs has both whatever it says (LOG-1)."""
+    stdout, history = run(tmp_path, logToStdout=to_stdout)
+    assert bool(PROXY_LINE.search(stdout)) == proxy, stdout
+    assert bool(CHILD_LINE.search(stdout)) == child, stdout
+    # Twisted's own messages and the listening line always go to the twistd log.
+    assert "llamaswap 0.1.0 listening on tcp:127.0.0.1:" in stdout or "listening on tcp:" in stdout
+    assert "[INFO] alpha: stopped -> starting" in history
+    assert "main: server is listening on http://127.0.0.1:" in history
+    assert re.search(r'\[INFO\] Request 127\.0\.0\.1 "POST /v1/chat/completions HTTP/1\.1" 200 \d+ '
+                     r'"[^"]*" \d+\.\d{3}s', history), history
+
+
+def test_log_level_warn(tmp_path):
+    """LOG-4: below logLevel nothing is stored (no INFO, access lines included) or logged;
+    WARN lines still are; child output is never filtered (LOG-3)."""
+    stdout, history = run(tmp_path, logLevel="warn", notAKey=1)
+    assert "[INFO]" not in history, history
+    assert "Request 127.0.0.1" not in history
+    assert "[WARN] config: unknown key 'notAKey' (ignored)" in history, history
+    assert "main: server is listening on http://127.0.0.1:" in history
+    assert not PROXY_LINE.search(stdout), stdout
+    assert "unknown key 'notAKey'" in stdout
+
+
+def test_log_level_debug(tmp_path):
+    """LOG-4: with logLevel debug, INFO and DEBUG lines are stored as '[LEVEL] message'."""
+    _, history = run(tmp_path, logLevel="debug")
+    assert "[INFO] alpha: stopped -> starting" in history
+    assert all(re.match(r"\[(DEBUG|INFO|WARN|ERROR)\] ", line) for line in history.splitlines()
+               if line.startswith("[") and not line.startswith("[ui]")), history
