@@ -930,8 +930,10 @@ class LlamaSwapRequest(Request):
         body = error_body("invalid_request_error", "request_too_large",
                           f"request body larger than maxRequestBody ({limit} bytes)")
         transport = self.channel.transport
+        # SEC-8: llamaswap's errors carry ACAO * when the request had an Origin.
+        cors = b"Access-Control-Allow-Origin: *\r\n" if self.requestHeaders.hasHeader(b"origin") else b""
         transport.write(b"HTTP/1.1 413 Request Entity Too Large\r\nContent-Type: application/json\r\n"
-                        b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(body) + body)
+                        + cors + b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(body) + body)
         self.channel.loseConnection()
 
     def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:

@@ -242,3 +242,32 @@ class UnitTests(HTTPCase):
         self.assertEqual(json.loads(data), {"error": {
             "message": "unauthorized: invalid or missing API key", "type": "authentication_error",
             "param": None, "code": "invalid_api_key"}})
+
+
+class CorsOnEveryErrorTests(HTTPCase):
+    def test_413_carries_cors_origin(self):
+        """SEC-8: even the 413 written while the body arrives carries ACAO * with an Origin."""
+        self.build([ModelStub(id="a")], max_request_body=16)
+        body = b'{"model":"a","pad":"' + b"x" * 100 + b'"}'
+        response, data = self.call(b"POST", "/v1/chat/completions", body, {b"origin": b"http://ui"})
+        self.assertError(response, data, 413, "request_too_large")
+        self.assertEqual(self.header(response, b"access-control-allow-origin"), b"*")
+        response, data = self.call(b"POST", "/v1/chat/completions", body)
+        self.assertError(response, data, 413, "request_too_large")
+        self.assertIsNone(self.header(response, b"access-control-allow-origin"))
+
+    def test_errors_of_every_kind_carry_cors_origin(self):
+        """SEC-8: 400/404/405/502 from llamaswap with an Origin get ACAO *; proxied ones keep
+        the upstream's CORS headers (here: none)."""
+        self.build([ModelStub(id="a")])
+        origin = {b"origin": b"http://ui"}
+        for method, path, body in ((b"POST", "/v1/chat/completions", b"{"),
+                                   (b"POST", "/v1/chat/completions", b'{"model":"zz"}'),
+                                   (b"GET", "/nope", b""), (b"GET", "/v1/chat/completions", b"")):
+            response, _ = self.call(method, path, body, origin)
+            self.assertGreaterEqual(response.code, 400)
+            self.assertEqual(self.header(response, b"access-control-allow-origin"), b"*", path)
+        self.upstream.reply = (500, {b"content-type": b"text/plain"}, b"boom")
+        response, _ = self.call(b"POST", "/v1/chat/completions", b'{"model":"a"}', origin)
+        self.assertEqual(response.code, 500)
+        self.assertIsNone(self.header(response, b"access-control-allow-origin"))
