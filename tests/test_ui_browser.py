@@ -29,8 +29,9 @@ TIMEOUT_MS = 20_000
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="no chromium binary (apt-get install chromium)")
 
 
-def _config() -> dict[str, Any]:
+def _config(**top: Any) -> dict[str, Any]:
     return {
+        **top,
         "healthCheckTimeout": 15, "unloadTimeout": 2, "startPort": free_port_range(4),
         "models": {
             "alpha": {"cmd": fake_cmd("alpha", "--load-delay", "0.3", respond="from alpha"),
@@ -41,10 +42,16 @@ def _config() -> dict[str, Any]:
     }
 
 
+def _launch(p: Any, tmp_path: Path, **kw: Any) -> Any:
+    return p.chromium.launch_persistent_context(
+        str(tmp_path / "profile"), executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS,
+        viewport={"width": 1280, "height": 1000}, **kw)
+
+
 @pytest.fixture
-def daemon(tmp_path):
+def daemon(request, tmp_path):
     (tmp_path / "daemon").mkdir()
-    d = Daemon(_config(), tmp_path / "daemon")
+    d = Daemon(_config(**getattr(request, "param", {})), tmp_path / "daemon")
     d.start()
     yield d
     try:
@@ -64,9 +71,7 @@ def test_ui_load_logs_requests_unload(daemon, tmp_path: Path):
 
     screenshot = tmp_path / "ui.png"
     with sync_playwright() as p:
-        context = p.chromium.launch_persistent_context(
-            str(tmp_path / "profile"), executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS,
-            viewport={"width": 1280, "height": 1000})
+        context = _launch(p, tmp_path)
         try:
             page = context.pages[0] if context.pages else context.new_page()
             errors: list[str] = []
@@ -116,3 +121,29 @@ def test_ui_load_logs_requests_unload(daemon, tmp_path: Path):
             context.close()
     assert screenshot.stat().st_size > 10_000
     print(f"screenshot: {screenshot}")
+
+
+@pytest.mark.parametrize("daemon", [{"apiKeys": ["sekret-key"]}], indirect=True)
+def test_ui_with_basic_auth(daemon, tmp_path: Path):
+    """UI-5/SEC-2: with apiKeys the UI works through Basic credentials (the browser's prompt),
+    event stream and log stream included; without them the UI is refused."""
+    from playwright.sync_api import expect, sync_playwright
+
+    assert daemon.request("GET", "/ui/").status == 401
+    with sync_playwright() as p:
+        context = _launch(p, tmp_path, http_credentials={"username": "me", "password": "sekret-key"})
+        try:
+            page = context.pages[0] if context.pages else context.new_page()
+            page.goto(daemon.url("/ui/"))
+            beta = page.locator('tr[data-model="beta"]')
+            expect(beta.locator(".state")).to_have_text("stopped", timeout=TIMEOUT_MS)
+            expect(page.locator("#conn")).to_have_text("live", timeout=TIMEOUT_MS)
+            beta.locator("button.load").click()
+            expect(beta.locator(".state")).to_have_text("ready", timeout=TIMEOUT_MS)
+            daemon.record_children()
+            expect(page.locator("#log")).to_contain_text("beta: starting -> ready", timeout=TIMEOUT_MS)
+            page.locator("#unload-all").click()
+            expect(beta.locator(".state")).to_have_text("stopped", timeout=TIMEOUT_MS)
+            expect(page.locator("#notice")).to_have_text("all models unloaded")
+        finally:
+            context.close()
