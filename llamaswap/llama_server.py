@@ -167,6 +167,8 @@ def _ensure_tiny_model(name: str, directory: str | None) -> Path:
         return tinymodels.ensure_models(directory, [name])[name]
     except tinymodels.MissingDependency as e:
         raise LauncherError(str(e), 1) from None
+    except OSError as e:  # e.g. an unwritable cache directory
+        raise LauncherError(f"cannot generate tiny model {name!r}: {e}", 1) from None
 
 
 def main(

@@ -191,6 +191,15 @@ class MainTests(SynchronousTestCase):
         self.assertEqual(rc, 0)
         self.assertEqual(self.execs[0][1], [str(self.binary), "-m", "/m/tiny-chat-a.gguf", "--port", "9"])
 
+    def test_tiny_generation_failure(self):
+        """A tiny model that cannot be written (unwritable cache) is a clear error with status 1, not a traceback."""
+        blocker = self.bin_dir / "not-a-dir"
+        blocker.write_text("")
+        rc, _, err = self.run_main(["--tiny", "chat-a", "--tiny-dir", str(blocker / "models")])
+        self.assertEqual(rc, 1)
+        self.assertIn("cannot generate tiny model 'chat-a'", err)
+        self.assertEqual(self.execs, [])
+
     def test_exec_failure(self):
         """If the exec itself fails, the error is printed and the status is 127 for a missing file."""
 
