@@ -17,9 +17,13 @@ from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from hyperlink import EncodedURL
+from twisted.internet.abstract import isIPAddress, isIPv6Address
+from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint
 from twisted.web.client import (
-    Agent, HTTPConnectionPool, _HTTP11ClientFactory, PotentialDataLoss, RequestNotSent, RequestTransmissionFailed,
-    ResponseDone, ResponseNeverReceived)
+    Agent, BrowserLikePolicyForHTTPS, ContentDecoderAgent, GzipDecoder, HTTPConnectionPool,
+    _HTTP11ClientFactory, _StandardEndpointFactory, PotentialDataLoss, RequestNotSent,
+    RequestTransmissionFailed, ResponseDone, ResponseNeverReceived)
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer
 from zope.interface import implementer
@@ -141,16 +145,87 @@ class _QuietClientFactory(_HTTP11ClientFactory):
     noisy = False  # no "Starting factory" line per upstream connection
 
 
+_FAST_KEYS = frozenset({"headers", "data", "unbuffered", "allow_redirects"})
+#: HostnameEndpoint's "happy eyeballs" delay between addresses; its default (0.3 s) is also
+#: how long a *refused* connection takes to fail, i.e. every health probe of a child that
+#: is not listening yet. Upstreams are local: try the next address almost at once.
+ATTEMPT_DELAY = 0.01
+
+
+class _UpstreamEndpointFactory(_StandardEndpointFactory):
+    """Agent endpoints for upstreams, one per (scheme, host, port), built once.
+
+    ``http`` to an IP literal is a plain TCP endpoint (no resolver thread, no attempt
+    delay: a refused connection fails at once); ``http`` to a name is a
+    ``HostnameEndpoint`` with a short attempt delay; ``https`` is Agent's own.
+    """
+
+    def __init__(self, reactor: Any, connect_timeout: float) -> None:
+        super().__init__(reactor, BrowserLikePolicyForHTTPS(), connect_timeout, None)
+        self._cache: dict = {}
+
+    def endpointForURI(self, uri: Any) -> Any:
+        key = (uri.scheme, uri.host, uri.port)
+        endpoint = self._cache.get(key)
+        if endpoint is None:
+            endpoint = self._cache[key] = self._make(uri)
+        return endpoint
+
+    def _make(self, uri: Any) -> Any:
+        if uri.scheme != b"http":
+            return super().endpointForURI(uri)
+        host = uri.host.decode("ascii")
+        timeout = self._connectTimeout
+        if isIPAddress(host):
+            return TCP4ClientEndpoint(self._reactor, host, uri.port, timeout=timeout)
+        if isIPv6Address(host):
+            return TCP6ClientEndpoint(self._reactor, host, uri.port, timeout=timeout)
+        return HostnameEndpoint(self._reactor, host, uri.port, timeout=timeout, attemptDelay=ATTEMPT_DELAY)
+
+
+class ProxyHTTPClient(treq.client.HTTPClient):
+    """treq's ``HTTPClient`` with a short path for the forwarder's own requests.
+
+    A forwarded request (``Headers``, bytes or producer body, ``unbuffered=True``,
+    ``allow_redirects=False``) goes straight to ``ContentDecoderAgent(agent, gzip)``: the
+    same agent chain treq builds, minus what is a no-op for us (a ``CookieAgent`` over a
+    jar that accepts no cookie, redirect handling that is off, treq's response wrapper),
+    and with treq's URL normalisation (hyperlink, IDNA) cached per URL. Every other call
+    (health checks, tests) is treq's own.
+    """
+
+    def __init__(self, agent: Any, cookiejar: Any, data_to_body_producer: Callable) -> None:
+        super().__init__(agent, cookiejar=cookiejar, data_to_body_producer=data_to_body_producer)
+        self._decoding = ContentDecoderAgent(agent, [(b"gzip", GzipDecoder)])
+        self._uris: dict = {}
+
+    def request(self, method: str, url: Any, **kwargs: Any) -> Deferred:
+        data = kwargs.get("data")
+        if (kwargs.keys() <= _FAST_KEYS and kwargs.get("unbuffered") is True
+                and kwargs.get("allow_redirects") is False and isinstance(url, bytes)
+                and isinstance(kwargs.get("headers"), Headers)
+                and not isinstance(data, (dict, list, tuple))):
+            uri = self._uris.get(url)
+            if uri is None:
+                uri = EncodedURL.from_text(url.decode("ascii")).to_uri().to_text().encode("ascii")
+                if len(self._uris) >= 256:
+                    self._uris.clear()
+                self._uris[url] = uri
+            producer = self._data_to_body_producer(data) if data else None
+            return self._decoding.request(method.encode("ascii").upper(), uri,
+                                          headers=kwargs["headers"], bodyProducer=producer)
+        return super().request(method, url, **kwargs)
+
+
 def make_http_client(reactor: Any, persistent: bool = True, max_per_host: int = 64):
     """A treq ``HTTPClient`` set up for proxying, and its pool (for one child lifetime)."""
     pool = HTTPConnectionPool(reactor, persistent=persistent)
     pool._factory = _QuietClientFactory
     pool.maxPersistentPerHost = max_per_host
     pool.retryAutomatically = False  # PROXY-10 retries are ours, for every method
-    agent = Agent(reactor, connectTimeout=CONNECT_TIMEOUT, pool=pool)
+    agent = Agent.usingEndpointFactory(reactor, _UpstreamEndpointFactory(reactor, CONNECT_TIMEOUT), pool=pool)
     no_cookies = CookieJar(DefaultCookiePolicy(allowed_domains=[]))
-    client = treq.client.HTTPClient(agent, cookiejar=no_cookies,
-                                    data_to_body_producer=_to_body_producer)
+    client = ProxyHTTPClient(agent, cookiejar=no_cookies, data_to_body_producer=_to_body_producer)
     return client, pool
 
 
