@@ -87,7 +87,7 @@ def chat_body(model: str, **extra) -> dict:
     return {"model": model, "messages": [{"role": "user", "content": "hi"}], **extra}
 
 
-def read_sse(resp, timeout: float = 30) -> list[tuple[float, str]]:
+def read_sse(resp, timeout: float = 120) -> list[tuple[float, str]]:
     """Read an SSE body line by line as it arrives; return (arrival time, line) for every non-empty line."""
     lines = []
     deadline = time.monotonic() + timeout
@@ -136,7 +136,7 @@ def test_swap_chat_a_b_a(start_daemon):
 def stream_once(daemon: Daemon, max_tokens: int) -> tuple[list[tuple[float, dict]], dict]:
     """One long stream (ignore_eos): (arrival time, chunk) of every token event, and the last JSON chunk."""
     conn, resp = open_stream(daemon.port, "POST", "/v1/chat/completions",
-                             chat_body("chat-a", stream=True, ignore_eos=True, max_tokens=max_tokens))
+                             chat_body("chat-a", stream=True, ignore_eos=True, max_tokens=max_tokens), timeout=120)
     try:
         assert resp.status == 200
         assert resp.getheader("Content-Type", "").startswith("text/event-stream")
@@ -152,7 +152,7 @@ def stream_once(daemon: Daemon, max_tokens: int) -> tuple[list[tuple[float, dict
 def test_streaming_tokens_arrive_spread_out(start_daemon):
     """A stream arrives one token at a time, spread over the generation; final timings and [DONE] unchanged."""
     daemon = start_daemon()
-    tokens = 1000
+    tokens = 400     # ~0.2 s on an idle machine; a loaded one can be 100 times slower
     spreads = []
     for _attempt in range(3):
         content, last = stream_once(daemon, tokens)
@@ -293,7 +293,7 @@ def test_shutdown_while_streaming(start_daemon):
     finally:
         conn.close()
     assert rc == 0, daemon.output()
-    assert elapsed < 6, f"shutdown took {elapsed:.2f}s"
+    assert elapsed < 8, f"shutdown took {elapsed:.2f}s"   # CLI-9: grace (1 s) + 5 s, plus slack for a busy machine
     assert not pid_alive(model["pid"])
     marker = {MARKER_VAR: daemon.env[MARKER_VAR]}
     assert wait_until(lambda: not tagged_processes(marker), timeout=2)
