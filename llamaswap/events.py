@@ -203,6 +203,9 @@ class EventHub(Service):
     def add_client(self, request: Any) -> _Client:
         """Send the EVT-1 snapshot to ``request`` (headers already set), then live events."""
         self._flush()  # what is pending is in the history the new client is about to get
+        if not self._clients:  # output was not decoded while nobody listened: start afresh
+            for source in _LOG_SOURCES:
+                self._decoders[source].reset()
         client = _Client(self, request, self.max_unsent)
         request.registerProducer(client, True)
         self._clients.append(client)
@@ -238,11 +241,13 @@ class EventHub(Service):
 
     def router_event(self, event: str, payload: Any) -> None:
         """``router.listeners``: model state and queue changes become ``modelStatus``."""
-        if event in ("state", "queue", "reload", "removed", "replaced"):
+        if self._clients and event in ("state", "queue", "reload", "removed", "replaced"):
             self._status_dirty = True
             self._schedule_flush()
 
     def _log_output(self, source: str, data: bytes) -> None:
+        if not self._clients:
+            return  # nobody listens: a new client gets it from the history
         text = self._decoders[source].decode(data)
         if text:
             self._pending_logs.setdefault(source, []).append(text)
