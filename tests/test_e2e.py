@@ -10,6 +10,7 @@ SIGTERM, and its process group and recorded children are SIGKILLed as a backstop
 """
 from __future__ import annotations
 
+import base64
 import http.client
 import json
 import os
@@ -811,6 +812,98 @@ def test_missing_binary_start_failure(start_daemon):
     status, body = d.chat("ghost")
     assert error_of((status, body)) == (502, "upstream_start_failed")
     assert body["error"]["message"].startswith("failed to start model 'ghost'")
+
+
+# -- auth, metrics, events --------------------------------------------------------------------------
+
+def test_api_keys(start_daemon):
+    """apiKeys from ${env.X}: 401 without a valid key, Bearer/x-api-key/Basic accepted, keys not forwarded."""
+    key = "sekret-123"
+    cfg = config({"a": model("a")}, apiKeys=["${env.LLAMASWAP_E2E_KEY}"])
+    d = start_daemon(cfg, env={"LLAMASWAP_E2E_KEY": key})
+    chat = {"model": "a", "messages": []}
+    assert d.request("GET", "/health").text == "OK"                        # SEC-4: open
+    assert d.request("OPTIONS", "/v1/chat/completions").status == 204
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"x-api-key": "wrong"},
+                    {"Authorization": f"Token {key}"}):
+        r = d.request("POST", "/v1/chat/completions", chat, headers=headers)
+        assert r.status == 401, (headers, r)
+        assert r.json()["error"]["code"] == "invalid_api_key"
+        assert r.headers["WWW-Authenticate"] == 'Basic realm="llamaswap"'
+    assert d.request("GET", "/running").status == 401
+    assert d.request("GET", "/metrics").status == 401
+    basic = "Basic " + base64.b64encode(f"anyone:{key}".encode()).decode()
+    assert d.request("GET", "/running", headers={"Authorization": basic}).json() == {"running": []}, \
+        "a request that failed auth started a model (EP-17)"
+    for headers in ({"Authorization": f"Bearer {key}"}, {"authorization": f"bearer {key}"},
+                    {"x-api-key": key}, {"Authorization": basic}):
+        r = d.request("POST", "/v1/chat/completions", chat, headers=headers)
+        assert r.status == 200, (headers, r)
+    r = d.request("GET", "/upstream/a/echo", headers={"Authorization": f"Bearer {key}", "x-api-key": key})
+    assert r.status == 200, r
+    forwarded = r.json()["headers"]
+    assert "authorization" not in forwarded and "x-api-key" not in forwarded        # SEC-6
+    assert key not in d.stdout.text() + d.request("GET", "/logs", headers={"x-api-key": key}).text
+
+
+def _metrics(d: Daemon) -> dict[tuple[str, frozenset], float]:
+    r = d.request("GET", "/metrics")
+    assert r.status == 200, r
+    assert r.headers["Content-Type"] == "text/plain; version=0.0.4; charset=utf-8"
+    out = {}
+    for line in r.text.splitlines():
+        m = re.fullmatch(r'([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})? (\S+)', line)
+        if m and not line.startswith("#"):
+            labels = frozenset(re.findall(r'(\w+)="((?:[^"\\]|\\.)*)"', m.group(2) or ""))
+            out[(m.group(1), labels)] = float(m.group(3))
+    return out
+
+
+def test_metrics(start_daemon):
+    """/metrics counts finished requests, tokens from llama.cpp timings, loads and model state (MET-*)."""
+    d = start_daemon(config({"a": model("a"), "b": model("b")}))
+    before = _metrics(d)
+    assert before[("llamaswap_model_state", frozenset({("model", "a"), ("state", "stopped")}))] == 1
+    assert d.chat("a")[0] == 200
+    r = d.request("POST", "/v1/chat/completions", {"model": "a", "stream": True, "messages": []})
+    assert r.status == 200 and b"[DONE]" in r.body
+    m = _metrics(d)
+    req = ("llamaswap_requests_total",
+           frozenset({("model", "a"), ("endpoint", "/v1/chat/completions"), ("status", "200")}))
+    assert m[req] == 2, sorted(k for k in m if k[0] == "llamaswap_requests_total")
+    assert m[("llamaswap_tokens_total", frozenset({("model", "a"), ("type", "input")}))] == 50
+    assert m[("llamaswap_tokens_total", frozenset({("model", "a"), ("type", "output")}))] == 20
+    assert m[("llamaswap_model_load_duration_seconds_count",
+              frozenset({("model", "a"), ("outcome", "success")}))] == 1
+    assert m[("llamaswap_model_state", frozenset({("model", "a"), ("state", "ready")}))] == 1
+    assert m[("llamaswap_model_state", frozenset({("model", "b"), ("state", "ready")}))] == 0
+    assert d.chat("b")[0] == 200
+    m = _metrics(d)
+    assert m[("llamaswap_swaps_total", frozenset({("model", "b")}))] == 1
+    assert m[("llamaswap_model_stops_total", frozenset({("model", "a"), ("reason", "swap")}))] == 1
+
+
+def test_events_snapshot(shared):
+    """/api/events starts with logData (proxy), logData (upstream), modelStatus and metrics (EVT-1/2)."""
+    conn, resp = open_stream(shared.port, "GET", "/api/events", timeout=10)
+    try:
+        assert resp.status == 200
+        assert resp.getheader("Content-Type", "").startswith("text/event-stream")
+        messages = []
+        while len(messages) < 4:
+            line = resp.readline()
+            assert line, "stream ended early"
+            if line.startswith(b"data:"):
+                messages.append(json.loads(line[5:]))
+    finally:
+        conn.close()
+    assert [m["type"] for m in messages] == ["logData", "logData", "modelStatus", "metrics"]
+    assert [json.loads(m["data"])["source"] for m in messages[:2]] == ["proxy", "upstream"]
+    status = json.loads(messages[2]["data"])
+    assert [s["id"] for s in status] == sorted(SHARED)
+    assert {"id", "name", "description", "state", "unlisted", "aliases", "inflight", "waiting"} <= set(status[0])
+    assert [s["unlisted"] for s in status if s["id"] == "hidden"] == [True]
+    assert isinstance(json.loads(messages[3]["data"]), list)
 
 
 # -- daemon lifecycle -------------------------------------------------------------------------------
