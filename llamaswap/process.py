@@ -320,6 +320,10 @@ class UpstreamProcess:
             return list(argv)
         found = shutil.which(exe, path=env.get("PATH", os.defpath))
         if found is None:
+            # Console scripts installed beside this interpreter (llamaswap-llama-server) are
+            # found even when twistd was started by its full path from an inactive venv.
+            found = shutil.which(exe, path=os.path.dirname(sys.executable))
+        if found is None:
             raise FileNotFoundError(2, f"executable '{exe}' not found in PATH")
         return [found, *argv[1:]]
 
