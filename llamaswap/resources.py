@@ -179,7 +179,13 @@ class JSONResource(Resource):
         return ErrorResource(NotFound(f"not found: {request.path.decode('latin-1')}"))
 
     def render(self, request: Request):
-        handler = getattr(self, "render_" + request.method.decode("ascii", "replace"), None)
+        if request.method == b"HEAD":
+            # twisted's base render_HEAD calls render_GET, which POST-only resources lack
+            handler = getattr(self, "render_GET", None)
+        else:
+            handler = getattr(self, "render_" + request.method.decode("ascii", "replace"), None)
+        if request.method == b"HEAD" and not hasattr(self, "render_GET"):
+            handler = None  # Resource.render_HEAD calls render_GET: a 500 on POST-only resources
         if handler is None and not any(m.startswith("render_") and m != "render_HEAD" for m in dir(self)):
             # an intermediate node (/v1, /api): not a listed path (§8)
             write_error(request, NotFound(f"not found: {request.path.decode('latin-1')}"))
