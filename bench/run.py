@@ -56,13 +56,13 @@ SCENARIOS = ["loadgen_ceiling", "latency_c1", "throughput_c32", "stream_500", "r
 PROFILES = {
     "full": dict(lat_n=3000, tp_seconds=8, tp_conc=32, stream_n=20, stream_chunks=500, stream_delay=0.002,
                  ready_n=10, ready_delay=0.3, swap_n=10, mixed_load=2.0, mixed_per_client=5, mixed_wait=10.0,
-                 slow_n=1000, slow_chunks=20, slow_delay=0.25, real_n=10, own_n=7, warm_n=50),
+                 slow_n=1000, slow_chunks=20, slow_delay=0.25, real_n=10, own_n=7, warm_n=50, ramp=1.0, settle=1.0),
     "quick": dict(lat_n=1000, tp_seconds=4, tp_conc=32, stream_n=8, stream_chunks=500, stream_delay=0.002,
                   ready_n=5, ready_delay=0.3, swap_n=6, mixed_load=1.0, mixed_per_client=3, mixed_wait=5.0,
-                  slow_n=1000, slow_chunks=10, slow_delay=0.2, real_n=6, own_n=5, warm_n=20),
+                  slow_n=1000, slow_chunks=10, slow_delay=0.2, real_n=6, own_n=5, warm_n=20, ramp=1.0, settle=1.0),
     "smoke": dict(lat_n=30, tp_seconds=1, tp_conc=4, stream_n=2, stream_chunks=20, stream_delay=0.001,
                   ready_n=1, ready_delay=0.1, swap_n=2, mixed_load=0.1, mixed_per_client=1, mixed_wait=1.0,
-                  slow_n=20, slow_chunks=3, slow_delay=0.05, real_n=2, own_n=1, warm_n=3),
+                  slow_n=20, slow_chunks=3, slow_delay=0.05, real_n=1, own_n=1, warm_n=2, ramp=0.05, settle=0.1),
 }
 
 TARGETS = {
@@ -527,7 +527,7 @@ class Bench:
         raw = chat_request("m", stream=True, path=path)
         out: dict = {"streams": n, "stream_seconds": round(p["slow_chunks"] * p["slow_delay"], 2),
                      "nofile": want}
-        r = loadgen.run_streams(self.up_port, raw, n, ramp=1.0)
+        r = loadgen.run_streams(self.up_port, raw, n, ramp=p["ramp"])
         out["direct"] = {"ok": r["ok"], "errors": r["errors"], "why": r["why"]}
         for target in self.proxies:
             with target.start(static_config(self.up_port, concurrency=n + 100),
@@ -543,7 +543,7 @@ class Bench:
 
                 th = threading.Thread(target=sample, daemon=True)
                 th.start()
-                r = loadgen.run_streams(proxy.port, raw, n, ramp=1.0)
+                r = loadgen.run_streams(proxy.port, raw, n, ramp=p["ramp"])
                 stop.set()
                 th.join()
                 out[target.name] = {"ok": r["ok"], "errors": r["errors"], "why": r["why"],
@@ -559,7 +559,7 @@ class Bench:
         for target in self.proxies:
             with target.start(config, self.wd("idle", target.name)) as proxy:
                 proxy.get("/v1/models")
-                time.sleep(1.0)
+                time.sleep(self.p["settle"])
                 out[target.name] = {"rss_mb": round(proxy.proc.rss_kb() / 1024, 1)}
         return out
 
@@ -804,6 +804,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     doc = {"name": args.name or bench.mode, "mode": bench.mode, "proxies": proxies,
            "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
                        "platform": platform.platform(), "load_generator": "wrk" if loadgen.wrk_path() else "python"},
+           "load_average": [round(x, 2) for x in os.getloadavg()],
            "command": " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv]),
            "seconds": round(time.monotonic() - t0, 1), "targets": TARGETS, "scenarios": results,
            "table": [list(r) for r in rows(results, proxies)]}
