@@ -184,8 +184,6 @@ class JSONResource(Resource):
             handler = getattr(self, "render_GET", None)
         else:
             handler = getattr(self, "render_" + request.method.decode("ascii", "replace"), None)
-        if request.method == b"HEAD" and not hasattr(self, "render_GET"):
-            handler = None  # Resource.render_HEAD calls render_GET: a 500 on POST-only resources
         if handler is None and not any(m.startswith("render_") and m != "render_HEAD" for m in dir(self)):
             # an intermediate node (/v1, /api): not a listed path (§8)
             write_error(request, NotFound(f"not found: {request.path.decode('latin-1')}"))
