@@ -115,7 +115,11 @@ def _plan(models: Mapping[str, ModelView], snap: Snapshot, evict_for: Callable) 
     max_wait = 0.0 if snap.policy == "fifo" else snap.max_wait
     # A swap in progress counts as running: its target is about to start, so another
     # candidate must treat it as something to evict (and therefore wait for it).
-    running = frozenset(m.id for m in models.values() if m.state in RUNNING) | snap.swapping
+    # A model that is still stopping (TTL, unload, a child ignoring SIGTERM during its
+    # grace period) counts too: a swap that must evict it waits for that stop to end
+    # (its own stop joins the one under way), so two exclusive models never overlap.
+    running = frozenset(m.id for m in models.values()
+                        if m.state in RUNNING or m.state == "stopping") | snap.swapping
     candidates = sorted(
         (m for m in models.values() if m.waiting and m.state != "ready"),
         key=lambda m: m.waiting[0].seq)
