@@ -906,6 +906,87 @@ def test_events_snapshot(shared):
     assert isinstance(json.loads(messages[3]["data"]), list)
 
 
+# -- reload ---------------------------------------------------------------------------------------------
+
+def rewrite_config(d: Daemon, cfg: dict[str, Any] | str) -> None:
+    """Replace the daemon's config file atomically (a watcher never sees half a file)."""
+    tmp = Path(d.config_path + ".new")
+    tmp.write_text(cfg if isinstance(cfg, str) else json.dumps(cfg, indent=1))
+    os.replace(tmp, d.config_path)
+
+
+def test_reload_api_keeps_unchanged_models(start_daemon):
+    """POST /api/config/reload adds, changes and keeps models; an unchanged running model keeps its child."""
+    cfg = config({"a": model("a"), "b": model("b")})
+    d = start_daemon(cfg)
+    assert d.chat("a")[0] == 200
+    [before] = d.running()
+    cfg["models"]["b"] = model("b", respond="b, reloaded")
+    cfg["models"]["c"] = model("c")
+    rewrite_config(d, cfg)
+    status, body = d.json("POST", "/api/config/reload")
+    assert (status, body) == (200, {"msg": "ok", "added": ["c"], "removed": [], "changed": ["b"],
+                                    "unchanged": ["a"]}), body
+    [after] = d.running()
+    assert (after["model"], after["pid"], after["state"]) == ("a", before["pid"], "ready")
+    assert d.chat("b")[1]["responseMessage"] == "b, reloaded"
+    assert d.chat("c")[1]["responseMessage"] == "from c"
+    assert "config reloaded: added=[c] removed=[] changed=[b] unchanged=1" in \
+        d.request("GET", "/logs").text.replace("'", "")
+
+
+def test_reload_restarts_changed_running_model(start_daemon):
+    """A running model whose cmd changed is restarted with the new config (RLD-3)."""
+    cfg = config({"a": model("a")})
+    d = start_daemon(cfg)
+    assert d.chat("a")[0] == 200
+    [before] = d.running()
+    cfg["models"]["a"] = model("a", respond="a, version 2")
+    rewrite_config(d, cfg)
+    assert d.json("POST", "/api/config/reload")[1]["changed"] == ["a"]
+    assert wait_until(lambda: [(m["state"], m["pid"] != before["pid"]) for m in d.running()]
+                      == [("ready", True)], 10), d.running()
+    assert not pid_alive(before["pid"])
+    assert d.chat("a")[1]["responseMessage"] == "a, version 2"
+
+
+def test_reload_invalid_config_keeps_old(start_daemon):
+    """An invalid new config is refused with 400 invalid_config listing the errors; the old one stays."""
+    cfg = config({"a": model("a")})
+    d = start_daemon(cfg)
+    rewrite_config(d, {"models": {"a": {"cmd": fake_cmd("a"), "ttl": "soon"}}})
+    status, body = d.json("POST", "/api/config/reload")
+    assert error_of((status, body)) == (400, "invalid_config")
+    assert "models.a.ttl: must be a non-negative integer" in body["error"]["message"]
+    assert d.chat("a")[1]["responseMessage"] == "from a"
+    assert "config reload failed, keeping previous config" in d.request("GET", "/logs").text
+
+
+def test_sighup_reload_removes_model(start_daemon):
+    """SIGHUP reloads: a removed model disappears from /v1/models and is stopped (RLD-1, RLD-3)."""
+    cfg = config({"a": model("a"), "b": model("b")})
+    d = start_daemon(cfg)
+    assert d.chat("b")[0] == 200
+    [running_b] = d.running()
+    del cfg["models"]["b"]
+    rewrite_config(d, cfg)
+    d.proc.send_signal(signal.SIGHUP)
+    assert wait_until(lambda: [m["id"] for m in d.json("GET", "/v1/models")[1]["data"]] == ["a"], 10)
+    assert wait_until(lambda: d.running() == [], 5), d.running()
+    assert not pid_alive(running_b["pid"])
+    assert error_of(d.chat("b")) == (404, "model_not_found")
+
+
+def test_watch_config_reloads_on_change(start_daemon):
+    """--watch-config notices a changed file within a few seconds and reloads it (CLI-4)."""
+    cfg = config({"a": model("a")})
+    d = start_daemon(cfg, extra_args=["--watch-config"])
+    cfg["models"]["a"]["aliases"] = ["watched"]
+    time.sleep(1.1)            # a different mtime even on coarse-grained filesystems
+    rewrite_config(d, cfg)
+    assert wait_until(lambda: d.chat("watched")[0] == 200, 8), d.output()
+
+
 # -- daemon lifecycle -------------------------------------------------------------------------------
 
 def test_sigterm_stops_daemon_and_all_children(start_daemon):
