@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import select
 import signal
 import socket
 import subprocess
@@ -501,13 +502,20 @@ def test_fault13_daemon_mode_pidfile_children_exit_0(tmp_path):
             "--pidfile", d.pidfile, "--logfile", str(logfile), "llamaswap", "--config", d.config_path,
             "--listen", "tcp:0:interface=127.0.0.1"]
     reaper = subprocess.Popen([sys.executable, "-c", _REAPER, *argv], cwd=tmp_path, env=d.env,
-                              stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              start_new_session=True)
+                              stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                              start_new_session=True, bufsize=0)   # unbuffered: select() sees every line
     pid = None
     children: list[int] = []
+
+    def next_event(timeout: float) -> dict | None:
+        """The reaper's next line, or None after ``timeout`` (never blocks the test for good)."""
+        ready, _, _ = select.select([reaper.stdout], [], [], timeout)
+        line = reaper.stdout.readline() if ready else b""
+        return json.loads(line) if line else None
+
     try:
-        launched = json.loads(reaper.stdout.readline())
-        assert launched == {"launcher": 0}, (launched, reaper.stderr.read())
+        launched = next_event(30)
+        assert launched == {"launcher": 0}, launched
         assert wait_until(lambda: os.path.exists(d.pidfile), 10)
         pid = int(Path(d.pidfile).read_text().strip())
         port = wait_until(lambda: re.search(r"listening on tcp:127\.0\.0\.1:(\d+)",
@@ -525,10 +533,9 @@ def test_fault13_daemon_mode_pidfile_children_exit_0(tmp_path):
         exits = {}
         deadline = time.monotonic() + 15
         while pid not in exits and time.monotonic() < deadline:
-            line = reaper.stdout.readline()
-            if not line:
+            event = next_event(deadline - time.monotonic())
+            if event is None:
                 break
-            event = json.loads(line)
             exits[event["pid"]] = event["rc"]
         assert exits.get(pid) == 0, (exits, logfile.read_text())
         assert [p for p in children if pid_alive(p)] == []
