@@ -198,6 +198,26 @@ class JSONResource(Resource):
         return handler(request)
 
 
+class AppResource(JSONResource):
+    """A JSON resource that works on the ``App``."""
+
+    isLeaf = True
+
+    def __init__(self, app: App) -> None:
+        super().__init__()
+        self.app = app
+        self.log = app.log
+
+    def model_from_path(self, request: Request, prefix: bytes) -> str:
+        """The model id (or alias, which may contain '/') after ``prefix``; ModelNotFound."""
+        rest = request.path[len(prefix):].strip(b"/")
+        name = unquote(rest.decode("latin-1"), encoding="utf-8", errors="replace")
+        model_id = self.app.config.resolve(name) if name else None
+        if model_id is None:
+            raise ModelNotFound.named(name)
+        return model_id
+
+
 class ErrorResource(Resource):
     isLeaf = True
 
@@ -534,14 +554,8 @@ class Health(JSONResource):
         return b"OK"
 
 
-class ModelList(JSONResource):
+class ModelList(AppResource):
     """EP-2: ``GET /v1/models`` and ``GET /models``."""
-
-    isLeaf = True
-
-    def __init__(self, app: App) -> None:
-        super().__init__()
-        self.app = app
 
     def render_GET(self, request: Request) -> bytes:
         config = self.app.config
@@ -581,14 +595,8 @@ class ModelList(JSONResource):
         return entry
 
 
-class Running(JSONResource):
+class Running(AppResource):
     """EP-5: models that are starting, ready or stopping."""
-
-    isLeaf = True
-
-    def __init__(self, app: App) -> None:
-        super().__init__()
-        self.app = app
 
     def render_GET(self, request: Request) -> bytes:
         router = self.app.router
@@ -605,14 +613,8 @@ class Running(JSONResource):
         return json.dumps({"running": running}, separators=(",", ":")).encode("utf-8")
 
 
-class ApiModels(JSONResource):
+class ApiModels(AppResource):
     """EP-18: every configured model with its live state."""
-
-    isLeaf = True
-
-    def __init__(self, app: App) -> None:
-        super().__init__()
-        self.app = app
 
     def render_GET(self, request: Request) -> bytes:
         router = self.app.router
@@ -629,15 +631,8 @@ class ApiModels(JSONResource):
         return json.dumps(out, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
 
 
-class Unload(JSONResource):
+class Unload(AppResource):
     """EP-6: ``GET|POST /unload`` stops every model, then answers ``OK``."""
-
-    isLeaf = True
-
-    def __init__(self, app: App) -> None:
-        super().__init__()
-        self.app = app
-        self.log = app.log
 
     @async_render
     async def render_GET(self, request: Request) -> None:
@@ -647,60 +642,32 @@ class Unload(JSONResource):
     render_POST = render_GET
 
 
-class ApiModelsUnload(JSONResource):
+class ApiModelsUnload(AppResource):
     """EP-6: ``POST /api/models/unload[/<model>]``."""
-
-    isLeaf = True
-
-    def __init__(self, app: App) -> None:
-        super().__init__()
-        self.app = app
-        self.log = app.log
 
     @async_render
     async def render_POST(self, request: Request) -> None:
-        rest = request.path[len(b"/api/models/unload"):].strip(b"/")
-        if rest:
-            name = unquote(rest.decode("latin-1"), encoding="utf-8", errors="replace")
-            model_id = self.app.config.resolve(name)
-            if model_id is None:
-                raise ModelNotFound.named(name)
+        if request.path.rstrip(b"/") != b"/api/models/unload":
+            model_id = self.model_from_path(request, b"/api/models/unload")
             await self.app.router.unload([model_id])
         else:
             await self.app.router.unload()
         write_json(request, 200, {"msg": "ok"})
 
 
-class ApiModelsLoad(JSONResource):
+class ApiModelsLoad(AppResource):
     """EP-7: ``POST /api/models/load/<model>`` starts a model through the scheduler."""
-
-    isLeaf = True
-
-    def __init__(self, app: App) -> None:
-        super().__init__()
-        self.app = app
-        self.log = app.log
 
     @async_render
     async def render_POST(self, request: Request) -> None:
-        rest = request.path[len(b"/api/models/load"):].strip(b"/")
-        name = unquote(rest.decode("latin-1"), encoding="utf-8", errors="replace")
-        model_id = self.app.config.resolve(name) if name else None
-        if model_id is None:
-            raise ModelNotFound.named(name)
+        model_id = self.model_from_path(request, b"/api/models/load")
         await self.app.router.load(model_id)
         write_json(request, 200, {"msg": "ok", "model": model_id,
                                   "state": self.app.router.process(model_id).state.value})
 
 
-class ConfigReload(JSONResource):
+class ConfigReload(AppResource):
     """EP-13: ``POST /api/config/reload`` answers once the new config is in force."""
-
-    isLeaf = True
-
-    def __init__(self, app: App) -> None:
-        super().__init__()
-        self.app = app
 
     def render_POST(self, request: Request):
         from llamaswap.config import ConfigError
@@ -726,14 +693,8 @@ class Version(JSONResource):
         return json.dumps({"version": __version__}).encode("utf-8")
 
 
-class Logs(JSONResource):
+class Logs(AppResource):
     """EP-9: the combined history as text; browsers are sent to the UI."""
-
-    isLeaf = True
-
-    def __init__(self, app: App) -> None:
-        super().__init__()
-        self.app = app
 
     def render_GET(self, request: Request) -> bytes:
         if b"text/html" in (request.getHeader(b"accept") or b""):
@@ -743,14 +704,8 @@ class Logs(JSONResource):
         return self.app.logs.history("combined")
 
 
-class LogStream(JSONResource):
+class LogStream(AppResource):
     """EP-10: ``/logs/stream[/<source>]``: history, then live output."""
-
-    isLeaf = True
-
-    def __init__(self, app: App) -> None:
-        super().__init__()
-        self.app = app
 
     def render_GET(self, request: Request):
         rest = request.path[len(b"/logs/stream"):].strip(b"/")
