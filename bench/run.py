@@ -166,6 +166,16 @@ def _status_kb(pid: int, field: str) -> int:
     return 0
 
 
+def cpu_seconds(pid: int) -> float:
+    """user + system CPU time of ``pid`` so far."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return 0.0
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -311,12 +321,13 @@ class Bench:
 
     # -- proxy overhead on the shared fast upstream --
 
-    def with_proxies(self, config: dict, fn: Callable[[int], dict], tag: str) -> dict:
-        out = {"direct": fn(self.up_port)}
+    def with_proxies(self, config: dict, fn: Callable[..., dict], tag: str, pid: bool = False) -> dict:
+        """``fn(port[, pid])`` against the upstream, then against each proxy (after a warm-up run)."""
+        out = {"direct": fn(self.up_port, self.upstream.pid) if pid else fn(self.up_port)}
         for target in self.proxies:
             with target.start(config, self.wd(tag, target.name)) as proxy:
-                fn(proxy.port)  # warm-up run: the model starts, the pools fill
-                out[target.name] = fn(proxy.port)
+                fn(proxy.port, proxy.proc.pid) if pid else fn(proxy.port)  # warm-up: model starts, pools fill
+                out[target.name] = fn(proxy.port, proxy.proc.pid) if pid else fn(proxy.port)
                 out[target.name]["rss_mb"] = round(proxy.proc.rss_kb() / 1024, 1)
         return out
 
@@ -363,14 +374,21 @@ class Bench:
         conc = p["tp_conc"]
         use_wrk = loadgen.wrk_path() is not None and self.mode != "smoke"
 
-        def measure(port: int) -> dict:
+        def measure(port: int, pid: int) -> dict:
+            cpu0 = cpu_seconds(pid)
             if use_wrk:
                 r = loadgen.wrk_throughput(port, "m", conc, p["tp_seconds"])
             else:
                 r = loadgen.throughput(port, chat_request("m"), conc, p["tp_seconds"])
-            return {"rps": round(r["rps"], 1), "errors": r["errors"], "tool": r["tool"]}
+            cpu = cpu_seconds(pid) - cpu0
+            n = max(1, r["requests"])
+            # the server's own CPU time per request (upstream process, or the proxy's daemon)
+            return {"rps": round(r["rps"], 1), "errors": r["errors"], "tool": r["tool"],
+                    "server_cpu_us_per_request": round(cpu / n * 1e6, 1),
+                    "server_cpu_share": round(cpu / r["seconds"], 2)}
 
-        out = self.with_proxies(static_config(self.up_port, concurrency=max(64, conc * 2)), measure, "throughput")
+        out = self.with_proxies(static_config(self.up_port, concurrency=max(64, conc * 2)), measure, "throughput",
+                                pid=True)
         for t in self.proxies:
             out[t.name]["ratio"] = round(out[t.name]["rps"] / out["direct"]["rps"], 3)
         return out
@@ -459,10 +477,11 @@ class Bench:
 
     def s_swap(self) -> dict:
         p = self.p
-        own = self.own_start(lambda port: [sys.executable, str(UPSTREAM), "--port", str(port)],
-                             p["own_n"] + 2, "bench-upstream")
-        own_ms = ms(med(own))
-        out: dict = {"upstream_own_start_p50_ms": own_ms}
+        def own_argv(port: int) -> list:
+            return [sys.executable, str(UPSTREAM), "--port", str(port)]
+
+        own = self.own_start(own_argv, p["own_n"], "bench-upstream")
+        out: dict = {}
         for target in self.proxies:
             config = {"healthCheckTimeout": 30, "models": {
                 x: {"cmd": upstream_cmd("--model", x), "proxy": "http://127.0.0.1:${PORT}"} for x in ("A", "B")}}
@@ -484,8 +503,13 @@ class Bench:
             out[target.name] = {"swap_to_first_byte_p50_ms": ms(med(totals)),
                                 "request_to_upstream_ready_p50_ms": ms(med(pre)),
                                 "upstream_ready_to_first_byte_p50_ms": ms(med(post)),
-                                "overhead_p50_ms": round(ms(med(totals)) - own_ms, 3),
-                                "overhead_max_ms": round(ms(max(totals)) - own_ms, 3), "n": len(totals)}
+                                "n": len(totals)}
+        # own start measured before and after the proxied runs, so both see the same machine
+        own += self.own_start(own_argv, p["own_n"], "bench-upstream-after")
+        own_ms = ms(med(own))
+        out["upstream_own_start_p50_ms"] = own_ms
+        for target in self.proxies:
+            out[target.name]["overhead_p50_ms"] = round(out[target.name]["swap_to_first_byte_p50_ms"] - own_ms, 3)
         return out
 
     def s_mixed_load(self) -> dict:
@@ -584,22 +608,27 @@ class Bench:
             return {"skipped": "llama-server not found"}
         binary, paths = found
         p = self.p
-        own = {}
-        for name in ("chat-a", "chat-b"):
-            own[name] = self.own_start(
-                lambda port, n=name: [binary, "-m", paths[n], "--host", "127.0.0.1", "--port", str(port)],
-                p["own_n"], f"llama-{name}")
-        own_all = own["chat-a"] + own["chat-b"]
-        out: dict = {"llama_server_own_start_p50_ms": ms(med(own_all)), "binary": binary}
-        self._real_own = med(own_all)
+        def own_runs(tag: str) -> list:
+            runs = []
+            for name in ("chat-a", "chat-b"):
+                runs += self.own_start(
+                    lambda port, n=name: [binary, "-m", paths[n], "--host", "127.0.0.1", "--port", str(port)],
+                    p["own_n"], f"llama-{name}-{tag}")
+            return runs
+
+        own_all = own_runs("before")
+        out: dict = {"binary": binary}
         for target in self.proxies:
             config = {"healthCheckTimeout": 60, "models": {
                 n: {"cmd": f"{shlex.quote(binary)} -m {shlex.quote(paths[n])} --host 127.0.0.1 --port ${{PORT}}",
                     "proxy": "http://127.0.0.1:${PORT}"} for n in ("chat-a", "chat-b")}}
             with target.start(config, self.wd("real", target.name)) as proxy:
                 out[target.name] = _alternate(proxy.port, ("chat-a", "chat-b"), p["real_n"], p["warm_n"])
+        own_all += own_runs("after")  # before and after: the same machine state as the proxied runs
+        out["llama_server_own_start_p50_ms"] = ms(med(own_all))
+        for target in self.proxies:
             o = out[target.name]
-            o["overhead_p50_ms"] = round(o["cold_first_byte_p50_ms"] - ms(self._real_own), 3)
+            o["overhead_p50_ms"] = round(o["cold_first_byte_p50_ms"] - ms(med(own_all)), 3)
         return out
 
     def s_router_mode(self) -> dict:
@@ -735,8 +764,10 @@ def rows(results: dict, proxies: list[str]) -> list[tuple]:
          for t, x, y in zip(proxies, a50, a99)],
         "<= 1 / <= 3 ms", None if a50[0] is None else a50[0] <= 1 and a99[0] <= 3)
     ratio = per("throughput_c32", "ratio")
-    add("chat c=32", "req/s (ratio)", g("throughput_c32", "direct", "rps"),
-        [f"{fmt(g('throughput_c32', t, 'rps'))} ({fmt(r)})" for t, r in zip(proxies, ratio)],
+    add("chat c=32", "req/s (ratio); server CPU us/request",
+        f"{fmt(g('throughput_c32', 'direct', 'rps'))}; {fmt(g('throughput_c32', 'direct', 'server_cpu_us_per_request'))}",
+        [f"{fmt(g('throughput_c32', t, 'rps'))} ({fmt(r)}); {fmt(g('throughput_c32', t, 'server_cpu_us_per_request'))}"
+         for t, r in zip(proxies, ratio)],
         ">= 0.5", None if ratio[0] is None else ratio[0] >= 0.5)
     tt, ch = per("stream_500", "added_ttfb_ms"), per("stream_500", "added_chunk_p99_ms")
     add("stream 500 chunks", "added TTFB ms; added per-chunk p99 ms",
