@@ -900,6 +900,16 @@ class LlamaSwapRequest(Request):
             return
         super().requestReceived(command, path, version)
 
+    def write(self, data: bytes) -> None:
+        record = self.llamaswap_record
+        if record is not None and record["ttfb"] is None and data:
+            # MET-2: the first body byte sent, whoever writes it (upstream relay, RT-12
+            # loading progress, a llamaswap error).
+            app = getattr(getattr(self.channel, "site", None), "app", None)
+            if app is not None:
+                record["ttfb"] = app.clock.seconds() - record["started"]
+        super().write(data)
+
     def finish(self) -> None:
         self._site = getattr(self.channel, "site", None)  # finish() may drop the channel
         super().finish()

@@ -444,6 +444,24 @@ class RequestMetricsTests(HTTPCase):
         self.assertEqual(self.value("llamaswap_requests_total", model="a",
                                     endpoint="/v1/chat/completions", status="200"), 1)
 
+    def test_ttfb_and_duration_on_the_clock(self):
+        """MET-2: TTFB to the first body byte, duration to the last, from receipt (injected clock)."""
+        self.upstream.hold = True
+        d = self.request(b"POST", "/v1/chat/completions", b'{"model":"a","stream":true}')
+        up, _ = self.upstream.requests[0]
+        up.setHeader(b"content-type", b"text/event-stream")
+        self.reactor.advance(2)
+        up.write(b"data: 1\n\n")
+        self.flush()
+        response = self.successResultOf(d)
+        response.deliverBody(Collect())
+        self.reactor.advance(3)
+        up.finish()
+        self.flush()
+        labels = dict(model="a", endpoint="/v1/chat/completions")
+        self.assertEqual(self.value("llamaswap_time_to_first_byte_seconds_sum", **labels), 2)
+        self.assertEqual(self.value("llamaswap_request_duration_seconds_sum", **labels), 5)
+
     def test_gzip_body_tokens(self):
         """MET-3: a gzip body relayed decoded (no Content-Encoding left) is still parsed."""
         payload = gzip.compress(b'{"usage":{"prompt_tokens":2,"completion_tokens":1}}')
