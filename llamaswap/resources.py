@@ -755,6 +755,9 @@ class Root(JSONResource):
         if request.method == b"OPTIONS":
             return CorsPreflight()
         if self.app is not None and not auth.check(request, self.app.config.api_keys):
+            endpoint = _dispatched_endpoint(request.path)
+            if endpoint is not None:  # MET-2: a 401 on an inference route counts too
+                self.app.begin_record(request, endpoint)
             return ErrorResource(InvalidAPIKey())
         if path == b"" and not request.postpath:
             return self  # "GET /" renders the root itself (EP-15 redirect)
@@ -762,6 +765,21 @@ class Root(JSONResource):
 
     def render_GET(self, request: Request) -> bytes:
         return Redirect(b"/ui/", 302).render(request)
+
+
+_ROUTE_PATHS = {route.encode("ascii"): route for route in INFERENCE_ROUTES}
+
+
+def _dispatched_endpoint(path: bytes) -> Optional[str]:
+    """The MET-2 ``endpoint`` of a model-dispatched path (EP-1 route or ``/upstream/...``)."""
+    if path.startswith(b"/upstream/"):
+        return "/upstream"
+    while path:
+        route = _ROUTE_PATHS.get(path)
+        if route is not None:
+            return route
+        path = path.rpartition(b"/")[0]
+    return None
 
 
 def _put(root: Resource, path: str, leaf: Resource) -> None:

@@ -497,6 +497,19 @@ class RequestMetricsTests(HTTPCase):
         self.assertEqual(self.value("llamaswap_time_to_first_byte_seconds_count", model="",
                                     endpoint="/v1/chat/completions"), 3)
 
+    def test_unauthorized_counted(self):
+        """MET-2/SEC-2: a 401 on an inference or /upstream route counts, model "", nothing else does."""
+        self.config.api_keys = ("k",)
+        for path in ("/v1/chat/completions", "/v1/messages/count_tokens/x", "/upstream/a/health"):
+            response, _ = self.call(b"POST", path, b'{"model":"a"}')
+            self.assertEqual(response.code, 401)
+        self.call(b"GET", "/v1/models")
+        self.call(b"GET", "/upstream")
+        for endpoint in ("/v1/chat/completions", "/v1/messages/count_tokens", "/upstream"):
+            self.assertEqual(self.value("llamaswap_requests_total", model="", endpoint=endpoint,
+                                        status="401"), 1, endpoint)
+        self.assertEqual(self.metrics.exposition().decode().count("llamaswap_requests_total{"), 3)
+
     def test_concurrency_limit_counted_with_model(self):
         """MET-2: a 429 after resolution carries the model label."""
         self.build([ModelStub(id="a", concurrency_limit=1)])
