@@ -404,6 +404,9 @@ class SSEUsageParser:
         self._acc = _UsageAccumulator()
 
     def feed(self, data: bytes) -> None:
+        if not self._parts and not self._skipping and data.endswith(b"\n") \
+                and b"usage" not in data and b"timings" not in data:
+            return  # the usual token chunk: whole lines, nothing to read
         if self._skipping:
             cut = data.find(b"\n")
             if cut < 0:
