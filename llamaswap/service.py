@@ -116,6 +116,9 @@ class LlamaSwapService(MultiService):
         self.config_path = config_path or config.source
         self.watch_config = watch_config
         self._watch = None
+        # taken now, close to when the file was read, so a change made before the
+        # watcher's first tick (or even before we listen) is still seen (CLI-4)
+        self._watched = _stat_key(self.config_path) if self.config_path else None
         self.reactor = reactor
         self.install_signals = install_signals
         self.logs = LogBroadcaster()
@@ -318,7 +321,6 @@ class LlamaSwapService(MultiService):
     def _start_watching(self) -> None:
         from twisted.internet.task import LoopingCall
 
-        self._watched = _stat_key(self.config_path)
         self._missing_warned = False
         self._watch = LoopingCall(self._check_config_file)
         self._watch.clock = self.reactor
