@@ -157,6 +157,10 @@ def _plan(models: Mapping[str, ModelView], snap: Snapshot, evict_for: Callable) 
         if not blocked:
             swaps.append(Swap(cand.id, evict))
             claimed |= involved
+            # Its target is about to start: later candidates of this pass must see it as
+            # running (as a swap in progress is), or two exclusive models could both start
+            # when whatever blocked them goes away at once (a crash, an unload).
+            running = running | {cand.id}
     return swaps, draining, wake_at
 
 
