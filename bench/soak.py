@@ -22,7 +22,9 @@ A request is *lost* when the client saw anything else (a dropped connection, a t
 success, a non-JSON error) and *hung* when it got no answer within ``--request-timeout``.
 At the end the daemon gets SIGTERM (it must exit 0) and every process that ran a fake
 upstream of this run is looked for: *orphans* are those still alive. The daemon's RSS is
-sampled throughout. Lost, hung and orphans must all be 0; the exit status says so.
+sampled throughout, and the daemon's state transitions are replayed from its log to check that
+no two models of the exclusive group were ever alive together. Lost, hung, orphans and
+overlaps must all be 0; the exit status says so.
 """
 from __future__ import annotations
 
@@ -32,6 +34,7 @@ import http.client
 import json
 import os
 import random
+import re
 import signal
 import socket
 import sys
@@ -61,7 +64,7 @@ def build_config(run_id: str, max_wait: float) -> dict[str, Any]:
     return {
         "healthCheckTimeout": 15,
         "startPort": free_port_range(len(models) + 2),
-        "logLevel": "warn",
+        "logLevel": "info",     # state transitions are read back from the log (overlaps)
         "scheduler": {"maxWait": max_wait},
         "groups": {"helpers": {"swap": False, "exclusive": False, "persistent": True,
                                "members": [PERSISTENT]}},
@@ -78,6 +81,26 @@ def rss_kib(pid: int) -> int | None:
     except OSError:
         return None
     return None
+
+
+_TRANSITION = re.compile(r"\] (\S+): (stopped|starting|ready|stopping|shutdown) -> "
+                         r"(stopped|starting|ready|stopping|shutdown)$")
+
+
+def exclusive_overlaps(log_text: str) -> list[str]:
+    """Moments when two models of the exclusive default group were alive (starting, ready or
+    stopping) at once, replayed from the daemon's ``<id>: <old> -> <new>`` log lines."""
+    state = {mid: "stopped" for mid in SWAPPING}
+    out = []
+    for line in log_text.splitlines():
+        m = _TRANSITION.search(line.rstrip())
+        if not m or m.group(1) not in state:
+            continue
+        state[m.group(1)] = m.group(3)
+        alive = sorted(mid for mid, st in state.items() if st in ("starting", "ready", "stopping"))
+        if len(alive) > 1:
+            out.append(line.strip()[:160] + f"  (alive: {alive})")
+    return out
 
 
 def run_pids(run_id: str) -> list[int]:
@@ -350,6 +373,7 @@ def main(argv: list[str] | None = None) -> int:
             except ProcessLookupError:
                 pass
 
+    overlaps = exclusive_overlaps(d.stdout.text())
     total = sum(stats.outcomes.values())
     warm = [v for t, v in rss if t >= min(20.0, args.duration / 4)] or [v for _, v in rss]
     lat = sorted(stats.latencies)
@@ -367,6 +391,8 @@ def main(argv: list[str] | None = None) -> int:
         "chaos_kills": len(kills),
         "process_groups_seen_sampled": len(seen_pgids),
         "orphans": len(orphans),
+        "exclusive_overlaps": len(overlaps),
+        "overlap_examples": overlaps[:10],
         "orphan_pids": orphans,
         "daemon_exit_status": rc_daemon,
         "healthy_at_end": healthy,
@@ -385,6 +411,7 @@ def main(argv: list[str] | None = None) -> int:
 
     rows = [("requests", total), ("lost (must be 0)", result["lost"]), ("hung (must be 0)", result["hung"]),
             ("orphan processes (must be 0)", result["orphans"]),
+            ("exclusive models alive together (must be 0)", result["exclusive_overlaps"]),
             ("daemon exit status after SIGTERM", rc_daemon),
             ("healthy / next request ok at end", f"{healthy} / {final_request_ok}"),
             ("upstream process groups seen (sampled)", len(seen_pgids)), ("chaos SIGKILLs", len(kills)),
@@ -398,10 +425,11 @@ def main(argv: list[str] | None = None) -> int:
     print()
     for name, value in rows:
         print(f"{name:<{width}}  {value}")
-    for example in result["lost_examples"] + result["hung_examples"]:
+    for example in result["lost_examples"] + result["hung_examples"] + result["overlap_examples"]:
         print("  !", example)
     print(f"\nwrote {out}")
     ok = result["lost"] == 0 and result["hung"] == 0 and result["orphans"] == 0 and rc_daemon == 0 \
+        and not overlaps \
         and healthy and final_request_ok
     return 0 if ok else 1
 

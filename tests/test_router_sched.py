@@ -471,18 +471,20 @@ class RandomOperationsTests(SynchronousTestCase):
     def run_ops(self, seed: int, policy: str) -> None:
         rng = random.Random(seed)
         models = [m(x, ttl=rng.choice([0, 0, 2, 5]), unload_timeout=rng.choice([1, 3]),
-                    concurrency_limit=rng.choice([2, 5, 1000])) for x in "abc"]
-        sim = Sim(models, load={x: rng.uniform(0.2, 2.0) for x in "abc"}, max_wait=rng.choice([0, 1, 5]),
-                  policy=policy)
+                    concurrency_limit=rng.choice([2, 5, 1000])) for x in "abce"]
+        helpers = GroupStub("helpers", swap=False, exclusive=False, persistent=True, members=("e",))
+        sim = Sim(models, load={x: rng.uniform(0.2, 2.0) for x in "abce"}, max_wait=rng.choice([0, 1, 5]),
+                  policy=policy, groups={"helpers": helpers}, profiles={"P": ("a", "e")})
         if rng.random() < 0.5:
-            sim.reactor.ignore_term.add(rng.choice("abc"))
+            sim.reactor.ignore_term.add(rng.choice("abce"))
+        loads: list = []
 
         overlaps: list = []
 
         def alive_check(event: str, payload: Any) -> None:   # (the router swallows listener errors)
             if event == "state":
-                alive = [p.id for p in sim.router.processes()
-                         if p.state in (State.STARTING, State.READY, State.STOPPING)]
+                alive = [p.id for p in sim.router.processes() if p.id != "e"
+                         and p.state in (State.STARTING, State.READY, State.STOPPING)]
                 if len(alive) > 1:
                     overlaps.append((sim.reactor.seconds(), alive))
 
@@ -492,7 +494,9 @@ class RandomOperationsTests(SynchronousTestCase):
             op = rng.random()
             now = sim.reactor.seconds()
             if op < 0.55:
-                sim.request(rng.choice("abc"), now, duration=rng.uniform(0.05, 3.0))
+                target = rng.choice("abcee")
+                profile = "P" if target in "ae" and rng.random() < 0.3 else None
+                sim.request(target, now, duration=rng.uniform(0.05, 3.0), profile=profile)
                 sim.run(now)  # admit now
                 if isinstance(sim.requests[-1].error, ConcurrencyLimit):
                     rejected += 1
@@ -501,7 +505,10 @@ class RandomOperationsTests(SynchronousTestCase):
                 if waiting:
                     rng.choice(waiting).d.cancel()
             elif op < 0.70:
-                sim.router.unload([rng.choice("abc")])
+                sim.router.unload([rng.choice("abce")])
+            elif op < 0.72:
+                loads.append(sim.router.load(rng.choice("abce")))
+                loads[-1].addErrback(lambda f: None)
             elif op < 0.78:
                 live = [p for p in sim.reactor.spawned if p.leader_alive]
                 if live:
@@ -513,11 +520,20 @@ class RandomOperationsTests(SynchronousTestCase):
         for r in sim.requests:
             self.assertTrue(r.d is not None and r.d.called, (seed, r.model_id, r.at))
             self.assertTrue(r.done is not None or r.error is not None, (seed, r.model_id, r.at))
-        for x in "abc":
+        self.assertTrue(all(d.called for d in loads), seed)
+        for x in "abce":
             self.assertEqual(sim.router.counts(x), (0, 0), (seed, x))
             self.assertIn(sim.state(x), ("stopped", "ready"), (seed, x))
         served = sum(1 for r in sim.requests if r.done is not None)
         self.assertGreater(served, 0, seed)
+        if seed % 2:                             # CLI-9 from whatever state was reached
+            late = [sim.request(rng.choice("abce"), sim.reactor.seconds() + 0.01 * i) for i in range(3)]
+            sim.run(sim.reactor.seconds() + 0.5)
+            d = sim.router.stopService()
+            sim.run(sim.reactor.seconds() + 30)
+            self.assertTrue(d.called, seed)
+            self.assertEqual({sim.state(x) for x in "abce"}, {"shutdown"}, seed)
+            self.assertTrue(all(r.done is not None or r.error is not None for r in late), seed)
 
     def test_random_operations_swap_aware(self):
         for seed in range(40):
