@@ -352,6 +352,9 @@ class LlamaSwapService(MultiService):
             self._watch.stop()
         await maybeDeferred(self.listener.stopService)
         await maybeDeferred(self.router.stopService)  # fires once every child is gone
+        peer_pool = getattr(self.app, "peer_pool", None)
+        if peer_pool is not None:
+            await peer_pool.closeCachedConnections()  # idle keep-alives to peers
         self.events.stopService()  # open /api/events streams end cleanly
         self.registry.remove()
         self.log.info("llamaswap stopped")
