@@ -441,6 +441,37 @@ def test_fault11_sigterm_during_start_stops_all_exit_0(start_daemon):
     assert not os.path.exists(d.state_file)
 
 
+def test_fault11_sigterm_during_swap_with_stream_in_flight(start_daemon):
+    """CLI-9 during a swap (the evicted model ignores SIGTERM): the target never starts, its waiter
+    gets 503, an in-flight stream ends with an error event (PROXY-9), every child is gone, exit 0."""
+    cfg = config({"a": model("a", "--ignore-sigterm", unloadTimeout=3), "b": model("b"),
+                  "e": model("e")},
+                 groups={"helpers": {"swap": False, "exclusive": False, "persistent": True, "members": ["e"]}})
+    d = start_daemon(cfg)
+    assert d.chat("a")[0] == 200
+    conn, resp = open_stream(d.port, "POST", "/v1/chat/completions?wait=0.2&chunks=100",
+                             chat_body("e", stream=True))
+    try:
+        assert resp.status == 200
+        first = resp.readline()
+        waiter = in_thread(d.chat, "b")
+        assert wait_until(lambda: states(d).get("a") == "stopping", 5), d.running()
+        d.record_children()
+        pids = [m["pid"] for m in d.running()]
+        t0 = time.monotonic()
+        d.proc.send_signal(signal.SIGTERM)
+        assert error_of(waiter()) == (503, "shutting_down")
+        raw = first + resp.read()
+    finally:
+        conn.close()
+    events = sse_data(raw)
+    assert b"[DONE]" not in raw and json.loads(events[-1])["error"]["code"] == "upstream_error", events[-2:]
+    assert d.wait(3 + 5 + 2) == 0, d.output()
+    assert time.monotonic() - t0 < 3 + 5
+    assert "b: stopped -> starting" not in d.output()
+    assert [p for p in pids if pid_alive(p)] == []
+
+
 # -- 12. daemon SIGKILLed ------------------------------------------------------------------------------
 
 def test_fault12_sigkilled_daemon_leftovers_killed_at_next_start(start_daemon, tmp_path):
