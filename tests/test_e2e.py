@@ -74,23 +74,6 @@ def stop_and_clean(d: Daemon) -> list[str]:
     return problems
 
 
-@pytest.fixture
-def start_daemon(tmp_path):
-    """Start daemons for one test; stop them (and kill leftovers) afterwards."""
-    started: list[Daemon] = []
-
-    def start(cfg: dict[str, Any] | str, **kw: Any) -> Daemon:
-        workdir = tmp_path / f"daemon{len(started)}"
-        workdir.mkdir()
-        d = Daemon(cfg, workdir, **kw)
-        started.append(d)
-        return d.start()
-
-    yield start
-    problems = [p for d in started for p in stop_and_clean(d)]
-    assert not problems, problems
-
-
 SHARED = {
     "a": model("a", aliases=["alias-a"], env=["FAKE_MARK=e2e-mark"], name="Model A",
                description="first model", ttl=300),

@@ -3,7 +3,7 @@ drain and restart, removed ones stop, added ones appear."""
 from __future__ import annotations
 
 from llamaswap.errors import ModelNotFound
-from tests.fakes import ConfigStub, ModelStub
+from tests.fakes import ConfigStub
 from tests.test_router import RouterCase, m
 
 

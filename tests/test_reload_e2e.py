@@ -7,7 +7,7 @@ import signal
 import threading
 
 from tests.daemon import pid_alive, wait_until, write_config
-from tests.test_e2e import config, model, start_daemon  # noqa: F401  (fixture)
+from tests.test_e2e import config, model
 
 
 def rewrite(d, cfg) -> None:

@@ -7,7 +7,6 @@ behind another one. Models are real ``UpstreamProcess`` objects on a ``FakeProce
 from __future__ import annotations
 
 import json
-import re
 
 from treq.client import HTTPClient
 from treq.testing import RequestTraversalAgent, _SynchronousProducer

@@ -14,7 +14,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from llamaswap.errors import (
     ConcurrencyLimit, ModelNotFound, ModelUnloaded, ShuttingDown, UpstreamStartFailed,
     to_openai_error)
-from llamaswap.process import State, UpstreamProcess
+from llamaswap.process import UpstreamProcess
 from llamaswap.router import ModelRouter, Resolved
 from tests.fakes import (
     ConfigStub, FakeLogs, FakePool, FakeProcessReactor, GroupStub, HealthChecks, ModelStub,
