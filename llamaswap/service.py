@@ -145,7 +145,6 @@ class LlamaSwapService(MultiService):
         self.listener = ListenerService(listen, self.site, reactor, self._listening)
         self.listener.setServiceParent(self)
         self._stopping = False
-        self.startup_warnings: list[str] = []
 
     def _observe(self, config: Any) -> None:
         """Metrics (MET-*) and the event hub (EVT-*) follow the router, requests and logs."""
@@ -161,8 +160,8 @@ class LlamaSwapService(MultiService):
     def _make_process(self, model: Any) -> UpstreamProcess:
         return UpstreamProcess(
             model=model, reactor=self.reactor, clock=self.reactor, logs=self.logs,
-            health_timeout=self.router.config.health_check_timeout if hasattr(self, "router")
-            else self.config.health_check_timeout,
+            # the router holds the newest config; it does not exist yet for the first models
+            health_timeout=getattr(getattr(self, "router", None), "config", self.config).health_check_timeout,
             on_spawn=self.registry.spawned, on_reap=self.registry.reaped,
             log=make_logger(self.proxy_log, "llamaswap.process"))
 
@@ -177,8 +176,6 @@ class LlamaSwapService(MultiService):
 
     def _log_config_warnings(self) -> None:
         for warning in self.config.warnings:
-            self.log.warn("{warning}", warning=warning)
-        for warning in self.startup_warnings:
             self.log.warn("{warning}", warning=warning)
         for path in self.config.later_keys:
             self.log.warn("config: '{path}' is not implemented yet (ignored)", path=path)
