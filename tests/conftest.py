@@ -5,8 +5,7 @@ from typing import Any
 
 import pytest
 
-from tests.daemon import Daemon
-from tests.test_e2e import stop_and_clean
+from tests.daemon import Daemon, stop_and_clean
 
 
 @pytest.fixture

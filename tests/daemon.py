@@ -425,3 +425,24 @@ class FakeServer:
     def request(self, method: str, path: str, body: Any = None, **kw: Any) -> Response:
         assert self.port is not None
         return http_request(self.port, method, path, body, **kw)
+
+
+def stop_and_clean(d: "Daemon") -> list[str]:
+    """SIGTERM the daemon (if it still runs), then SIGKILL whatever is left; return what went
+    wrong: an exit status other than 0, or children alive after it stopped (CLI-9).
+
+    The daemon's output is printed so that pytest shows it with any failure.
+    """
+    problems = []
+    try:
+        if d.proc is not None and d.proc.poll() is None:
+            rc = d.stop()
+            if rc != 0:
+                problems.append(f"daemon exit status after SIGTERM: {rc} (expected 0)")
+        left = sorted(p for p in d.child_pids if pid_alive(p))
+        if left:
+            problems.append(f"children alive after the daemon stopped: {left}")
+    finally:
+        d.kill()
+        print(d.output())
+    return problems

@@ -32,6 +32,7 @@ from tests.daemon import (
     multipart,
     open_stream,
     pid_alive,
+    stop_and_clean,
     wait_until,
 )
 
@@ -53,25 +54,6 @@ def port_of(cfg: dict[str, Any], model_id: str) -> int:
     """The ${PORT} of a model (MAC-5: ids in code-point order from startPort)."""
     ids = sorted(m for m, v in cfg["models"].items() if "${PORT}" in v["cmd"])
     return cfg["startPort"] + ids.index(model_id)
-
-
-def stop_and_clean(d: Daemon) -> list[str]:
-    """SIGTERM the daemon, then SIGKILL whatever is left; return what went wrong (CLI-9).
-
-    The daemon's output is printed so that pytest shows it with any failure.
-    """
-    problems = []
-    try:
-        rc = d.stop()
-        left = sorted(p for p in d.child_pids if pid_alive(p))
-        if rc != 0:
-            problems.append(f"daemon exit status after SIGTERM: {rc} (expected 0)")
-        if left:
-            problems.append(f"children alive after the daemon stopped: {left}")
-    finally:
-        d.kill()
-        print(d.output())
-    return problems
 
 
 SHARED = {

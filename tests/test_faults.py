@@ -30,6 +30,7 @@ from tests.daemon import (
     http_request,
     open_stream,
     pid_alive,
+    stop_and_clean,
     wait_until,
 )
 
@@ -60,39 +61,6 @@ def error_of(status_body: tuple[int, Any]) -> tuple[int, str]:
 
 def sse_data(raw: bytes) -> list[str]:
     return [line[len(b"data: "):].decode() for line in raw.split(b"\n") if line.startswith(b"data: ")]
-
-
-def stop_and_clean(d: Daemon) -> list[str]:
-    """SIGTERM, then SIGKILL leftovers; return what went wrong (exit status, children alive)."""
-    problems = []
-    try:
-        if d.proc is not None and d.proc.poll() is None:
-            rc = d.stop()
-            if rc != 0:
-                problems.append(f"daemon exit status after SIGTERM: {rc} (expected 0)")
-        left = sorted(p for p in d.child_pids if pid_alive(p))
-        if left:
-            problems.append(f"children alive after the daemon stopped: {left}")
-    finally:
-        d.kill()
-        print(d.output())
-    return problems
-
-
-@pytest.fixture
-def start_daemon(tmp_path):
-    started: list[Daemon] = []
-
-    def start(cfg: dict[str, Any] | str, **kw: Any) -> Daemon:
-        workdir = tmp_path / f"daemon{len(started)}"
-        workdir.mkdir()
-        d = Daemon(cfg, workdir, **kw)
-        started.append(d)
-        return d.start()
-
-    yield start
-    problems = [p for d in started for p in stop_and_clean(d)]
-    assert not problems, problems
 
 
 def in_thread(fn, *args: Any, **kw: Any):

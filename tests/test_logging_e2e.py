@@ -11,7 +11,8 @@ import re
 import pytest
 
 from tests.daemon import Daemon, wait_until
-from tests.test_e2e import config, model, stop_and_clean
+from tests.daemon import stop_and_clean
+from tests.test_e2e import config, model
 
 PROXY_LINE = re.compile(r"alpha: stopped -> starting")
 CHILD_LINE = re.compile(r"\[alpha\] main: server is listening on http://127\.0\.0\.1:\d+")
