@@ -283,15 +283,8 @@ def _join_url(base: str, path: bytes, query: bytes) -> bytes:
     return url + (b"?" + query if query else b"")
 
 
-class ModelDispatch(Resource):
+class ModelDispatch(AppResource):
     """EP-1: POST inference routes; the model comes from the body or ``?model=`` (RT-1)."""
-
-    isLeaf = True
-
-    def __init__(self, app: App) -> None:
-        super().__init__()
-        self.app = app
-        self.log = app.log
 
     def render(self, request: Request):
         # MET-2: the route pattern (a leaf also gets /v1/chat/completions/x); never the raw path.
@@ -476,15 +469,8 @@ async def serve(app: App, request: Request, model_id: str, profile: Optional[str
             app.emit_record(record)
 
 
-class UpstreamResource(Resource):
+class UpstreamResource(AppResource):
     """EP-3 (listing) and EP-4 (``/upstream/<model>/<path>`` passthrough, RT-5)."""
-
-    isLeaf = True
-
-    def __init__(self, app: App) -> None:
-        super().__init__()
-        self.app = app
-        self.log = app.log
 
     def render(self, request: Request):
         raw_path = request.path
