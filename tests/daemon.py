@@ -446,3 +446,25 @@ def stop_and_clean(d: "Daemon") -> list[str]:
         d.kill()
         print(d.output())
     return problems
+
+
+def in_thread(fn, *args: Any, **kw: Any):
+    """Run fn in a thread; the returned callable joins it and gives its result (or raises)."""
+    box: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            box["value"] = fn(*args, **kw)
+        except BaseException as e:
+            box["error"] = e
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+
+    def result(timeout: float = 30) -> Any:
+        t.join(timeout)
+        assert not t.is_alive(), "request did not finish"
+        if "error" in box:
+            raise box["error"]
+        return box["value"]
+    return result

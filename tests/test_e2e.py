@@ -32,6 +32,7 @@ from tests.daemon import (
     multipart,
     open_stream,
     pid_alive,
+    in_thread,
     stop_and_clean,
     wait_until,
 )
@@ -412,47 +413,25 @@ def test_unload_during_stream_ends_it_with_error_event(start_daemon):
     assert d.running() == []
 
 
-def _in_thread(fn, *args):
-    """Run fn(*args) in a thread; returns a callable that joins and gives the result (or raises)."""
-    box: dict[str, Any] = {}
-
-    def run() -> None:
-        try:
-            box["value"] = fn(*args)
-        except BaseException as e:      # handed back to the test thread
-            box["error"] = e
-
-    t = threading.Thread(target=run, daemon=True)
-    t.start()
-
-    def result(timeout: float = 20) -> Any:
-        t.join(timeout)
-        assert not t.is_alive(), "request did not finish"
-        if "error" in box:
-            raise box["error"]
-        return box["value"]
-    return result
-
-
 def test_unload_during_start_gives_waiters_503(start_daemon):
     """A request waiting on a start that gets unloaded receives 503 model_unloaded (SCHED-10)."""
     d = start_daemon(config({"a": model("a", "--load-delay", "3")}))
-    result = _in_thread(d.chat, "a")
+    result = in_thread(d.chat, "a")
     assert wait_until(lambda: [m["state"] for m in d.running()] == ["starting"], 5), d.running()
     assert d.json("POST", "/api/models/unload/a") == (200, {"msg": "ok"})
-    assert error_of(result()) == (503, "model_unloaded")
+    assert error_of(result(20)) == (503, "model_unloaded")
     assert d.running() == []
 
 
 def test_shutdown_answers_waiters_503(start_daemon):
     """SIGTERM while a request waits for a start answers it with 503 shutting_down and still exits 0."""
     d = start_daemon(config({"a": model("a", "--load-delay", "5")}))
-    result = _in_thread(d.chat, "a")
+    result = in_thread(d.chat, "a")
     assert wait_until(lambda: [m["state"] for m in d.running()] == ["starting"], 5), d.running()
     d.record_children()
     t0 = time.monotonic()
     d.proc.send_signal(signal.SIGTERM)
-    assert error_of(result()) == (503, "shutting_down")
+    assert error_of(result(20)) == (503, "shutting_down")
     assert d.wait(10) == 0, d.output()
     assert time.monotonic() - t0 < 4, "shutdown waited for the load instead of aborting it"
 
@@ -630,10 +609,10 @@ def test_requests_for_same_model_share_one_load(start_daemon):
     d = start_daemon(config({"a": model("a", "--load-delay", "0.5"), "b": model("b", "--load-delay", "0.5")}))
     results = []
     for m in ("a", "b", "a", "b"):
-        results.append((m, _in_thread(d.chat, m)))
+        results.append((m, in_thread(d.chat, m)))
         time.sleep(0.1)                 # admission order a, b, a, b
     for m, result in results:
-        status, body = result()
+        status, body = result(20)
         assert status == 200, body
         assert body["responseMessage"] == f"from {m}"
     logs = d.request("GET", "/logs").text

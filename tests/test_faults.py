@@ -16,7 +16,6 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -30,6 +29,7 @@ from tests.daemon import (
     http_request,
     open_stream,
     pid_alive,
+    in_thread,
     stop_and_clean,
     wait_until,
 )
@@ -61,28 +61,6 @@ def error_of(status_body: tuple[int, Any]) -> tuple[int, str]:
 
 def sse_data(raw: bytes) -> list[str]:
     return [line[len(b"data: "):].decode() for line in raw.split(b"\n") if line.startswith(b"data: ")]
-
-
-def in_thread(fn, *args: Any, **kw: Any):
-    """Run fn in a thread; the returned callable joins it and gives its result (or raises)."""
-    box: dict[str, Any] = {}
-
-    def run() -> None:
-        try:
-            box["value"] = fn(*args, **kw)
-        except BaseException as e:
-            box["error"] = e
-
-    t = threading.Thread(target=run, daemon=True)
-    t.start()
-
-    def result(timeout: float = 30) -> Any:
-        t.join(timeout)
-        assert not t.is_alive(), "request did not finish"
-        if "error" in box:
-            raise box["error"]
-        return box["value"]
-    return result
 
 
 def assert_healthy(d: Daemon, model_id: str | None = None) -> None:
