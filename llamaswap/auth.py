@@ -1,4 +1,4 @@
-"""API keys (SPEC §12, SEC-1..SEC-5): which requests need a key, where the key comes from,
+"""API keys (SEC-1..SEC-5): which requests need a key, where the key comes from,
 and a constant-time check against every configured key.
 
 Pure functions over a twisted.web request's method, path and headers; the resource tree

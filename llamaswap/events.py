@@ -1,4 +1,4 @@
-"""``GET /api/events``: llama-swap's live event stream (SPEC §11: EVT-1..EVT-3).
+"""``GET /api/events``: llama-swap's live event stream (EVT-1..EVT-3).
 
 :class:`EventHub` collects what the web UI shows live and fans it out to every connected
 client as SSE messages framed the llama-swap way::

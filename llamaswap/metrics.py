@@ -1,7 +1,7 @@
-"""Prometheus metrics (SPEC §11: MET-1..MET-3) and the token parsers behind them.
+"""Prometheus metrics (MET-1..MET-3) and the token parsers behind them.
 
 :class:`Metrics` owns our own ``CollectorRegistry`` (never the global ``REGISTRY``, so
-tests stay independent) and every metric of MET-2, with the SPEC's names, labels and
+tests stay independent) and every metric of MET-2, with its documented names, labels and
 buckets. It learns what happens from three feeds, wired by the service:
 
 * router events (``router.listeners``): ``state``, ``queue``, ``stop``, ``start``,
@@ -17,7 +17,7 @@ lines that mention ``usage`` or ``timings``) or a bounded :class:`JSONUsageParse
 ``application/json`` (parsed once, at the end, up to 4 MiB); anything else gets no parser,
 so relaying it costs nothing per chunk.
 
-This module imports nothing else from llamaswap (STYLE §1.3).
+This module imports nothing else from llamaswap.
 """
 from __future__ import annotations
 
@@ -101,12 +101,12 @@ class Metrics:
                                         "llama.cpp timings.predicted_per_second.", ["model"],
                                         buckets=TPS_BUCKETS, registry=r)
         self.stream_errors = Counter("llamaswap_upstream_stream_errors_total",
-                                     "Streams cut by the upstream after the headers (PROXY-9).",
+                                     "Responses whose upstream connection was lost after the headers were relayed.",
                                      ["model"], registry=r)
         self.config_reloads = Counter("llamaswap_config_reloads_total", "Config reloads.",
                                       ["result"], registry=r)
         self.log_dropped = Counter("llamaswap_log_bytes_dropped_total",
-                                   "Log bytes discarded for slow stream readers (LOG-7).",
+                                   "Log bytes discarded for log stream readers too slow to keep up.",
                                    ["source"], registry=r)
         for result in ("success", "failure"):
             self.config_reloads.labels(result=result)
@@ -298,7 +298,7 @@ def _remove(metric: Any, *labels: str) -> None:
 
 
 class MetricsPage(Resource):
-    """EP-11 / MET-1: ``GET /metrics`` in the Prometheus text format (STYLE §2.10)."""
+    """EP-11 / MET-1: ``GET /metrics`` in the Prometheus text format."""
 
     isLeaf = True
 

@@ -13,7 +13,7 @@ import attr
 from llamaswap.errors import InvalidJSON, InvalidMultipart
 
 _CHUNK = 64 * 1024
-#: Multipart part headers larger than this are refused (a sane bound, not a SPEC value).
+#: Multipart part headers larger than this are refused (a sane bound of our own, not a documented limit).
 _MAX_PART_HEADERS = 16 * 1024
 #: The value of the ``model`` form field is read only up to this size.
 _MAX_MODEL_FIELD = 64 * 1024

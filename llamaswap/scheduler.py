@@ -1,4 +1,4 @@
-"""Pure swap decisions (SPEC §6, SCHED-*): no Twisted, no I/O, no clock of its own.
+"""Pure swap decisions (SCHED-*): no Twisted, no I/O, no clock of its own.
 
 The router describes the world as a ``Snapshot`` (model states, in-flight counts,
 waiting requests in admission order, swaps in progress, the time now) and gets back a
@@ -12,7 +12,7 @@ from typing import Callable, Iterable, Mapping, Optional
 
 import attr
 
-#: States in which a model is part of the running set (§1).
+#: States in which a model is part of the running set (starting or ready).
 RUNNING = frozenset({"starting", "ready"})
 
 

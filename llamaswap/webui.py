@@ -1,4 +1,4 @@
-"""The web UI's static files under ``/ui/`` (SPEC §13, EP-15).
+"""The web UI's static files under ``/ui/`` (UI-1, EP-15).
 
 The files live in the package (``llamaswap/ui/``, package data): plain HTML, JS and CSS,
 no build step, nothing fetched from elsewhere at run time (UI-1). ``/ui`` redirects to

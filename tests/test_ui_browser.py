@@ -89,7 +89,7 @@ def test_ui_load_logs_requests_unload(daemon, tmp_path: Path):
 
             alpha.locator("button.load").click()
             expect(alpha.locator(".state")).to_have_text("ready", timeout=TIMEOUT_MS)
-            expect(alpha.locator("a.open")).to_have_attribute("href", "/upstream/alpha/")
+            expect(alpha.locator("a.open")).to_have_attribute("href", "/upstream/alpha/props")
             daemon.record_children()
 
             # Live log output: the combined view shows the fake's startup line and the proxy's

@@ -1,13 +1,13 @@
-// llamaswap web UI (SPEC §13). Plain browser JavaScript, no build step, no external files.
-// Live state comes from /api/events (EVT-*); logs from /logs/stream/<source> (EP-10);
-// actions use POST /api/models/load/<id> (EP-7) and /api/models/unload[/<id>] (EP-6).
-// Credentials: same-origin requests carry the browser's Basic-auth credentials (UI-5);
+// llamaswap web UI. Plain browser JavaScript, no build step, no external files.
+// Live state comes from /api/events; logs from /logs/stream/<source>;
+// actions use POST /api/models/load/<id> and /api/models/unload[/<id>].
+// Credentials: same-origin requests carry the browser's Basic-auth credentials (when apiKeys is set);
 // nothing is stored by the UI.
 "use strict";
 
 const LOG_LIMIT = 256 * 1024;        // characters kept in the log view
 const MAX_REQUESTS = 100;            // rows in the recent-requests table
-const DROP_MARKER = /\n\u2014 \d+ bytes dropped \u2014\n/g;  // LOG-7
+const DROP_MARKER = /\n\u2014 \d+ bytes dropped \u2014\n/g;  // the marker written when a slow reader lost log bytes
 
 const $ = (sel) => document.querySelector(sel);
 const modelsBody = $("#models tbody");
@@ -66,7 +66,7 @@ async function modelAction(id, action) {
   }
 }
 
-// -- models (UI-2) -----------------------------------------------------------------------------
+// -- models --------------------------------------------------------------------------------------
 
 function renderModels() {
   const rows = models.map((m) => {
@@ -81,8 +81,12 @@ function renderModels() {
                      onclick: () => modelAction(m.id, "load") }, busy === "load" ? "Loading…" : "Load"),
       el("button", { type: "button", class: "unload", disabled: !!busy || !running && m.state !== "stopping",
                      onclick: () => modelAction(m.id, "unload") }, busy === "unload" ? "Unloading…" : "Unload"),
-      m.state === "ready" ? el("a", { class: "open", href: `/upstream/${modelPath(m.id)}/`, target: "_blank" },
-                               "open ↗") : null);
+      // The model's own server is reached under /upstream/<id>/. Link to llama-server's /props
+      // (the loaded model's settings): its web UI at /upstream/<id>/ exists only in llama-server
+      // builds that embed it (one built offline has none), so a link there could lead to a 404.
+      m.state === "ready" ? el("a", { class: "open", href: `/upstream/${modelPath(m.id)}/props`, target: "_blank",
+                                      title: `the model's own server (/upstream/${m.id}/): llama-server's /props` },
+                               "props ↗") : null);
     return el("tr", { "data-model": m.id, "data-state": m.state },
       idCell,
       el("td", { class: "desc" }, m.description || ""),
@@ -106,7 +110,7 @@ function updateSourceOptions() {
   if (logSource.value !== current) openLog();
 }
 
-// -- recent requests (UI-4) --------------------------------------------------------------------
+// -- recent requests -----------------------------------------------------------------------------
 
 function fmtMs(ms) {
   if (ms < 0) return "–";
@@ -141,7 +145,7 @@ function addRequests(records) {
   while (requestsBody.rows.length > MAX_REQUESTS) requestsBody.lastElementChild.remove();
 }
 
-// -- live events (EVT-1) -----------------------------------------------------------------------
+// -- live events ---------------------------------------------------------------------------------
 
 function connectEvents() {
   const conn = $("#conn");
@@ -170,7 +174,7 @@ function connectEvents() {
   source.addEventListener("open", () => { first = true; });
 }
 
-// -- logs (UI-3) -------------------------------------------------------------------------------
+// -- logs ----------------------------------------------------------------------------------------
 
 let logAbort = null;
 let logLength = 0;
@@ -254,7 +258,7 @@ async function openLog() {
   }
 }
 
-// -- start ----------------------------------------------------------------------------------------
+// -- start ---------------------------------------------------------------------------------------
 
 $("#unload-all").addEventListener("click", async () => {
   const button = $("#unload-all");
