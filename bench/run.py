@@ -271,10 +271,12 @@ class RunningProxy:
         self.stop()
 
 
-def static_config(port: int, concurrency: int = 64, **top: Any) -> dict:
-    """One model ``m`` whose upstream is the already running bench upstream on ``port``."""
+def static_config(concurrency: int = 64, **top: Any) -> dict:
+    """One model ``m`` running its own copy of the bench upstream (the one the "direct" figures
+    use runs beside it). The proxy must own its upstream: a port held by a process the proxy
+    did not start is refused, so the proxy is never pointed at the shared one."""
     return {"healthCheckTimeout": 30, **top,
-            "models": {"m": {"cmd": "sleep 3600", "proxy": f"http://127.0.0.1:{port}",
+            "models": {"m": {"cmd": upstream_cmd(), "proxy": "http://127.0.0.1:${PORT}",
                              "checkEndpoint": "/health", "concurrencyLimit": concurrency}}}
 
 
@@ -363,7 +365,7 @@ class Bench:
             return {"p50_ms": ms(percentile(lat, 50)), "p99_ms": ms(percentile(lat, 99)), "n": n}
 
         # interleave direct/proxy twice to even out drift
-        out = self.with_proxies(static_config(self.up_port), measure, "latency")
+        out = self.with_proxies(static_config(), measure, "latency")
         for t in self.proxies:
             out[t.name]["added_p50_ms"] = round(out[t.name]["p50_ms"] - out["direct"]["p50_ms"], 3)
             out[t.name]["added_p99_ms"] = round(out[t.name]["p99_ms"] - out["direct"]["p99_ms"], 3)
@@ -387,7 +389,7 @@ class Bench:
                     "server_cpu_us_per_request": round(cpu / n * 1e6, 1),
                     "server_cpu_share": round(cpu / r["seconds"], 2)}
 
-        out = self.with_proxies(static_config(self.up_port, concurrency=max(64, conc * 2)), measure, "throughput",
+        out = self.with_proxies(static_config(concurrency=max(64, conc * 2)), measure, "throughput",
                                 pid=True)
         for t in self.proxies:
             out[t.name]["ratio"] = round(out[t.name]["rps"] / out["direct"]["rps"], 3)
@@ -416,7 +418,7 @@ class Bench:
             return {"ttfb_p50_ms": ms(percentile(ttfb, 50)), "chunk_lag_p50_ms": ms(percentile(per_chunk, 50)),
                     "chunk_lag_p99_ms": ms(percentile(per_chunk, 99)), "chunks": len(per_chunk)}
 
-        out = self.with_proxies(static_config(self.up_port), measure, "stream")
+        out = self.with_proxies(static_config(), measure, "stream")
         for t in self.proxies:
             o = out[t.name]
             o["added_ttfb_ms"] = round(o["ttfb_p50_ms"] - out["direct"]["ttfb_p50_ms"], 3)
@@ -554,7 +556,7 @@ class Bench:
         r = loadgen.run_streams(self.up_port, raw, n, ramp=p["ramp"])
         out["direct"] = {"ok": r["ok"], "errors": r["errors"], "why": r["why"]}
         for target in self.proxies:
-            with target.start(static_config(self.up_port, concurrency=n + 100),
+            with target.start(static_config(concurrency=n + 100),
                               self.wd("streams", target.name)) as proxy:
                 loadgen.run_streams(proxy.port, chat_request("m", stream=True), 4)
                 before = proxy.proc.rss_kb()

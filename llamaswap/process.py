@@ -1,4 +1,4 @@
-"""Supervision of one upstream child process (SPEC §5, PROC-*).
+"""Supervision of one upstream child process (PROC-*).
 
 ``UpstreamProcess`` is an explicit state machine::
 
@@ -26,6 +26,7 @@ from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from llamaswap import ports as _ports
 from llamaswap.errors import UpstreamStartFailed
 
 #: PROC-4: each health check attempt times out after this long (connect included).
@@ -154,7 +155,7 @@ class _UpstreamProtocol(ProcessProtocol):
         self._generation = generation
 
     def childDataReceived(self, fd: int, data: bytes) -> None:
-        self._owner._output(data)
+        self._owner._output(data, stream=fd)
 
     def processExited(self, reason: Failure) -> None:
         self._owner._leader_exited(self._generation, reason)
@@ -169,7 +170,7 @@ class _StopCommandProtocol(ProcessProtocol):
         self.ended: Deferred = Deferred()
 
     def childDataReceived(self, fd: int, data: bytes) -> None:
-        self._owner._output(data, tail=False)
+        self._owner._output(data, tail=False, stream=f"cmdStop{fd}")
 
     def processEnded(self, reason: Failure) -> None:
         self.ended.callback(reason.value)  # the exception, not the Failure: this is a result
@@ -189,6 +190,8 @@ class UpstreamProcess:
     :param http_factory: ``(reactor) -> (treq-like client, pool)``; a fresh pool per child
         lifetime so no connection is reused across children (PROXY-10).
     :param check: ``(client, url) -> Deferred[int status]``; the health probe.
+    :param ports: port ownership checks (``llamaswap.ports.SystemPorts``: ``holder(port)``,
+        ``owner(port, pgid)``, ``leader_exited(pid)``); None turns them off.
     """
 
     model: Any = attr.ib()
@@ -203,6 +206,7 @@ class UpstreamProcess:
     check: Optional[Callable] = attr.ib(default=None)
     kill: Callable = attr.ib(default=os.killpg)
     group_alive: Callable = attr.ib(default=group_alive)
+    ports: Any = attr.ib(default=None)
     log: Logger = attr.ib(factory=lambda: Logger(namespace="llamaswap.process"))
 
     state: State = attr.ib(default=State.STOPPED, init=False)
@@ -224,6 +228,7 @@ class UpstreamProcess:
     _pipes_done: bool = attr.ib(default=False, init=False)
     _spawned_at: float = attr.ib(default=0.0, init=False)
     _stop_cmd: Any = attr.ib(default=None, init=False)
+    _watch: Optional[_ports.Watch] = attr.ib(default=None, init=False)
 
     @property
     def id(self) -> str:
@@ -294,9 +299,13 @@ class UpstreamProcess:
         env = {**os.environ, **self.model.env_dict()}
         try:
             argv = self._resolve_argv(self.model.argv, env)
-            self._transport = self._spawn_argv(_UpstreamProtocol(self, self._generation), argv, env)
+            conflict = self._port_conflict()
+            if conflict is None:
+                self._transport = self._spawn_argv(_UpstreamProtocol(self, self._generation), argv, env)
         except OSError as e:
-            self._fail_start(f"failed to start model '{self.id}': {e.strerror or e}")
+            conflict = f"failed to start model '{self.id}': {e.strerror or e}"
+        if conflict is not None:
+            self._fail_start(conflict)
             self._transition(State.STOPPED)
             return
         self.pid = self._transport.pid
@@ -308,6 +317,17 @@ class UpstreamProcess:
             return
         self._timers["deadline"] = self.clock.callLater(self.health_timeout, self._health_timed_out)
         self._check_health()
+
+    def _port_conflict(self) -> Optional[str]:
+        """The failure message when the model's port is held already; no probe ever goes to
+        a process that was there before our child."""
+        self._watch = _ports.watch_for(self.model) if self.ports is not None else None
+        if self._watch is None:
+            return None
+        holder = self.ports.holder(self._watch.port)
+        if holder is None:
+            return None
+        return _ports.conflict_message(self.id, self._watch.port, holder)
 
     def _resolve_argv(self, argv: tuple[str, ...], env: dict[str, str]) -> list[str]:
         """CMD-5: look argv[0] up in the child's PATH; raise OSError like exec would."""
@@ -363,12 +383,28 @@ class UpstreamProcess:
                 self._health_d = None
             if generation != self._generation or self.state is not State.STARTING or self._leader_gone:
                 return
-            if status == 200:
+            if status == 200 and self._answer_is_ours():
                 self._became_ready()
-            else:
+            elif self.state is State.STARTING:
                 self._timers["next_check"] = self.clock.callLater(HEALTH_INTERVAL, self._check_health)
 
         d.addCallback(_done)
+
+    def _answer_is_ours(self) -> bool:
+        """A 200 counts only while our leader lives and, where /proc tells, only when the
+        listener belongs to its process group; a foreign listener fails the start."""
+        if self.ports is None or self.pid is None:
+            return True
+        if self.ports.leader_exited(self.pid):
+            return False  # the reactor reports the exit soon; that fails the start
+        if self._watch is None or not self._watch.verify_owner:
+            return True
+        verdict, holder = self.ports.owner(self._watch.port, self.pid)
+        if verdict is _ports.Ownership.FOREIGN:
+            self._begin_stop(_ports.conflict_message(self.id, self._watch.port,
+                                                     holder or _ports.Holder()))
+            return False
+        return True
 
     def _probe(self) -> Deferred:
         """One attempt: the status code, or None for refused/timeout/any error."""
@@ -403,8 +439,8 @@ class UpstreamProcess:
 
     # -- output -------------------------------------------------------------------------------
 
-    def _output(self, data: bytes, tail: bool = True) -> None:
-        self.logs.write(self.id, data)
+    def _output(self, data: bytes, tail: bool = True, stream: object = 1) -> None:
+        self.logs.write(self.id, data, stream)
         if tail:
             self._attempt_output += data
             if len(self._attempt_output) > 4 * TAIL_BYTES:
@@ -500,6 +536,7 @@ class UpstreamProcess:
         if generation != self._generation or self._pipes_done:
             return
         self._pipes_done = True
+        self.logs.flush_line(self.id)  # the child's last line may lack its newline
         self._leader_exited(generation, reason)
         self._await_empty_group()
 

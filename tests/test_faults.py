@@ -1,4 +1,4 @@
-"""Fault tolerance, end to end (issue 5, faults 1-13; SPEC §5 PROC-*, §6 SCHED-*, PROXY-7/8/9, CLI-5..9).
+"""Fault tolerance, end to end (issue 5, faults 1-13; PROC-*, SCHED-*, PROXY-7/8/9, CLI-5..9).
 
 Each test runs the real daemon (``twistd -n llamaswap``, tests/daemon.py) in front of
 ``tests/fake_llama_server.py`` children that misbehave on purpose, and checks three things:
@@ -235,23 +235,42 @@ def test_fault06_shell_wrapper_grandchildren_gone_after_stop(start_daemon):
 # -- 7. port already in use ---------------------------------------------------------------------------
 
 def test_fault07_port_in_use_clear_error_no_hang(start_daemon):
-    """The upstream cannot bind its port (someone else listens there): a prompt 502 naming the cause."""
+    """Someone else listens on the model's port when it starts: a prompt 502 naming the port and
+    the holder, and no health probe ever reaches the squatter (it would hang: it never answers)."""
     cfg = config({"a": model("a")})
+    d = start_daemon(cfg)
+    port = port_of(cfg, "a")  # taken after the config was loaded, so allocation could not skip it
     squatter = socket.socket()
-    squatter.bind(("127.0.0.1", port_of(cfg, "a")))
+    squatter.bind(("127.0.0.1", port))
     squatter.listen()                      # accepts connections (health checks hang) but never answers
     try:
-        d = start_daemon(cfg)
         t0 = time.monotonic()
         status, body = d.chat("a")
-        assert time.monotonic() - t0 < 6, "a start whose child cannot bind must not wait for the timeout"
+        assert time.monotonic() - t0 < 6, "a start whose port is taken must not wait for the timeout"
         assert error_of((status, body)) == (502, "upstream_start_failed"), body
         msg = body["error"]["message"]
-        assert "exited with code 1" in msg and "could not bind" in msg, msg
+        assert f"port {port} is already in use by pid {os.getpid()}" in msg, msg
         assert d.running() == []
     finally:
         squatter.close()
     assert_healthy(d, "a")
+
+
+def test_fault07_port_taken_before_startup_is_skipped(start_daemon):
+    """A ${PORT} port already taken when the config is loaded is skipped: the model gets the next
+    free one and its own child answers."""
+    cfg = config({"a": model("a")})
+    squatter = socket.socket()
+    squatter.bind(("127.0.0.1", port_of(cfg, "a")))
+    squatter.listen()
+    try:
+        d = start_daemon(cfg)
+        status, body = d.chat("a")
+        assert status == 200 and "from a" in json.dumps(body), body
+        [running] = d.running()
+        assert not running["proxy"].endswith(f":{port_of(cfg, 'a')}"), running
+    finally:
+        squatter.close()
 
 
 # -- 8. client aborts mid-stream ----------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""UpstreamProcess: spawn, health check, start failures, stop (SPEC PROC-1..PROC-10, PROC-13).
+"""UpstreamProcess: spawn, health check, start failures, stop (PROC-1..PROC-10, PROC-13).
 
 Everything runs on a ``FakeProcessReactor``: no real process, signal or sleep.
 """
@@ -16,6 +16,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.resource import Resource
 
 from llamaswap.errors import UpstreamStartFailed
+from llamaswap.ports import Holder, Ownership
 from llamaswap.process import (
     HEALTH_INTERVAL, State, UpstreamProcess, _session_prefix)
 from tests.fakes import (
@@ -39,7 +40,7 @@ class ProcessCase(SynchronousTestCase):
         self.pools: list = []
         self.http = object()
 
-    def make(self, health_timeout: float = 15, **model_kw) -> UpstreamProcess:
+    def make(self, health_timeout: float = 15, ports=None, **model_kw) -> UpstreamProcess:
         model_kw.setdefault("id", "m")
         self.model = ModelStub(**model_kw)
 
@@ -54,7 +55,7 @@ class ProcessCase(SynchronousTestCase):
             on_transition=lambda p, old, new: self.transitions.append((old.value, new.value)),
             on_spawn=lambda p: self.spawns.append(p.pid), on_reap=lambda p: self.reaps.append(p.pid),
             http_factory=http_factory, check=self.checks, kill=self.reactor.killpg,
-            group_alive=self.reactor.group_alive, log=capture_logger(self.events))
+            group_alive=self.reactor.group_alive, ports=ports, log=capture_logger(self.events))
         return self.proc
 
     @property
@@ -699,3 +700,167 @@ class TransitionTests(ProcessCase):
             return
         self.failureResultOf(d)
         self.assertEqual(self.reactor.spawned, [])
+
+
+class FakePorts:
+    """A ``ports=`` injection: the test says who holds which port and whose leader exited."""
+
+    def __init__(self) -> None:
+        self.holders: dict = {}        # port -> Holder (absent: free)
+        self.owners: dict = {}         # port -> (Ownership, Holder or None)
+        self.exited: set = set()      # pids whose leader has exited (not yet reaped)
+        self.calls: list = []
+
+    def holder(self, port):
+        self.calls.append(("holder", port))
+        return self.holders.get(port)
+
+    def owner(self, port, pgid):
+        self.calls.append(("owner", port, pgid))
+        return self.owners.get(port, (Ownership.OWN, None))
+
+    def leader_exited(self, pid):
+        self.calls.append(("leader_exited", pid))
+        return pid in self.exited
+
+
+class PortOwnershipTests(ProcessCase):
+    """A model is ready only when its own child answers."""
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.ports = FakePorts()
+
+    def executable(self, name: str) -> str:
+        path = os.path.join(self.tmpdir(), name)
+        with open(path, "w") as f:
+            f.write("#!/bin/sh\n")
+        os.chmod(path, stat.S_IRWXU)
+        return path
+
+    def test_foreign_holder_fails_at_once_without_spawn_or_probe(self):
+        """A port held before the start: 502-style failure naming port, pid and command; no probe."""
+        self.ports.holders[5800] = Holder(1234, "llama-server --port 5800")
+        proc = self.make(ports=self.ports, id="b", proxy="http://127.0.0.1:5800")
+        f = self.failureResultOf(proc.start(), UpstreamStartFailed)
+        self.assertEqual(f.value.message, "failed to start model 'b': port 5800 is already in use "
+                                          "by pid 1234 (llama-server --port 5800)")
+        self.assertEqual(self.reactor.spawned, [])
+        self.assertEqual(self.checks.count, 0)
+        self.assertIs(proc.state, State.STOPPED)
+        self.assertEqual(self.transitions, [("stopped", "starting"), ("starting", "stopped")])
+        self.assertNoTimers()
+        del self.ports.holders[5800]   # freed: the next start is a normal one
+        d = proc.start()
+        self.checks.answer(200)
+        self.successResultOf(d)
+
+    def test_port_taken_after_allocation_fails_the_start(self):
+        """A ${PORT} port that someone took after the config was loaded fails the same way."""
+        self.ports.holders[5801] = Holder()
+        proc = self.make(ports=self.ports, proxy="http://localhost:5801", port=5801)
+        f = self.failureResultOf(proc.start(), UpstreamStartFailed)
+        self.assertEqual(f.value.message, "failed to start model 'm': port 5801 is already in use")
+        self.assertEqual(self.checks.count, 0)
+
+    def test_port_checked_on_every_local_address_form(self):
+        """0.0.0.0, [::1] and localhost proxies are local: their port is checked."""
+        for proxy in ("http://0.0.0.0:5802", "http://[::1]:5802", "http://localhost:5802/base"):
+            self.ports.holders[5802] = Holder()
+            proc = self.make(ports=self.ports, proxy=proxy)
+            self.failureResultOf(proc.start(), UpstreamStartFailed)
+
+    def test_leader_exited_200_is_ignored(self):
+        """A 200 while the leader has exited (not yet reaped) does not make the model ready."""
+        proc = self.make(ports=self.ports)
+        d = proc.start()
+        self.ports.exited.add(self.child.pid)
+        self.checks.answer(200)
+        self.assertIs(proc.state, State.STARTING)
+        self.assertNoResult(d)
+        self.child.exit(code=1)
+        f = self.failureResultOf(d, UpstreamStartFailed)
+        self.assertEqual(f.value.message, "failed to start model 'm': exited with code 1")
+        self.assertNotIn(("starting", "ready"), self.transitions)
+
+    def test_200_after_exit_in_same_turn_is_ignored(self):
+        """processExited first, then the probe's 200: the start has failed and stays failed."""
+        proc = self.make(ports=self.ports)
+        d = proc.start()
+        self.child.leader_exit(code=1)
+        self.checks.answer(200)
+        self.failureResultOf(d, UpstreamStartFailed)
+        self.assertIsNot(proc.state, State.READY)
+        self.child.pipes_closed(code=1)
+        self.assertIs(proc.state, State.STOPPED)
+        self.assertNoTimers()
+
+    def test_listener_outside_group_fails_and_stops_child(self):
+        """/proc shows another process listening: the start fails and our child is stopped."""
+        self.ports.owners[5800] = (Ownership.FOREIGN, Holder(77, "python fake_llama_server.py"))
+        proc = self.make(ports=self.ports, unload_timeout=3)
+        d = proc.start()
+        self.checks.answer(200)
+        f = self.failureResultOf(d, UpstreamStartFailed)
+        self.assertEqual(f.value.message, "failed to start model 'm': port 5800 is already in use "
+                                          "by pid 77 (python fake_llama_server.py)")
+        self.assertIn(("owner", 5800, self.child.pid), self.ports.calls)
+        self.assertIs(proc.state, State.STOPPING)
+        self.assertEqual(self.reactor.signals_to(self.child.pid), [TERM])
+        self.child.exit(sig=TERM)
+        self.assertIs(proc.state, State.STOPPED)
+        self.assertNoTimers()
+
+    def test_listener_in_group_or_unknown_is_ready(self):
+        """OWN, or UNKNOWN (no /proc), lets the 200 through."""
+        for verdict in (Ownership.OWN, Ownership.UNKNOWN):
+            self.ports.owners[5800] = (verdict, None)
+            proc = self.make(ports=self.ports)
+            d = proc.start()
+            self.checks.answer(200)
+            self.successResultOf(d)
+            self.assertIs(proc.state, State.READY)
+
+    def test_docker_fallback_checks_only_that_port_was_free(self):
+        """docker/podman: the listener is dockerd's, so only the free-port check applies."""
+        for runner in ("docker", "podman", "nerdctl"):
+            self.ports = FakePorts()
+            self.ports.owners[5800] = (Ownership.FOREIGN, Holder(1, "docker-proxy"))
+            proc = self.make(ports=self.ports, argv=(self.executable(runner), "run", "-p", "5800:8080", "img"))
+            d = proc.start()
+            self.checks.answer(200)
+            self.successResultOf(d)
+            self.assertEqual([c[0] for c in self.ports.calls], ["holder", "leader_exited"])
+            self.ports.holders[5800] = Holder()
+            proc2 = self.make(ports=self.ports, argv=(self.executable(runner), "run"))
+            self.failureResultOf(proc2.start(), UpstreamStartFailed)
+
+    def test_cmd_stop_fallback(self):
+        """Runner-style models (cmdStop) get the free-port check only."""
+        self.ports.owners[5800] = (Ownership.FOREIGN, Holder(1, "runner"))
+        proc = self.make(ports=self.ports, cmd_stop_argv=(EXE, "-c", "pass"))
+        d = proc.start()
+        self.checks.answer(200)
+        self.successResultOf(d)
+        self.assertNotIn("owner", [c[0] for c in self.ports.calls])
+
+    def test_remote_proxy_checks_only_its_local_port(self):
+        """A proxy to another host: no ownership check; its ${PORT} (if any) must be free here."""
+        self.ports.owners[8080] = (Ownership.FOREIGN, None)
+        proc = self.make(ports=self.ports, proxy="http://192.0.2.1:8080")
+        d = proc.start()
+        self.checks.answer(200)
+        self.successResultOf(d)
+        self.assertEqual([c[0] for c in self.ports.calls], ["leader_exited"])
+        self.ports.holders[5805] = Holder()
+        proc = self.make(ports=self.ports, proxy="http://192.0.2.1:5805", port=5805)
+        self.failureResultOf(proc.start(), UpstreamStartFailed)
+
+    def test_check_endpoint_none_gets_free_port_check(self):
+        """With checkEndpoint none there is no answer to verify; the port must still be free."""
+        self.ports.holders[5800] = Holder(9, "x")
+        proc = self.make(ports=self.ports, check_endpoint=None)
+        self.failureResultOf(proc.start(), UpstreamStartFailed)
+        del self.ports.holders[5800]
+        self.successResultOf(self.make(ports=self.ports, check_endpoint=None).start())
+
