@@ -1,5 +1,5 @@
 """
-Log sources, their history rings and their live subscribers (SPEC §10, LOG-1..LOG-7).
+Log sources, their history rings and their live subscribers (LOG-1..LOG-7).
 
 Two pieces live here:
 
@@ -8,22 +8,31 @@ Two pieces live here:
   (EP-9, EP-10).  Each subscriber is an ``IPushProducer`` registered on its HTTP request,
   so a slow reader is paused by its own transport and never slows a child, the rings or
   other readers (LOG-3, LOG-7).
+
+  A model's own source holds its child's output byte-for-byte, as llama-swap's does.
+  ``upstream`` and ``combined`` only ever receive whole lines, each child line prefixed
+  with its model id (``[chat-a] I slot print_timing: ...``): a pipe read can end in the
+  middle of a line, and copying such chunks raw would splice another child's output or a
+  proxy line (the access log) into it; with several children resident, unprefixed lines
+  could not be told apart either.  llama-swap's ``upstream`` is raw, so this is a
+  deliberate difference.
 * :class:`ProxyLogObserver` is the one ``ILogObserver`` behind every llamaswap
   ``Logger``: it filters by ``logLevel`` (CFG-11), stores ``[LEVEL] message`` lines in the
   ``proxy`` source (LOG-4) and forwards to the twistd log as ``logToStdout`` says
   (CFG-12, LOG-6).
 
 Modules get a logger bound to the observer by constructor injection, never from a
-module-level global (STYLE §5 pitfall 13)::
+module-level global (pitfall 13)::
 
     log = make_logger(proxy_observer, "llamaswap.router")
     router = ModelRouter(..., log=log)
 
-This module imports nothing else from llamaswap (STYLE §1.3).
+This module imports nothing else from llamaswap.
 """
 
 from __future__ import annotations
 
+import re
 from collections import Counter, deque
 from typing import Any, Callable, Protocol
 
@@ -62,7 +71,10 @@ _BUILTIN_SOURCES = (PROXY, UPSTREAM, COMBINED)
 
 DEFAULT_HISTORY_BYTES = 102400  # LOG-2: 100 KiB per source
 QUEUE_LIMIT = 256 * 1024  # LOG-7: bytes queued per paused subscriber
-LINE_BUFFER_LIMIT = 64 * 1024  # LOG-6 copy: a longer partial line is flushed as a line
+LINE_BUFFER_LIMIT = 64 * 1024  # a longer partial line is flushed as a line
+
+# End of a line: \n, with any \r before it (\r\n), or a run of lone \r (progress bars).
+_EOL = re.compile(rb"\r*\n|\r+")
 
 
 class _Consumer(Protocol):
@@ -258,13 +270,21 @@ class LogBroadcaster(Service):
     line may be partial (LOG-2 allows dropping it; we keep the bytes untouched and let the
     reader decide — a byte-exact copy is easier to reason about and to test).
 
+    Child output (:meth:`write`) is kept raw in the model's source and split into lines
+    for everything else: ``upstream``, ``combined`` and the twistd log copy.  A partial
+    line is held per model until its end arrives, the child exits (:meth:`flush_line`),
+    the model is removed or the service stops; a held line longer than
+    :data:`LINE_BUFFER_LIMIT` is emitted as a line of its own.  ``\\r\\n`` ends a line like
+    ``\\n``; a lone ``\\r`` (a progress bar redrawing itself) ends one too, so each update
+    becomes a line, and blank updates are skipped.
+
     :param history_bytes: ring size per source (LOG-2: 102 400).
     :param on_dropped: ``callable(source, nbytes)`` called whenever bytes are discarded
         for a slow subscriber; wire it to ``llamaswap_log_bytes_dropped_total``.
     :param upstream_line_observer: ``callable(model_id, line: str)`` receiving child output
-        one complete line at a time (without ``\\n``/``\\r\\n``, undecodable bytes
-        replaced) for the twistd log copy (LOG-6).  May be assigned later through the
-        attribute of the same name, e.g. ``ProxyLogObserver.upstream_line``.
+        one complete line at a time (without its line ending, undecodable bytes replaced)
+        for the twistd log copy (LOG-6).  May be assigned later through the attribute of
+        the same name, e.g. ``ProxyLogObserver.upstream_line``.
     :ivar dropped_bytes: ``Counter`` source -> bytes discarded for slow subscribers.
     """
 
@@ -279,7 +299,7 @@ class LogBroadcaster(Service):
         self._queue_limit = queue_limit
         self._rings: dict[str, _ByteRing] = {s: _ByteRing(history_bytes) for s in _BUILTIN_SOURCES}
         self._subscribers: dict[str, list[Subscription]] = {s: [] for s in _BUILTIN_SOURCES}
-        self._partial_lines: dict[str, bytes] = {}
+        self._partial_lines: dict[tuple[str, object], bytes] = {}
         self._stopped = False
         self.on_dropped = on_dropped
         self.upstream_line_observer = upstream_line_observer
@@ -330,30 +350,38 @@ class LogBroadcaster(Service):
 
     # Writing
 
-    def write(self, model_id: str, data: bytes) -> None:
+    def write(self, model_id: str, data: bytes, stream: object = 1) -> None:
         """
-        Record a chunk of child output byte-for-byte (LOG-3).
+        Record a chunk of child output; never blocks, never raises because of a slow reader.
 
-        It goes into the model's ring (when :meth:`add_source` was called for it), the
-        ``upstream`` ring and the ``combined`` ring, and to their live subscribers.  It
-        never blocks and never raises because of a slow reader.  Complete lines also go
-        to :attr:`upstream_line_observer` (LOG-6).
+        ``stream`` names the pipe the chunk came from (1 stdout, 2 stderr, or any other
+        key, e.g. for a ``cmdStop`` command's output): each pipe has its own partial line,
+        so a half line on stderr is never completed by stdout's next bytes.
+
+        The chunk goes byte-for-byte into the model's source (when :meth:`add_source` was
+        called for it) and to its live subscribers (LOG-3).  The lines it completes go to
+        ``upstream`` and ``combined`` as ``[<model_id>] <line>\\n``, and to
+        :attr:`upstream_line_observer` (LOG-6); an unfinished line is held back.
         """
         if not data:
             return
         data = bytes(data)
         if model_id in self._rings and model_id not in _BUILTIN_SOURCES:
             self._publish(model_id, data)
-        self._publish(UPSTREAM, data)
-        self._publish(COMBINED, data)
-        if self.upstream_line_observer is not None:
-            self._split_lines(model_id, data)
+        self._emit_lines(model_id, self._split_lines((model_id, stream), data))
 
     def write_proxy(self, data: bytes) -> None:
-        """Record proxy log bytes (already ``[LEVEL] message\\n`` lines) in ``proxy`` and ``combined``."""
+        """
+        Record proxy log lines (``[LEVEL] message\\n``, LOG-4) in ``proxy`` and ``combined``.
+
+        ``data`` is published in one piece, so it can never be split by child output; a
+        missing final newline is added.
+        """
         if not data:
             return
         data = bytes(data)
+        if not data.endswith(b"\n"):
+            data += b"\n"
         self._publish(PROXY, data)
         self._publish(COMBINED, data)
 
@@ -362,30 +390,57 @@ class LogBroadcaster(Service):
         for sub in list(self._subscribers[source]):
             sub.deliver(data)
 
-    # Line splitting for the twistd log copy (LOG-6)
+    # Line splitting for upstream, combined and the twistd log copy
 
-    def _split_lines(self, model_id: str, data: bytes) -> None:
-        buffered = self._partial_lines.pop(model_id, b"") + data
-        *lines, rest = buffered.split(b"\n")
-        for line in lines:
-            self._emit_line(model_id, line)
+    def _split_lines(self, key: tuple[str, object], data: bytes) -> list[bytes]:
+        """The lines ``data`` completes for ``key`` (model id, pipe) without their endings;
+        holds the rest."""
+        buffered = self._partial_lines.pop(key, b"") + data
+        # A trailing \r may be the first half of \r\n: decide once the next byte is here.
+        body = buffered.rstrip(b"\r")
+        lines = []
+        start = 0
+        for match in _EOL.finditer(body):
+            line = body[start : match.start()]
+            start = match.end()
+            if match.group().endswith(b"\r") and not line.strip():
+                continue  # a progress bar clearing or starting its line
+            lines.append(line)
+        rest = buffered[start:]
+        if rest.endswith(b"\r\r"):
+            rest = rest.rstrip(b"\r") + b"\r"  # one held \r decides as well as many
         if len(rest) > LINE_BUFFER_LIMIT:
-            self._emit_line(model_id, rest)  # a runaway line must not grow without bound
-        elif rest:
-            self._partial_lines[model_id] = rest
+            # A runaway line must not grow without bound; keep a cut UTF-8 character whole.
+            cut = _utf8_boundary(rest.rstrip(b"\r"))
+            lines.append(rest[:cut])
+            rest = rest[cut:]
+        if rest:
+            self._partial_lines[key] = rest
+        return lines
 
     def flush_line(self, model_id: str) -> None:
-        """Hand a buffered partial line to the line observer, e.g. once the child exited."""
-        rest = self._partial_lines.pop(model_id, b"")
-        if rest:
-            self._emit_line(model_id, rest)
+        """
+        Emit ``model_id``'s held partial lines (one per pipe), each with a newline added.
 
-    def _emit_line(self, model_id: str, line: bytes) -> None:
-        if line.endswith(b"\r"):
-            line = line[:-1]
+        Call it when the child exited (its last line may lack a newline), so that the
+        next child of the same model starts on a line of its own.
+        """
+        for key in [k for k in self._partial_lines if k[0] == model_id]:
+            rest = self._partial_lines.pop(key).rstrip(b"\r")
+            if rest:
+                self._emit_lines(model_id, [rest])
+
+    def _emit_lines(self, model_id: str, lines: list[bytes]) -> None:
+        if not lines:
+            return
+        prefix = b"[" + model_id.encode("utf-8", errors="replace") + b"] "
+        data = b"".join(prefix + line + b"\n" for line in lines)
+        self._publish(UPSTREAM, data)
+        self._publish(COMBINED, data)
         observer = self.upstream_line_observer
         if observer is not None:
-            observer(model_id, line.decode("utf-8", errors="replace"))
+            for line in lines:
+                observer(model_id, line.decode("utf-8", errors="replace"))
 
     # Reading
 
@@ -441,11 +496,11 @@ class LogBroadcaster(Service):
         """
         End every live subscriber, finishing the responses still connected.
 
-        Runs last at shutdown (STYLE §1.2); output written afterwards is still recorded.
+        Runs last at shutdown; output written afterwards is still recorded.
         """
         super().stopService()
         self._stopped = True
-        for model_id in list(self._partial_lines):
+        for model_id in {key[0] for key in self._partial_lines}:
             self.flush_line(model_id)
         for subs in list(self._subscribers.values()):
             for sub in list(subs):
@@ -481,7 +536,7 @@ def _check_to_stdout(value: str) -> str:
 @implementer(ILogObserver)
 class ProxyLogObserver:
     """
-    The observer behind every llamaswap ``Logger`` (STYLE §2.9).
+    The observer behind every llamaswap ``Logger``.
 
     Events below the level are dropped: neither stored nor forwarded (LOG-4).  Others are
     stored in the ``proxy`` source as ``[LEVEL] <formatted message>\\n`` (with the
@@ -540,6 +595,18 @@ class ProxyLogObserver:
         """
         if self._to_stdout in ("upstream", "both"):
             self._upstream_log.info("[{model}] {line}", model=model_id, line=line)
+
+
+def _utf8_boundary(data: bytes) -> int:
+    """``len(data)``, or less so that a UTF-8 sequence cut at the end is left out."""
+    for back in range(1, min(4, len(data)) + 1):
+        byte = data[-back]
+        if byte < 0x80:
+            return len(data)  # ASCII: nothing is cut
+        if byte >= 0xC0:  # the lead byte of a sequence of `need` bytes
+            need = 2 if byte < 0xE0 else 3 if byte < 0xF0 else 4
+            return len(data) if back >= need else len(data) - back
+    return len(data)  # only continuation bytes: not UTF-8 we could keep whole
 
 
 def format_proxy_line(event: dict, label: str) -> bytes:

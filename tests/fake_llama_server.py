@@ -1,4 +1,4 @@
-"""A fake llama-server for tests that run real processes (SPEC Appendix A).
+"""A fake llama-server for tests that run real processes (the fake upstream's documented behaviour).
 
 Run it as ``python tests/fake_llama_server.py --port N [options]``; it binds
 127.0.0.1 only. It is also importable: :func:`parse_args` and :func:`make_site`
@@ -116,6 +116,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--chunk-delay", type=float, default=0.0, help="seconds between SSE chunks")
     p.add_argument("--crash-after-chunks", type=int, default=None,
                    help="exit the process after N SSE chunks (like ?die_after=N)")
+    p.add_argument("--split-log-lines", type=float, default=None, metavar="DELAY",
+                   help="after each non-streamed chat answer, write a print_timing line to stderr "
+                        "in three pieces, DELAY seconds apart (the first right after the answer)")
     p.add_argument("--silent", action="store_true", help="write nothing to stdout/stderr")
     return p.parse_args(argv)
 
@@ -134,10 +137,15 @@ class Output:
         if not self.silent:
             self._write(sys.stdout, line)
 
+    def err_piece(self, text: str) -> None:
+        """``text`` on stderr as is: a piece of a line, or its end if it ends with a newline."""
+        if not self.silent:
+            self._write(sys.stderr, text, end="")
+
     @staticmethod
-    def _write(stream: Any, line: str) -> None:
+    def _write(stream: Any, line: str, end: str = "\n") -> None:
         try:
-            stream.write(line + "\n")
+            stream.write(line + end)
             stream.flush()
         except (BrokenPipeError, ValueError, OSError):
             # The reader (the daemon) is gone, e.g. SIGKILLed: carry on like llama-server would,
@@ -278,6 +286,8 @@ class FakeLlamaResource(Resource):
             request.notifyFinish().addErrback(lambda _: None)
             self.state.clock.callLater(0.05, self.state.crash, "died while generating (die)")
             return server.NOT_DONE_YET
+        if self.state.args.split_log_lines is not None:
+            self.timing_in_pieces(self.state.args.split_log_lines)
         return _json(request, {
             "id": "chatcmpl-fake",
             "object": "chat.completion",
@@ -293,6 +303,14 @@ class FakeLlamaResource(Resource):
             "usage": dict(STREAM_USAGE),
             "timings": dict(STREAM_TIMINGS),
         })
+
+    def timing_in_pieces(self, delay: float) -> None:
+        """--split-log-lines: one llama-server print_timing line, written in three pieces."""
+        pieces = ["slot print_timing: id  0 | task 1 | ",
+                  "prompt eval time =     250.00 ms /    25 tokens",
+                  " (  10.00 ms per token,   100.00 tokens per second)\n"]
+        for i, piece in enumerate(pieces):  # the first right after this request's access line
+            self.state.clock.callLater(i * delay, self.state.out.err_piece, piece)
 
     def stream(self, request: server.Request, model: str) -> int:
         qs = _qs(request)

@@ -1,4 +1,4 @@
-"""Test doubles shared by the unit tests (STYLE §2.4, §2.6).
+"""Test doubles shared by the unit tests.
 
 * ``FakeProcessReactor``: a ``MemoryReactorClock`` that can ``spawnProcess``; it also plays
   the OS for process groups (``killpg`` / ``group_alive``), so ``UpstreamProcess`` gets
@@ -216,12 +216,16 @@ class FakeLogs:
 
     def __init__(self) -> None:
         self.writes: list[tuple[str, bytes]] = []
+        self.flushed: list[str] = []  # flush_line calls (the child exited)
 
-    def write(self, model_id: str, data: bytes) -> None:
+    def write(self, model_id: str, data: bytes, stream: object = 1) -> None:
         self.writes.append((model_id, data))
 
     def data(self, model_id: str) -> bytes:
         return b"".join(d for m, d in self.writes if m == model_id)
+
+    def flush_line(self, model_id: str) -> None:
+        self.flushed.append(model_id)
 
 
 class HealthChecks:

@@ -1,4 +1,4 @@
-"""``GET /api/events`` (SPEC §11 EVT-1..EVT-3): framing, the snapshot, live events,
+"""``GET /api/events`` (EVT-1..EVT-3): framing, the snapshot, live events,
 keepalives on the injected clock, and slow clients dropped without stalling others.
 
 The router is the real ``ModelRouter`` over fake processes (tests/test_resources.py's
@@ -153,7 +153,7 @@ class SnapshotTests(EventsCase):
         self.assertEqual([t for t, _ in messages], ["logData", "logData", "modelStatus", "metrics"])
         self.assertEqual(messages[0][1]["source"], "proxy")
         self.assertIn("[INFO] hello\n", messages[0][1]["data"])
-        self.assertEqual(messages[1][1], {"source": "upstream", "data": "child says hi\n"})
+        self.assertEqual(messages[1][1], {"source": "upstream", "data": "[a] child says hi\n"})
         self.assertEqual(messages[2][1], [
             {"id": "a", "name": "Model A", "description": "first", "state": "stopped", "unlisted": False,
              "aliases": ["gpt"], "inflight": 0, "waiting": 0},
@@ -229,8 +229,9 @@ class LiveTests(EventsCase):
         self.logs.write_proxy(b"[INFO] p\n")
         self.assertEqual(request.messages(), [])
         self.turn()
-        self.assertEqual(request.messages(), [("logData", {"source": "proxy", "data": "[INFO] p\n"}),
-                                              ("logData", {"source": "upstream", "data": "one\ntwo\n"})])
+        self.assertEqual(request.messages(), [
+            ("logData", {"source": "proxy", "data": "[INFO] p\n"}),
+            ("logData", {"source": "upstream", "data": "[a] one\n[b] two\n"})])
 
     def test_utf8_split_between_chunks(self):
         """EVT-2: a character split across two chunks of child output arrives whole."""
@@ -241,7 +242,7 @@ class LiveTests(EventsCase):
         self.logs.write("a", b"\xa9\n")
         self.turn()
         text = "".join(p["data"] for t, p in request.messages() if t == "logData")
-        self.assertEqual(text, "café\n")
+        self.assertEqual(text, "[a] café\n")
 
     def test_metrics_record_per_request(self):
         """EVT-2: one metrics event per finished request, with every field; unknown values are -1."""
@@ -319,7 +320,7 @@ class SlowClientTests(EventsCase):
         while sent <= MAX_UNSENT:
             self.logs.write("a", chunk)
             self.turn()
-            sent += len(chunk)
+            sent += len(b"[a] ") + len(chunk)  # upstream lines carry the model id
         self.assertTrue(slow.channel.transport.aborted)
         self.assertFalse(fast.channel.transport.aborted)
         self.assertEqual(self.hub.client_count(), 1)

@@ -1,16 +1,21 @@
-"""Logging through the real daemon (SPEC §10): ``logToStdout`` picks what reaches the twistd
+"""Logging through the real daemon: ``logToStdout`` picks what reaches the twistd
 log (LOG-6), ``logLevel`` filters what is stored and logged (LOG-4), and the combined
 history does not depend on either (LOG-1).
 
 The daemon runs with ``-n --logfile=-``, so its stdout is the twistd log.
+
+``/logs`` gets child output as whole lines prefixed with the model id, so a line a child
+writes in pieces is never split by the proxy's own lines; ``/logs/stream/<id>`` stays raw.
 """
 from __future__ import annotations
 
 import re
+import shlex
+import sys
 
 import pytest
 
-from tests.daemon import Daemon, wait_until
+from tests.daemon import Daemon, open_stream, wait_until
 from tests.daemon import stop_and_clean
 from tests.test_e2e import config, model
 
@@ -67,8 +72,67 @@ def test_log_level_warn(tmp_path):
 
 
 def test_log_level_debug(tmp_path):
-    """LOG-4: with logLevel debug, INFO and DEBUG lines are stored as '[LEVEL] message'."""
+    """LOG-4: with logLevel debug, INFO and DEBUG lines are stored as '[LEVEL] message' (and
+    child lines as '[alpha] line')."""
     _, history = run(tmp_path, logLevel="debug")
     assert "[INFO] alpha: stopped -> starting" in history
-    assert all(re.match(r"\[(DEBUG|INFO|WARN|ERROR)\] ", line) for line in history.splitlines()
+    assert all(re.match(r"\[(DEBUG|INFO|WARN|ERROR|alpha)\] ", line) for line in history.splitlines()
                if line.startswith("[") and not line.startswith("[ui]")), history
+
+
+TIMING = ("slot print_timing: id  0 | task 1 | prompt eval time =     250.00 ms /    25 tokens"
+          " (  10.00 ms per token,   100.00 tokens per second)")
+ACCESS = '"POST /v1/chat/completions HTTP/1.1" 200'
+LINE_START = re.compile(r"\[(alpha|dies|DEBUG|INFO|WARN|ERROR)\] ")
+SPLICED = re.compile(r".\[(alpha|dies|DEBUG|INFO|WARN|ERROR)\] ")  # a line start inside a line
+
+
+def read_stream_until(port, path, needle, timeout=10.0):
+    """The bytes of a never-ending log stream, read until ``needle`` shows up."""
+    conn, resp = open_stream(port, "GET", path, timeout=timeout)
+    data = b""
+    try:
+        while needle not in data:
+            chunk = resp.read1(65536)
+            if not chunk:
+                break
+            data += chunk
+    finally:
+        conn.close()
+    return data
+
+
+def test_child_lines_whole_and_prefixed(tmp_path):
+    """A child line written in pieces, with the proxy's access line logged between them,
+    reaches /logs whole as '[<id>] <line>'; the model's own stream keeps the raw bytes; a
+    last line without a newline is flushed when its child exits."""
+    no_newline = "import sys; sys.stderr.write('dying words without a newline'); sys.exit(3)"
+    d = Daemon(config({
+        "alpha": model("alpha", "--split-log-lines", "0.5"),
+        "dies": {"cmd": f"{shlex.quote(sys.executable)} -c {shlex.quote(no_newline)}",
+                 "proxy": "http://127.0.0.1:9"},
+    }), tmp_path)
+    d.start()
+    try:
+        status, body = d.json("POST", "/api/models/load/alpha")
+        assert status == 200, body
+        d.record_children()
+        status, _ = d.chat("alpha")  # the fake writes its line in 3 pieces, 0.5 s apart
+        assert status == 200
+        assert wait_until(lambda: TIMING in d.request("GET", "/logs").text, 10)
+        assert d.json("POST", "/api/models/load/dies")[0] >= 400
+        assert wait_until(lambda: "dying words" in d.request("GET", "/logs").text, 10)
+        history = d.request("GET", "/logs").text
+        raw = read_stream_until(d.port, "/logs/stream/alpha", TIMING.encode()).decode()
+    finally:
+        problems = stop_and_clean(d)
+    assert not problems, problems
+    lines = history.splitlines()
+    assert [line for line in lines if "print_timing" in line] == [f"[alpha] {TIMING}"], history
+    access = [i for i, line in enumerate(lines) if ACCESS in line]
+    assert len(access) == 1 and lines[access[0]].startswith("[INFO] Request 127.0.0.1 "), history
+    assert "[alpha] main: server is listening on http://127.0.0.1:" in history
+    assert "[dies] dying words without a newline\n" in history
+    assert not [line for line in lines if SPLICED.search(line)], history
+    assert all(LINE_START.match(line) for line in lines if "main: " in line or "srv " in line), history
+    assert f"\n{TIMING}\n" in raw and "[alpha]" not in raw, raw

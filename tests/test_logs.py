@@ -11,6 +11,7 @@ from twisted.web.http import Request
 from twisted.web.test.requesthelper import DummyChannel
 
 from llamaswap.logs import (
+    LINE_BUFFER_LIMIT,
     QUEUE_LIMIT,
     LogBroadcaster,
     ProxyLogObserver,
@@ -82,28 +83,35 @@ class RingTests(SynchronousTestCase):
     def test_history_keeps_newest_bytes_exactly(self):
         """A ring of N bytes keeps exactly the newest N bytes, across chunk boundaries."""
         logs = LogBroadcaster(history_bytes=10)
-        logs.write_proxy(b"abcd")
-        logs.write_proxy(b"efgh")
-        logs.write_proxy(b"ijkl")
-        self.assertEqual(logs.history("proxy"), b"cdefghijkl")
-        logs.write_proxy(b"m")
-        self.assertEqual(logs.history("proxy"), b"defghijklm")
+        logs.add_source("m")
+        logs.write("m", b"abcd")
+        logs.write("m", b"efgh")
+        logs.write("m", b"ijkl")
+        self.assertEqual(logs.history("m"), b"cdefghijkl")
+        logs.write("m", b"m")
+        self.assertEqual(logs.history("m"), b"defghijklm")
 
     def test_chunk_larger_than_ring(self):
         """A single write bigger than the ring leaves only its tail."""
         logs = LogBroadcaster(history_bytes=4)
-        logs.write_proxy(b"xy")
-        logs.write_proxy(b"0123456789")
-        self.assertEqual(logs.history("proxy"), b"6789")
+        logs.add_source("m")
+        logs.write("m", b"xy")
+        logs.write("m", b"0123456789")
+        self.assertEqual(logs.history("m"), b"6789")
 
     def test_default_size_is_100_kib(self):
         """LOG-2: each source keeps 102 400 bytes by default."""
         logs = LogBroadcaster()
+        logs.add_source("m")
         data = bytes(range(256)) * 500  # 128 000 bytes
+        lines = b"".join(b"[INFO] %d\n" % i for i in range(20_000))
         for i in range(0, len(data), 1000):
-            logs.write_proxy(data[i : i + 1000])
-        self.assertEqual(logs.history("proxy"), data[-102400:])
-        self.assertEqual(logs.history("combined"), data[-102400:])
+            logs.write("m", data[i : i + 1000])
+        logs.write_proxy(lines)
+        self.assertEqual(logs.history("m"), data[-102400:])
+        self.assertEqual(logs.history("proxy"), lines[-102400:])
+        self.assertEqual(len(logs.history("upstream")), 102400)
+        self.assertEqual(logs.history("combined"), lines[-102400:])
 
     def test_bytes_stored_verbatim(self):
         """LOG-3: invalid UTF-8, NULs, \\r and partial lines are stored byte-for-byte, no prefix."""
@@ -127,13 +135,14 @@ class SourceTests(SynchronousTestCase):
         self.logs.add_source("b")
 
     def test_child_output_fans_out(self):
-        """LOG-1/LOG-3: child output reaches its model, upstream and combined, not proxy or other models."""
+        """LOG-1/LOG-3: child output reaches its model raw, upstream and combined prefixed with
+        the model id; not proxy or other models."""
         self.logs.write("a", b"from a\n")
         self.logs.write("b", b"from b\n")
         self.assertEqual(self.logs.history("a"), b"from a\n")
         self.assertEqual(self.logs.history("b"), b"from b\n")
-        self.assertEqual(self.logs.history("upstream"), b"from a\nfrom b\n")
-        self.assertEqual(self.logs.history("combined"), b"from a\nfrom b\n")
+        self.assertEqual(self.logs.history("upstream"), b"[a] from a\n[b] from b\n")
+        self.assertEqual(self.logs.history("combined"), b"[a] from a\n[b] from b\n")
         self.assertEqual(self.logs.history("proxy"), b"")
 
     def test_proxy_goes_to_proxy_and_combined(self):
@@ -142,8 +151,14 @@ class SourceTests(SynchronousTestCase):
         self.logs.write_proxy(b"[INFO] 2\n")
         self.logs.write("b", b"3\n")
         self.assertEqual(self.logs.history("proxy"), b"[INFO] 2\n")
-        self.assertEqual(self.logs.history("upstream"), b"1\n3\n")
-        self.assertEqual(self.logs.history("combined"), b"1\n[INFO] 2\n3\n")
+        self.assertEqual(self.logs.history("upstream"), b"[a] 1\n[b] 3\n")
+        self.assertEqual(self.logs.history("combined"), b"[a] 1\n[INFO] 2\n[b] 3\n")
+
+    def test_proxy_data_always_ends_a_line(self):
+        """Proxy data without a final newline gets one, so child lines start on their own."""
+        self.logs.write_proxy(b"[INFO] no newline")
+        self.logs.write("a", b"x\n")
+        self.assertEqual(self.logs.history("combined"), b"[INFO] no newline\n[a] x\n")
 
     def test_sources(self):
         """Built-in sources then models in order; has_source matches."""
@@ -162,7 +177,7 @@ class SourceTests(SynchronousTestCase):
         """Output for a model without a source (e.g. removed, still stopping) goes to upstream only."""
         self.logs.write("gone", b"bye\n")
         self.assertFalse(self.logs.has_source("gone"))
-        self.assertEqual(self.logs.history("upstream"), b"bye\n")
+        self.assertEqual(self.logs.history("upstream"), b"[gone] bye\n")
 
     def test_builtin_names_are_not_model_ids(self):
         """add_source/remove_source refuse the built-in names."""
@@ -170,17 +185,135 @@ class SourceTests(SynchronousTestCase):
         self.assertRaises(ValueError, self.logs.remove_source, "combined")
 
     def test_remove_source_forgets_history(self):
-        """A removed model's source is gone; upstream keeps its bytes."""
+        """A removed model's source is gone; upstream keeps its output (the held line flushed)."""
         self.logs.write("a", b"x")
         self.logs.remove_source("a")
         self.assertFalse(self.logs.has_source("a"))
         self.assertRaises(KeyError, self.logs.history, "a")
-        self.assertEqual(self.logs.history("upstream"), b"x")
+        self.assertEqual(self.logs.history("upstream"), b"[a] x\n")
         self.logs.remove_source("a")  # unknown: ignored
 
     def test_unknown_source_raises(self):
         """subscribe and history raise KeyError for unknown sources."""
         self.assertRaises(KeyError, self.logs.subscribe, "nope", FakeConsumer())
+
+
+class WholeLineTests(SynchronousTestCase):
+    """upstream and combined only ever get whole lines, prefixed with the model id; the
+    model's own source keeps the raw bytes."""
+
+    def setUp(self):
+        self.lines = []
+        self.logs = LogBroadcaster(upstream_line_observer=lambda m, line: self.lines.append((m, line)))
+        self.logs.add_source("a")
+        self.logs.add_source("b")
+        self.live = {s: FakeConsumer() for s in ("combined", "upstream", "proxy", "a", "b")}
+        for source, consumer in self.live.items():
+            self.logs.subscribe(source, consumer)
+
+    def history_and_live(self, source):
+        """The history of ``source``, checked equal to what its live subscriber received."""
+        history = self.logs.history(source)
+        self.assertEqual(self.live[source].data, history, source)
+        return history
+
+    def test_stdout_and_stderr_hold_their_own_partial_lines(self):
+        """One child's two pipes: a half line on stderr is completed by stderr's bytes, never
+        by stdout's; flushing at exit ends both held halves."""
+        self.logs.write("a", b"err: hal", 2)
+        self.logs.write("a", b"out line\n", 1)
+        self.logs.write("a", b"f\n", 2)
+        self.logs.write("a", b"tail without newline", 1)
+        self.logs.write("a", b"stop cmd says", "cmdStop2")
+        self.assertEqual(self.history_and_live("upstream"), b"[a] out line\n[a] err: half\n")
+        self.logs.flush_line("a")
+        self.assertEqual(self.history_and_live("upstream"),
+                         b"[a] out line\n[a] err: half\n[a] tail without newline\n[a] stop cmd says\n")
+        self.assertEqual(self.history_and_live("a"),
+                         b"err: halout line\nf\ntail without newlinestop cmd says")
+
+    def test_interleaved_partial_lines_never_splice(self):
+        """Two children writing halves of lines around a proxy line: combined and upstream
+        get whole prefixed lines, each completed when its newline arrives; the models' own
+        sources get their bytes as written."""
+        access = b'[INFO] Request 127.0.0.1 "POST /v1/chat/completions HTTP/1.1" 200 5 "x" 0.144s\n'
+        self.logs.write("a", b"hel")
+        self.logs.write("b", b"wor")
+        self.logs.write_proxy(access)
+        self.assertEqual(self.history_and_live("combined"), access)
+        self.assertEqual(self.history_and_live("upstream"), b"")
+        self.logs.write("a", b"lo\n")
+        self.logs.write("b", b"ld\n")
+        self.assertEqual(self.history_and_live("combined"), access + b"[a] hello\n[b] world\n")
+        self.assertEqual(self.history_and_live("upstream"), b"[a] hello\n[b] world\n")
+        self.assertEqual(self.history_and_live("proxy"), access)
+        self.assertEqual(self.history_and_live("a"), b"hello\n")
+        self.assertEqual(self.history_and_live("b"), b"world\n")
+        self.assertEqual(self.lines, [("a", "hello"), ("b", "world")])
+
+    def test_several_lines_in_one_chunk(self):
+        """A chunk completing several lines adds them all, keeping the unfinished rest."""
+        self.logs.write("a", b"one\ntwo\n\nthr")
+        self.logs.write("a", b"ee\n")
+        self.assertEqual(self.history_and_live("upstream"), b"[a] one\n[a] two\n[a] \n[a] three\n")
+        self.assertEqual(self.history_and_live("a"), b"one\ntwo\n\nthree\n")
+
+    def test_child_exit_flushes_the_held_line(self):
+        """flush_line (the child exited) emits the held partial line with a newline added;
+        the next child's output starts on a new line, and a second flush does nothing."""
+        self.logs.write("a", b"last words")
+        self.logs.flush_line("a")
+        self.logs.flush_line("a")
+        self.logs.flush_line("b")
+        self.logs.write("a", b"next child\n")
+        self.assertEqual(self.history_and_live("combined"), b"[a] last words\n[a] next child\n")
+        self.assertEqual(self.history_and_live("a"), b"last wordsnext child\n")
+
+    def test_long_line_bounded(self):
+        """A held line longer than the limit is emitted as a line; a UTF-8 character cut at
+        the limit stays whole, in the next line."""
+        self.logs.write("a", b"x" * LINE_BUFFER_LIMIT)
+        self.assertEqual(self.logs.history("upstream"), b"")
+        self.logs.write("a", b"y\xe2\x82")
+        self.assertEqual(self.history_and_live("upstream"), b"[a] " + b"x" * LINE_BUFFER_LIMIT + b"y\n")
+        self.logs.write("a", b"\xac\n")
+        self.assertTrue(self.history_and_live("upstream").endswith(b"y\n[a] \xe2\x82\xac\n"))
+        self.assertEqual(self.logs._partial_lines, {})
+
+    def test_carriage_return_runs_bounded(self):
+        """Output of nothing but \\r holds a single byte, however much of it comes."""
+        for _ in range(3):
+            self.logs.write("a", b"\r" * 100_000)
+        self.assertEqual(self.logs._partial_lines, {("a", 1): b"\r"})
+        self.logs.write("a", b"x\n")
+        self.assertEqual(self.history_and_live("upstream"), b"[a] x\n")
+
+    def test_crlf_is_a_newline(self):
+        """\r\n ends a line like \n, also when split between chunks or doubled; the model's
+        source keeps the \r."""
+        self.logs.write("a", b"one\r\ntwo\r")
+        self.logs.write("a", b"\nthree\r\r\n")
+        self.assertEqual(self.history_and_live("upstream"), b"[a] one\n[a] two\n[a] three\n")
+        self.assertEqual(self.history_and_live("a"), b"one\r\ntwo\r\nthree\r\r\n")
+
+    def test_progress_bar_carriage_returns(self):
+        """A lone \r ends a line too, so each progress update is a line of its own; blank
+        updates are skipped and a held \r is dropped at exit."""
+        self.logs.write("a", b"loading\n\r 10%\r")
+        self.logs.write("a", b" 20%\r   \r")
+        self.logs.write("b", b"b line\n")
+        self.logs.write("a", b"done\n\r")
+        self.logs.flush_line("a")
+        self.assertEqual(self.history_and_live("upstream"),
+                         b"[a] loading\n[a]  10%\n[a]  20%\n[b] b line\n[a] done\n")
+        self.assertEqual(self.history_and_live("a"), b"loading\n\r 10%\r 20%\r   \rdone\n\r")
+
+    def test_utf8_split_between_chunks(self):
+        """A character split across chunks arrives whole in the line."""
+        self.logs.write("a", b"caf\xc3")
+        self.logs.write("a", b"\xa9\n")
+        self.assertEqual(self.history_and_live("upstream"), "[a] caf\u00e9\n".encode("utf-8"))
+        self.assertEqual(self.lines, [("a", "caf\u00e9")])
 
 
 class SubscribeTests(SynchronousTestCase):
@@ -220,8 +353,8 @@ class SubscribeTests(SynchronousTestCase):
         self.logs.write("m", b"child\n")
         self.logs.write_proxy(b"[INFO] p\n")
         self.assertEqual(subs["m"].data, b"child\n")
-        self.assertEqual(subs["upstream"].data, b"child\n")
-        self.assertEqual(subs["combined"].data, b"child\n[INFO] p\n")
+        self.assertEqual(subs["upstream"].data, b"[m] child\n")
+        self.assertEqual(subs["combined"].data, b"[m] child\n[INFO] p\n")
         self.assertEqual(subs["proxy"].data, b"[INFO] p\n")
 
     def test_stop_producing_unsubscribes(self):
@@ -255,8 +388,8 @@ class SubscribeTests(SynchronousTestCase):
         self.assertTrue(model_consumer.finished)
         self.assertTrue(model_consumer.unregistered)
         self.assertFalse(upstream_consumer.finished)
-        self.logs.write("m", b"x")
-        self.assertEqual(upstream_consumer.data, b"x")
+        self.logs.write("m", b"x\n")
+        self.assertEqual(upstream_consumer.data, b"[m] x\n")
 
     def test_stop_service_ends_everyone(self):
         """stopService finishes every live stream; later writes are still recorded."""
@@ -441,11 +574,13 @@ class LineSplitterTests(SynchronousTestCase):
         self.logs.stopService()
         self.assertEqual(self.lines[1:], [("b", "bye")])
 
-    def test_no_observer_no_split(self):
-        """Without an observer nothing is buffered."""
+    def test_no_observer_still_split(self):
+        """Without an observer, upstream and combined still get whole lines only."""
         logs = LogBroadcaster()
         logs.write("a", b"partial")
-        self.assertEqual(logs._partial_lines, {})
+        self.assertEqual(logs.history("upstream"), b"")
+        logs.write("a", b" line\n")
+        self.assertEqual(logs.history("upstream"), b"[a] partial line\n")
 
 
 class ProxyLogObserverTests(SynchronousTestCase):
