@@ -1,5 +1,5 @@
 """``LlamaSwapService``: wires the log broadcaster, the router and the HTTP site together,
-and owns the daemon's lifecycle (SPEC §2: CLI-7 startup order, CLI-8/9 signals and shutdown).
+and owns the daemon's lifecycle (CLI-7 startup order, CLI-8/9 signals and shutdown).
 """
 from __future__ import annotations
 
@@ -12,8 +12,9 @@ from twisted.application.service import MultiService, Service
 from twisted.internet import endpoints
 from twisted.internet.defer import Deferred, DeferredList, ensureDeferred, maybeDeferred
 from twisted.logger import Logger, globalLogPublisher
+from twisted.python.failure import Failure
 
-from llamaswap import __version__
+from llamaswap import __version__, ports
 from llamaswap.errors import ShuttingDown
 from llamaswap.events import EventHub, EventsPage
 from llamaswap.logs import LogBroadcaster, ProxyLogObserver, make_logger
@@ -45,6 +46,25 @@ def _is_loopback(host: str) -> bool:
         return host == "localhost"
 
 
+def _display_path(path: str) -> str:
+    """``path`` relative to the working directory when it lies below it, else as is."""
+    try:
+        rel = os.path.relpath(path)
+    except ValueError:
+        return path
+    return path if rel.startswith("..") else rel
+
+
+def startup_warnings(config: Any) -> list:
+    """Every config warning of a startup, in order (CFG-4): the service logs them and
+    ``make_service`` prints them when the log is not on the terminal."""
+    warnings = list(config.warnings)
+    warnings += [f"config: '{path}' is not implemented yet (ignored)" for path in config.later_keys]
+    if not config.models:
+        warnings.append("config: no models configured")
+    return warnings
+
+
 def describe_port(port: Any) -> str:
     """``tcp:127.0.0.1:41233`` / ``unix:/path`` for a listening port (CLI-7)."""
     host = port.getHost()
@@ -58,36 +78,106 @@ def describe_port(port: Any) -> str:
     return str(host)
 
 
-class ListenerService(Service):
-    """Listens on a server endpoint description; a failure raises at startup (CLI-6)."""
+class StartupError(Exception):
+    """A startup failure; ``str`` is the one line the user sees (CLI-6)."""
 
-    def __init__(self, description: str, factory: Any, reactor: Any, on_listening) -> None:
+
+def _reason(error: BaseException, filename: bool = False) -> str:
+    """``address already in use`` / ``permission denied`` / the error's own text, on one line."""
+    inner = getattr(error, "socketError", None)  # CannotListenError wraps the OSError
+    if isinstance(inner, str) and "lock" in inner:  # a unix socket's lock held by a live process
+        path = getattr(error, "port", b"")
+        path = path.decode(errors="replace") if isinstance(path, bytes) else str(path)
+        return f"address already in use (locked by {path}.lock)"
+    error = inner or error
+    if isinstance(error, OSError) and error.strerror:
+        text = f"{error.strerror}: {error.filename}" if filename and error.filename else error.strerror
+    else:
+        text = str(error).strip()
+    text = " ".join(text.split()) or type(error).__name__
+    return text[:1].lower() + text[1:]
+
+
+class ListenerService(Service):
+    """Listens on a server endpoint description (CLI-3).
+
+    :meth:`bind` listens at once and raises :class:`StartupError`; ``make_service`` calls
+    it before twistd daemonizes, so a taken port is reported by the launching process.
+    Otherwise ``privilegedStartService`` binds. Either way ``on_listening(port)`` is
+    called from ``privilegedStartService``, once twistd's log is running.
+
+    :param label: ``--listen`` as the user wrote it, for error messages.
+    """
+
+    def __init__(self, description: str, factory: Any, reactor: Any, on_listening,
+                 label: Optional[str] = None) -> None:
         self.description = description
+        self.label = label or description
         self.factory = factory
         self.reactor = reactor
         self.on_listening = on_listening
         self.port = None
+        self._pending: Optional[Deferred] = None
+
+    def bind(self) -> None:
+        if self.port is not None or self._pending is not None:
+            return
+        try:
+            endpoint = endpoints.serverFromString(self.reactor, self.description)
+        except Exception as e:
+            raise StartupError(f"bad --listen endpoint '{self.label}': {_reason(e, filename=True)}") from None
+        result: list = []
+        d = endpoint.listen(self.factory)
+        d.addBoth(result.append)
+        if not result:  # an endpoint that binds later (rare): reported when it does
+            self._pending = Deferred()
+            d.addBoth(self._pending.callback)
+        elif isinstance(result[0], Failure):
+            raise StartupError(f"cannot listen on {self.label}: {_reason(result[0].value)}")
+        else:
+            self.port = result[0]
 
     def privilegedStartService(self) -> None:
         Service.privilegedStartService(self)
-        endpoint = endpoints.serverFromString(self.reactor, self.description)
-        d = endpoint.listen(self.factory)
-        result: list = []
-        d.addBoth(result.append)
-        if result and not isinstance(result[0], Exception) and hasattr(result[0], "getHost"):
-            self.port = result[0]
+        self.bind()
+        if self.port is not None:
+            self._own_lock(self.port)
             self.on_listening(self.port)
-        elif result:
-            result[0].raiseException()
-        else:  # an endpoint that binds later (rare): report when it does
-            d.addCallback(self._late)
+        elif self._pending is not None:
+            self._pending.addBoth(self._late)
 
-    def _late(self, port: Any) -> None:
-        self.port = port
-        self.on_listening(port)
+    @staticmethod
+    def _own_lock(port: Any) -> None:
+        """A ``unix:`` endpoint locks ``<path>.lock`` (a symlink to the pid) by default. When
+        twistd has forked since the bind, that is the launcher's pid, which exits once the
+        daemon runs: point the lock at the daemon, or the next start would break it. The
+        launcher waits for us until startup ends, so the lock is never stale meanwhile."""
+        lock = getattr(port, "lockFile", None)
+        name = getattr(lock, "name", None)
+        if not getattr(lock, "locked", False) or name is None:
+            return
+        pid = os.getpid()
+        try:
+            if int(os.readlink(name)) == pid:
+                return
+            tmp = name + (b".%d" % pid if isinstance(name, bytes) else f".{pid}")
+            os.symlink(str(pid), tmp)
+            os.rename(tmp, name)
+        except (OSError, ValueError) as e:
+            Logger(namespace="llamaswap").warn("cannot take over the lock {lock}: {reason}",
+                                               lock=name, reason=_reason(e, filename=True))
+
+    def _late(self, result: Any) -> None:
+        self._pending = None
+        if isinstance(result, Failure):
+            Logger(namespace="llamaswap").error("cannot listen on {endpoint}: {reason}",
+                                                endpoint=self.label, reason=_reason(result.value))
+            return
+        self.port = result
+        self.on_listening(result)
 
     def startService(self) -> None:
-        if self.port is None and not self.running:
+        if self.port is None and self._pending is None and not self.running:
             self.privilegedStartService()
         Service.startService(self)
 
@@ -106,14 +196,19 @@ class LlamaSwapService(MultiService):
     :param reactor: the reactor (process spawning, TCP, time).
     :param listen: the endpoint description (already expanded from shorthands).
     :param state_file: where children are recorded (PROC-14).
+    :param listen_label: ``--listen`` as the user wrote it, for error messages.
+    :param pidfile: twistd's pidfile, recorded in the state file.
     """
 
     def __init__(self, config: Any, reactor: Any, listen: str, state_file: str,
                  install_signals: bool = True, config_path: Optional[str] = None,
-                 watch_config: bool = False) -> None:
+                 watch_config: bool = False, listen_label: Optional[str] = None,
+                 pidfile: Optional[str] = None) -> None:
         super().__init__()
         self.config = config
         self.config_path = config_path or config.source
+        # for the startup line; taken now, before twistd may change directory
+        self.config_label = _display_path(self.config_path) if config_path else self.config_path
         self.watch_config = watch_config
         self._watch = None
         # taken now, close to when the file was read, so a change made before the
@@ -126,7 +221,7 @@ class LlamaSwapService(MultiService):
                                           level=config.log_level, to_stdout=config.log_to_stdout)
         self.logs.upstream_line_observer = self.proxy_log.upstream_line
         self.log = make_logger(self.proxy_log, "llamaswap")
-        self.registry = ChildRegistry(state_file, self.log)
+        self.registry = ChildRegistry(state_file, self.log, pidfile=pidfile)
         for model_id in config.models:
             self.logs.add_source(model_id)
         self.router = ModelRouter(config, self._make_process, reactor,
@@ -142,9 +237,10 @@ class LlamaSwapService(MultiService):
                                   make_logger(self.proxy_log, "llamaswap.access"))
         self.logs.setServiceParent(self)
         self.router.setServiceParent(self)
-        self.listener = ListenerService(listen, self.site, reactor, self._listening)
+        self.listener = ListenerService(listen, self.site, reactor, self._listening, label=listen_label)
         self.listener.setServiceParent(self)
         self._stopping = False
+        self._bound = False
 
     def _observe(self, config: Any) -> None:
         """Metrics (MET-*) and the event hub (EVT-*) follow the router, requests and logs."""
@@ -162,33 +258,62 @@ class LlamaSwapService(MultiService):
             model=model, reactor=self.reactor, clock=self.reactor, logs=self.logs,
             # the router holds the newest config; it does not exist yet for the first models
             health_timeout=getattr(getattr(self, "router", None), "config", self.config).health_check_timeout,
-            on_spawn=self.registry.spawned, on_reap=self.registry.reaped,
+            on_spawn=self.registry.spawned, on_reap=self.registry.reaped, ports=ports.SYSTEM,
             log=make_logger(self.proxy_log, "llamaswap.process"))
 
     # -- startup ----------------------------------------------------------------------------------
 
-    def privilegedStartService(self) -> None:
-        # CLI-7: leftover children of a crashed run die before we listen.
+    def bind(self) -> None:
+        """CLI-7: kill a crashed run's leftover children, then bind the listener.
+
+        ``make_service`` calls this before twistd daemonizes, so that a failure is one line
+        on the launching terminal (raises :class:`StartupError`); otherwise
+        ``privilegedStartService`` does. Nothing is written yet: a failed start leaves no
+        state file.
+        """
+        if self._bound:
+            return
         cleanup_leftovers(self.registry.path, self.log)
+        self.registry.remove()  # a dead daemon's record, dealt with: ours is written once we run
+        self.listener.bind()
+        self._bound = True
+
+    def privilegedStartService(self) -> None:
+        self.bind()
+        # written after twistd daemonized (the daemon's own pid), before we say we listen
         self.registry.write()
         self._log_config_warnings()
-        super().privilegedStartService()
+        super().privilegedStartService()  # the listener reports where it listens
 
     def _log_config_warnings(self) -> None:
-        for warning in self.config.warnings:
+        for warning in startup_warnings(self.config):
             self.log.warn("{warning}", warning=warning)
-        for path in self.config.later_keys:
-            self.log.warn("config: '{path}' is not implemented yet (ignored)", path=path)
-        if not self.config.models:
-            self.log.warn("config: no models configured")
+
+    def ui_url(self, port: Any) -> Optional[str]:
+        """Where a browser on this machine finds the UI (UI-1); None for a unix socket."""
+        host = port.getHost()
+        if getattr(host, "type", "") not in ("TCP", "TCP6"):
+            return None
+        name = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}.get(host.host, host.host)
+        if ":" in name:
+            name = "[" + name.replace("%", "%25") + "]"
+        scheme = "https" if self.listener.description.startswith("ssl:") else "http"
+        return f"{scheme}://{name}:{host.port}/ui/"
 
     def _listening(self, port: Any) -> None:
-        where = describe_port(port)
-        self.log.info("llamaswap {version} listening on {endpoint}", version=__version__, endpoint=where)
+        # CLI-7: "llamaswap <version> listening on <endpoint>" first: tests and tools parse it.
+        n = len(self.config.models)
+        fmt = "llamaswap {version} listening on {endpoint}; {count} from {config}"
+        fields = dict(version=__version__, endpoint=describe_port(port),
+                      count=f"{n} model" if n == 1 else f"{n} models", config=self.config_label)
+        ui = self.ui_url(port)
+        if ui:
+            fmt += "; UI at {ui}"
+            fields["ui"] = ui
+        self.log.info(fmt, **fields)
         if self.proxy_log.to_stdout not in ("proxy", "both") or self.proxy_log.level not in ("debug", "info"):
             # The twistd log always learns where we listen, whatever logToStdout and logLevel say.
-            Logger(namespace="llamaswap").info(
-                "llamaswap {version} listening on {endpoint}", version=__version__, endpoint=where)
+            Logger(namespace="llamaswap").info(fmt, **fields)
         host = port.getHost()
         if getattr(host, "type", "") in ("TCP", "TCP6") and not _is_loopback(host.host) \
                 and not self.config.api_keys:
@@ -261,7 +386,7 @@ class LlamaSwapService(MultiService):
         from llamaswap.config import ConfigError, load_config
 
         try:
-            new = load_config(self.config_path)
+            new = load_config(self.config_path, port_in_use=self._port_taken_by_others)
         except ConfigError as e:
             self.log.error("config reload failed, keeping previous config:\n{errors}",
                            errors="\n".join(e.errors))
@@ -283,6 +408,15 @@ class LlamaSwapService(MultiService):
         self._preload_after_reload(old, new, outcome)
         self._reload_observed("success")
         return outcome
+
+    def _port_taken_by_others(self, port: int) -> bool:
+        """``${PORT}`` allocation at reload: our own children's ports count as free, so
+        unchanged models keep their port (and their running child)."""
+        own = set()
+        for proc in self.router.processes():
+            if proc.state.value in ("starting", "ready", "stopping"):
+                own |= ports.claimed_ports(proc.model)
+        return port not in own and ports.port_in_use(port)
 
     def _preload_after_reload(self, old: Any, new: Any, outcome: dict) -> None:
         """CFG-30: preload again when the list changed or a listed model was added/changed."""

@@ -1,4 +1,4 @@
-"""The children state file: no orphans across daemon crashes (SPEC PROC-14, CLI-5).
+"""The children state file: no orphans across daemon crashes (PROC-14, CLI-5).
 
 Every spawn and reap rewrites ``{"daemon_pid", "daemon_start_time", "children": [...]}``
 atomically (temporary file + rename). At the next start, the groups recorded by a dead
@@ -21,7 +21,13 @@ CLEANUP_GRACE = 5.0
 
 
 class StateFileInUse(Exception):
-    pass
+    """The daemon recorded in a state file is alive; ``str`` is PROC-14's message."""
+
+    def __init__(self, path: str, pid: int, pidfile: Optional[str] = None) -> None:
+        super().__init__(f"state file {path} is in use by pid {pid}")
+        self.path = path
+        self.pid = pid
+        self.pidfile = pidfile  # the other daemon's twistd pidfile, when it recorded one
 
 
 def default_state_file(pidfile: Optional[str]) -> str:
@@ -59,7 +65,8 @@ def check_not_in_use(path: str) -> None:
     recorded = data.get("daemon_start_time")
     if recorded is not None and process_start_time(pid) != recorded:
         return  # the pid was reused by another process
-    raise StateFileInUse(f"state file {path} is in use by pid {pid}")
+    pidfile = data.get("pidfile")
+    raise StateFileInUse(path, pid, pidfile if isinstance(pidfile, str) else None)
 
 
 def cleanup_leftovers(path: str, log: Logger, kill: Callable = os.killpg,
@@ -107,13 +114,27 @@ def _signal(kill: Callable, pgid: int, sig: int) -> None:
 
 
 class ChildRegistry:
-    """Keeps the state file in step with the children that exist."""
+    """Keeps the state file in step with the children that exist.
 
-    def __init__(self, path: str, log: Logger) -> None:
+    :param pidfile: twistd's pidfile, recorded so that a second daemon refused because of
+        this file can be told which pidfile the running one uses.
+    """
+
+    def __init__(self, path: str, log: Logger, pidfile: Optional[str] = None) -> None:
         self.path = path
         self.log = log
+        self.pidfile = pidfile
         self.children: dict[str, dict] = {}
-        self.daemon_start_time = process_start_time(os.getpid())
+        self._start_time: tuple[int, Optional[str]] = (-1, None)
+
+    @property
+    def daemon_start_time(self) -> Optional[str]:
+        """Our own start time, read again after a fork: twistd builds the service in the
+        launching process and daemonizes afterwards, so the pid changes in between."""
+        pid = os.getpid()
+        if self._start_time[0] != pid:
+            self._start_time = (pid, process_start_time(pid))
+        return self._start_time[1]
 
     def spawned(self, proc: Any) -> None:
         self.children[proc.id] = {"model": proc.id, "pid": proc.pid, "pgid": proc.pid,
@@ -127,6 +148,8 @@ class ChildRegistry:
     def write(self) -> None:
         data = {"daemon_pid": os.getpid(), "daemon_start_time": self.daemon_start_time,
                 "children": list(self.children.values())}
+        if self.pidfile:
+            data["pidfile"] = self.pidfile
         try:
             os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
             tmp = f"{self.path}.{os.getpid()}.tmp"

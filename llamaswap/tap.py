@@ -1,9 +1,13 @@
 """twistd entry point: ``twistd [options] llamaswap --config PATH [--listen ENDPOINT]``.
 
 This is the one module that imports the global reactor, and only inside
-``make_service``. Startup errors (bad config, bad ``--listen``, state file in use) are
-written to stderr and exit with status 1 *before* twistd daemonizes (CLI-6); twistd
-would print a ``UsageError`` on stdout with the whole usage text instead.
+``make_service``. Startup errors are written to stderr and exit with status 1 *before*
+twistd daemonizes (CLI-6), so they reach the launching terminal whole: twistd would print
+a ``UsageError`` on stdout with the whole usage text, and a daemon's own startup errors
+come back through a 100-byte status pipe, cut short. Options are checked in
+``postOptions`` (bad config: one line per error; bad ``--listen``; state file or pidfile
+in use); ``make_service`` then binds the listener (port in use, permission denied, bad
+endpoint) and prints the config warnings when the log is not on this terminal.
 """
 from __future__ import annotations
 
@@ -51,6 +55,67 @@ def expand_listen(value: str) -> str:
         " nor one of :PORT, HOST:PORT, [V6ADDR]:PORT")
 
 
+def _log_on_terminal(options: Any) -> bool:
+    """True when twistd logs to this terminal: ``-n`` with no log file, syslog or --logger."""
+    parent = getattr(options, "parent", None)
+    if parent is None:
+        return False
+    get = parent.get
+    return bool(get("nodaemon") or get("debug")) and not get("syslog") and not get("logger") \
+        and get("logfile") in (None, "", "-")
+
+
+def warnings_for_stderr(options: Any) -> list[str]:
+    """The startup config warnings that must be printed on stderr: each one is seen once.
+
+    In the foreground twistd logs to this terminal, and the service logs every warning
+    (CFG-4); printing them too would show each twice. As a daemon (or with a log file, or
+    with a config whose log leaves WARNs out) the log is elsewhere: print them before
+    twistd forks.
+    """
+    from llamaswap.service import startup_warnings
+
+    config = options["loaded_config"]
+    logged = config.log_to_stdout in ("proxy", "both") and config.log_level in ("debug", "info", "warn")
+    if logged and _log_on_terminal(options):
+        return []
+    return startup_warnings(config)
+
+
+def _pidfile_in_use(pidfile: Optional[str]) -> Optional[int]:
+    """The live pid in twistd's pidfile, else None (twistd itself removes a stale one)."""
+    if not pidfile:
+        return None
+    try:
+        with open(pidfile, encoding="ascii") as f:
+            pid = int(f.read().strip())
+    except (OSError, ValueError):
+        return None
+    if pid <= 0 or pid == os.getpid():
+        return None
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return None
+    except PermissionError:
+        pass
+    return pid
+
+
+def _here(path: str) -> str:
+    return " from this directory" if os.path.dirname(path) == os.getcwd() else ""
+
+
+def _in_use_message(error: Any, pidfile: Optional[str], state_given: bool) -> str:
+    """PROC-14's message, then who is running and which flag starts a second daemon."""
+    from llamaswap.statefile import default_state_file
+
+    other = error.pidfile or (pidfile if pidfile and error.path == default_state_file(pidfile) else None)
+    held = f"{_here(other)} (pidfile {other})" if other else ""
+    flag = "another --state-file PATH" if state_given else "--pidfile OTHER.pid (or --state-file PATH)"
+    return f"llamaswap: {error}: another llamaswap is running{held}; stop it, or start this one with {flag}"
+
+
 def _fail(lines: list[str]) -> None:
     sys.stderr.write("".join(line + "\n" for line in lines))
     sys.stderr.flush()
@@ -89,6 +154,7 @@ class Options(usage.Options):
 
         if self["config"] is None:
             _fail(["llamaswap: --config is required (twistd llamaswap --config config.yaml)"])
+        self["listen_label"] = self["listen"]
         try:
             self["listen"] = expand_listen(self["listen"])
         except usage.UsageError as e:
@@ -99,15 +165,19 @@ class Options(usage.Options):
             self["loaded_config"] = load_config(path)
         except ConfigError as e:
             _fail([f"llamaswap: invalid config {path}:"] + [f"  {line}" for line in e.errors])
-        for warning in self["loaded_config"].warnings:
-            sys.stderr.write(f"WARN {warning}\n")
-        pidfile = self._pidfile()
+        # the checks twistd would make later (its pidfile), or that need the terminal (CLI-7)
+        pidfile = self["pidfile"] = self._pidfile()
+        state_given = self["state-file"] is not None
         state = self["state-file"] or default_state_file(pidfile)
         self["state-file"] = os.path.abspath(state)
         try:
             check_not_in_use(self["state-file"])
         except StateFileInUse as e:
-            _fail([f"llamaswap: {e}"])
+            _fail([_in_use_message(e, pidfile, state_given)])
+        pid = _pidfile_in_use(pidfile)
+        if pid is not None:
+            _fail([f"llamaswap: pidfile {pidfile} is in use by pid {pid}: another twistd is running"
+                   f"{_here(pidfile)}; stop it, or start this one with --pidfile OTHER.pid"])
 
     def _pidfile(self) -> Optional[str]:
         parent = getattr(self, "parent", None)
@@ -121,14 +191,24 @@ class Options(usage.Options):
 
 
 def make_service(options: Any, reactor: Any = None):
-    """Build the service tree for twistd (or a test passing its own reactor)."""
+    """Build the service tree for twistd (or a test passing its own reactor), and bind the
+    listener: twistd calls this before it daemonizes, so a failure is one line on stderr
+    with exit status 1, and no pidfile or state file is written (CLI-6)."""
     daemon = reactor is None
     if reactor is None:
         from twisted.internet import reactor  # the project's only global-reactor import
-    from llamaswap.service import LlamaSwapService
+    from llamaswap.service import LlamaSwapService, StartupError
 
     service = LlamaSwapService(options["loaded_config"], reactor, options["listen"], options["state-file"],
-                               config_path=options["config"], watch_config=bool(options["watch-config"]))
+                               config_path=options["config"], watch_config=bool(options["watch-config"]),
+                               listen_label=options.get("listen_label"), pidfile=options.get("pidfile"))
+    try:
+        service.bind()
+    except StartupError as e:
+        _fail([f"llamaswap: {e}"])
+    for warning in warnings_for_stderr(options):
+        sys.stderr.write(f"WARN {warning}\n")
+    sys.stderr.flush()
     if daemon:
         # Modules, config and the service tree live as long as the daemon: move them out of
         # the collector's generations, so the full collections that request garbage triggers

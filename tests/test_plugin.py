@@ -1,5 +1,6 @@
 """The twistd plugin and its options (CLI-1..CLI-7)."""
 import io
+import json
 import os
 import subprocess
 import sys
@@ -8,10 +9,12 @@ from pathlib import Path
 
 import pytest
 from twisted.application.service import IServiceMaker
+from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
 from twisted.internet.testing import MemoryReactorClock
 from twisted.plugin import getPlugins
 
-from llamaswap import tap
+from llamaswap import __version__, tap
+from llamaswap.service import LlamaSwapService
 
 REPO = Path(__file__).resolve().parent.parent
 FAKE_CMD = f"{sys.executable} {REPO / 'tests' / 'fake_llama_server.py'} --port ${{PORT}}"
@@ -123,12 +126,220 @@ def test_options_resolve_paths_and_state_file(tmp_path):
     assert list(options["loaded_config"].models) == ["a"]
 
 
-def test_config_warnings_go_to_stderr(tmp_path):
-    """CFG-4: warnings do not stop startup, and they are printed at startup."""
-    path = write_config(tmp_path, f"bogusKey: 1\nmodels:\n  a:\n    cmd: {FAKE_CMD}\n")
+def parse_twistd(argv):
+    """Parse a whole twistd command line, as twistd does; (llamaswap's options, exit code, stderr)."""
+    from twisted.scripts.twistd import ServerOptions
+
+    config = ServerOptions()
+    err = io.StringIO()
+    with redirect_stderr(err):
+        try:
+            config.parseOptions(argv)
+        except SystemExit as e:
+            return None, e.code, err.getvalue()
+    return config.subOptions, 0, err.getvalue()
+
+
+WARN_CFG = f"bogusKey: 1\nmodels:\n  a:\n    cmd: {FAKE_CMD}\n"
+
+
+def test_config_warnings_do_not_stop_startup(tmp_path):
+    """CFG-4: warnings do not stop startup; parsing the options prints nothing."""
+    path = write_config(tmp_path, WARN_CFG)
     options, code, err = parse(["--config", path, "--state-file", str(tmp_path / "s.json")])
-    assert code == 0
-    assert "unknown key 'bogusKey'" in err
+    assert code == 0 and err == ""
+    assert "config: unknown key 'bogusKey' (ignored)" in options["loaded_config"].warnings
+
+
+@pytest.mark.parametrize("twistd_args, extra_cfg, printed", [
+    (["-n"], "", False),                                  # foreground: the log is this terminal
+    (["-n", "--logfile=-"], "", False),
+    (["-n", "--logfile", "x.log"], "", True),             # the log is a file: print them
+    ([], "", True),                                       # a daemon: print them before forking
+    (["--logfile", "x.log"], "", True),
+    (["-n", "--syslog"], "", True),
+    (["-n"], "logToStdout: none\n", True),              # the log leaves proxy messages out
+    (["-n"], "logToStdout: upstream\n", True),
+    (["-n"], "logLevel: error\n", True),                # ... or WARNs
+    (["-n"], "logToStdout: both\nlogLevel: warn\n", False),
+])
+def test_warnings_printed_only_when_the_log_is_elsewhere(tmp_path, twistd_args, extra_cfg, printed):
+    """Each config warning is seen once on the terminal: through the log when twistd logs to
+    it, else printed on stderr by make_service."""
+    path = write_config(tmp_path, extra_cfg + WARN_CFG)
+    options, code, err = parse_twistd([*twistd_args, "--pidfile", str(tmp_path / "t.pid"),
+                                       "llamaswap", "--config", path])
+    assert code == 0, err
+    expected = ["config: unknown key 'bogusKey' (ignored)"] if printed else []
+    assert tap.warnings_for_stderr(options) == expected
+
+
+def test_make_service_prints_warnings_once(tmp_path):
+    """A daemon: make_service prints each warning on stderr, and binds the listener."""
+    path = write_config(tmp_path, WARN_CFG + "logRequests: true\n")
+    options, code, err = parse_twistd(["--pidfile", str(tmp_path / "t.pid"), "--logfile", str(tmp_path / "l"),
+                                       "llamaswap", "--config", path, "--listen", "127.0.0.1:0"])
+    reactor = MemoryReactorClock()
+    out = io.StringIO()
+    with redirect_stderr(out):
+        service = tap.make_service(options, reactor=reactor)
+    assert out.getvalue() == ("WARN config: unknown key 'bogusKey' (ignored)\n"
+                              "WARN config: llama-swap key 'logRequests' is not supported by llamaswap (ignored)\n")
+    assert reactor.tcpServers and service.listener.port is not None
+    assert not (tmp_path / "t.pid.children.json").exists()   # written once the daemon runs
+
+
+class RefusingReactor(MemoryReactorClock):
+    def __init__(self, errno_, message):
+        super().__init__()
+        self.error = (errno_, message)
+
+    def listenTCP(self, port, factory, backlog=50, interface=""):
+        from twisted.internet.error import CannotListenError
+
+        raise CannotListenError(interface, port, OSError(*self.error))
+
+
+@pytest.mark.parametrize("listen, reactor, line", [
+    ("127.0.0.1:8080", RefusingReactor(98, "Address already in use"),
+     "llamaswap: cannot listen on 127.0.0.1:8080: address already in use"),
+    ("tcp:80", RefusingReactor(13, "Permission denied"),
+     "llamaswap: cannot listen on tcp:80: permission denied"),
+    ("tcp:abc", MemoryReactorClock(),
+     "llamaswap: bad --listen endpoint 'tcp:abc': invalid literal for int() with base 10: 'abc'"),
+    ("tcp:8080:bogus=1", MemoryReactorClock(), None),
+])
+def test_listen_failures_are_one_line(tmp_path, listen, reactor, line):
+    """CLI-6: a listener that cannot bind stops make_service (before twistd daemonizes) with
+    one line on stderr and exit 1; no state file is written."""
+    path = write_config(tmp_path, f"models:\n  a:\n    cmd: {FAKE_CMD}\n")
+    options, code, err = parse(["--config", path, "--listen", listen, "--state-file", str(tmp_path / "s.json")])
+    assert code == 0, err
+    out = io.StringIO()
+    with redirect_stderr(out), pytest.raises(SystemExit) as e:
+        tap.make_service(options, reactor=reactor)
+    assert e.value.code == 1
+    text = out.getvalue()
+    assert text.count("\n") == 1 and text.endswith("\n"), text
+    if line is None:
+        assert text.startswith(f"llamaswap: bad --listen endpoint '{listen}': "), text
+    else:
+        assert text == line + "\n"
+    assert not (tmp_path / "s.json").exists()
+
+
+def live_state(path, pidfile=None):
+    """A state file recorded by a live daemon (our parent process stands in for it)."""
+    from llamaswap.process import process_start_time
+
+    pid = os.getppid()
+    data = {"daemon_pid": pid, "daemon_start_time": process_start_time(pid), "children": []}
+    if pidfile:
+        data["pidfile"] = pidfile
+    path.write_text(json.dumps(data))
+    return pid
+
+
+def test_state_file_in_use_message_default_paths(tmp_path, monkeypatch):
+    """A second `twistd -n llamaswap` in the same directory: one line naming the running
+    daemon's pid, its pidfile and state file, and the flags that start a second one."""
+    path = write_config(tmp_path, f"models:\n  a:\n    cmd: {FAKE_CMD}\n")
+    monkeypatch.chdir(tmp_path)
+    pid = live_state(tmp_path / "twistd.pid.children.json")
+    options, code, err = parse_twistd(["-n", "llamaswap", "--config", path])
+    assert code == 1
+    assert err == (f"llamaswap: state file {tmp_path}/twistd.pid.children.json is in use by pid {pid}: "
+                   f"another llamaswap is running from this directory (pidfile {tmp_path}/twistd.pid); "
+                   "stop it, or start this one with --pidfile OTHER.pid (or --state-file PATH)\n")
+
+
+def test_state_file_in_use_message_explicit_state_file(tmp_path):
+    """Given --state-file, the way out is another --state-file; the other daemon's recorded
+    pidfile is named."""
+    path = write_config(tmp_path, f"models:\n  a:\n    cmd: {FAKE_CMD}\n")
+    state = tmp_path / "kids.json"
+    pid = live_state(state, pidfile="/srv/other/twistd.pid")
+    options, code, err = parse_twistd(["-n", "--pidfile", str(tmp_path / "b.pid"), "llamaswap",
+                                       "--config", path, "--state-file", str(state)])
+    assert code == 1
+    assert err == (f"llamaswap: state file {state} is in use by pid {pid}: another llamaswap is running "
+                   "(pidfile /srv/other/twistd.pid); stop it, or start this one with another --state-file PATH\n")
+
+
+def test_pidfile_in_use_is_one_line(tmp_path, monkeypatch):
+    """A live pid in twistd's pidfile: one line instead of twistd's paragraph."""
+    path = write_config(tmp_path, f"models:\n  a:\n    cmd: {FAKE_CMD}\n")
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "twistd.pid").write_text(str(os.getppid()))
+    options, code, err = parse_twistd(["-n", "llamaswap", "--config", path, "--state-file", "s.json"])
+    assert code == 1
+    assert err == (f"llamaswap: pidfile {tmp_path}/twistd.pid is in use by pid {os.getppid()}: another twistd "
+                   "is running from this directory; stop it, or start this one with --pidfile OTHER.pid\n")
+
+
+def test_stale_pidfile_is_left_to_twistd(tmp_path):
+    """A pidfile naming a dead process does not stop startup (twistd removes it)."""
+    path = write_config(tmp_path, f"models:\n  a:\n    cmd: {FAKE_CMD}\n")
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    (tmp_path / "t.pid").write_text(str(dead.pid))
+    options, code, err = parse_twistd(["-n", "--pidfile", str(tmp_path / "t.pid"), "llamaswap", "--config", path])
+    assert code == 0, err
+
+
+def started_lines(service, reactor):
+    """Start the service on a memory reactor; the formatted messages logged meanwhile."""
+    from twisted.logger import formatEvent, globalLogPublisher
+
+    events = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        service.privilegedStartService()
+        service.startService()
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    return [formatEvent(e) for e in events if e.get("log_namespace", "").startswith("llamaswap")]
+
+
+@pytest.mark.parametrize("models, count", [(1, "1 model"), (3, "3 models")])
+def test_startup_line(tmp_path, monkeypatch, models, count):
+    """CLI-7's line, then how many models were loaded from which file and where the UI is."""
+    monkeypatch.chdir(tmp_path)
+    text = "models:\n" + "".join(f"  m{i}:\n    cmd: {FAKE_CMD}\n" for i in range(models))
+    write_config(tmp_path, text)
+    options, code, err = parse(["--config", "config.yaml", "--listen", "tcp:0:interface=127.0.0.1",
+                                "--state-file", str(tmp_path / "s.json")])
+    reactor = MemoryReactorClock()
+    service = tap.make_service(options, reactor=reactor)
+    lines = started_lines(service, reactor)
+    listening = [line for line in lines if line.startswith("llamaswap ")]
+    # MemoryReactor's ports report 0.0.0.0:0
+    assert listening == [f"llamaswap {__version__} listening on tcp:0.0.0.0:0; {count} from config.yaml; "
+                         "UI at http://127.0.0.1:0/ui/"]
+    service.stopService()
+
+
+def fake_port(address):
+    from types import SimpleNamespace
+
+    return SimpleNamespace(getHost=lambda: address)
+
+
+@pytest.mark.parametrize("listen, address, url", [
+    ("tcp:8080:interface=127.0.0.1", IPv4Address("TCP", "127.0.0.1", 8080), "http://127.0.0.1:8080/ui/"),
+    ("tcp:8080", IPv4Address("TCP", "0.0.0.0", 8080), "http://127.0.0.1:8080/ui/"),
+    ("tcp6:8080", IPv6Address("TCP", "::", 8080), "http://[::1]:8080/ui/"),
+    ("tcp6:8080:interface=fe80\\:\\:1%eth0", IPv6Address("TCP", "fe80::1%eth0", 8080),
+     "http://[fe80::1%25eth0]:8080/ui/"),
+    ("ssl:8443:privateKey=k.pem", IPv4Address("TCP", "192.0.2.7", 8443), "https://192.0.2.7:8443/ui/"),
+    ("unix:/run/l.sock", UNIXAddress(b"/run/l.sock"), None),
+])
+def test_ui_url(tmp_path, listen, address, url):
+    """UI-1: where a browser on this machine finds the UI; none for a unix socket."""
+    path = write_config(tmp_path, f"models:\n  a:\n    cmd: {FAKE_CMD}\n")
+    options, code, err = parse(["--config", path, "--state-file", str(tmp_path / "s.json")])
+    service = LlamaSwapService(options["loaded_config"], MemoryReactorClock(), listen, options["state-file"])
+    assert service.ui_url(fake_port(address)) == url
 
 
 def test_make_service_builds_tree_on_injected_reactor(tmp_path):
@@ -147,3 +358,4 @@ def test_make_service_builds_tree_on_injected_reactor(tmp_path):
     d = service.stopService()
     assert d.called
     assert not (tmp_path / "s.json").exists()
+

@@ -1,4 +1,4 @@
-"""The children state file (SPEC PROC-14, CLI-5): atomic writes, in-use check, leftover cleanup."""
+"""The children state file (PROC-14, CLI-5): atomic writes, in-use check, leftover cleanup."""
 from __future__ import annotations
 
 import json
@@ -102,6 +102,25 @@ class RegistryTests(TempDirCase):
         self.assertFalse(os.path.exists(self.path))
         registry.remove()
 
+    def test_pidfile_recorded(self):
+        """The twistd pidfile is recorded, so a refused second daemon can be told about it."""
+        ChildRegistry(self.path, self.log, pidfile="/run/x/twistd.pid").write()
+        self.assertEqual(read_state(self.path)["pidfile"], "/run/x/twistd.pid")
+        ChildRegistry(self.path, self.log).write()
+        self.assertNotIn("pidfile", read_state(self.path))
+
+    def test_start_time_follows_the_pid(self):
+        """twistd builds the service before it daemonizes: after the fork the daemon records
+        its own pid and start time, not the launcher's."""
+        registry = ChildRegistry(self.path, self.log)
+        launcher = os.getpid()
+        self.assertEqual(registry.daemon_start_time, process_start_time(launcher))
+        daemon = os.getppid()   # stands in for the forked daemon
+        self.patch(os, "getpid", lambda: daemon)
+        registry.write()
+        data = read_state(self.path)
+        self.assertEqual((data["daemon_pid"], data["daemon_start_time"]), (daemon, process_start_time(daemon)))
+
     def test_unwritable_logs_error(self):
         """A state file that cannot be written is logged, not raised."""
         blocker = os.path.join(self.dir, "file")
@@ -124,6 +143,14 @@ class InUseTests(TempDirCase):
         self.write({"daemon_pid": pid, "daemon_start_time": process_start_time(pid), "children": []})
         e = self.assertRaises(StateFileInUse, check_not_in_use, self.path)
         self.assertEqual(str(e), f"state file {self.path} is in use by pid {pid}")
+        self.assertEqual((e.path, e.pid, e.pidfile), (self.path, pid, None))
+
+    def test_in_use_names_the_other_pidfile(self):
+        pid = os.getppid()
+        self.write({"daemon_pid": pid, "daemon_start_time": process_start_time(pid), "children": [],
+                    "pidfile": "/srv/a/twistd.pid"})
+        e = self.assertRaises(StateFileInUse, check_not_in_use, self.path)
+        self.assertEqual(e.pidfile, "/srv/a/twistd.pid")
 
     def test_reused_pid_is_free(self):
         """PROC-14: same pid but another start time: the pid was reused."""
