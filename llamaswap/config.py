@@ -1,4 +1,4 @@
-"""Loading and validating the llama-swap YAML config (SPEC §3).
+"""Loading and validating the llama-swap YAML config (every key: docs/configuration.rst).
 
 The pipeline follows CFG-6 exactly: ``${env.NAME}`` on the raw text (MAC-7), a strict YAML 1.2
 parse (CFG-1, CFG-2), comment-line removal in ``cmd``/``cmdStop`` (CMD-1), macro expansion
@@ -25,6 +25,9 @@ from yaml.reader import Reader
 from yaml.resolver import BaseResolver
 from yaml.scanner import Scanner
 
+from llamaswap import configkeys
+from llamaswap.errors import close_matches, either
+
 __all__ = [
     "Config", "ConfigError", "GroupConfig", "ModelConfig", "PeerConfig", "load_config", "parse_config",
     "parse_size", "split_cmd",
@@ -38,22 +41,15 @@ LOG_LEVELS = ("debug", "info", "warn", "error")
 LOG_TO_STDOUT = ("proxy", "upstream", "both", "none")
 POLICIES = ("swap-aware", "fifo")
 
-_TOP_KEYS = frozenset({
-    "healthCheckTimeout", "logLevel", "logToStdout", "startPort", "globalTTL", "unloadTimeout",
-    "sendLoadingState", "includeAliasesInList", "apiKeys", "macros", "models", "groups", "profiles",
-    "hooks", "scheduler", "maxRequestBody", "peers", "memory"})
-_TOP_UNSUPPORTED = frozenset({
-    "logRequests", "logTimeFormat", "metricsMaxInMemory", "captureBuffer", "store", "ui", "performance",
-    "matrix", "routing", "selectors", "upstream"})
-_MODEL_KEYS = frozenset({
-    "cmd", "cmdStop", "proxy", "env", "aliases", "checkEndpoint", "ttl", "useModelName", "unlisted", "name",
-    "description", "metadata", "concurrencyLimit", "filters", "macros", "sendLoadingState", "unloadTimeout",
-    "memory"})
-_MODEL_UNSUPPORTED = frozenset({"timeouts", "compat", "capabilities", "healthCheckTimeout"})
-_FILTER_KEYS = frozenset({"stripParams", "strip_params", "setParams", "setParamsByID"})
-_GROUP_KEYS = frozenset({"swap", "exclusive", "persistent", "members"})
-_PEER_KEYS = frozenset({"proxy", "apiKey", "models", "filters"})
-_PEER_FILTER_KEYS = frozenset({"stripParams", "setParams"})
+# The valid keys at each level come from the key table that docs/configuration.rst is generated from.
+_TOP_KEYS = configkeys.children("")
+_TOP_UNSUPPORTED = configkeys.unsupported_children("")
+_MODEL_KEYS = configkeys.children("models.<id>")
+_MODEL_UNSUPPORTED = configkeys.unsupported_children("models.<id>")
+_FILTER_KEYS = configkeys.children("models.<id>.filters")
+_GROUP_KEYS = configkeys.children("groups.<groupId>")
+_PEER_KEYS = configkeys.children("peers.<peerId>")
+_PEER_FILTER_KEYS = configkeys.children("peers.<peerId>.filters")
 
 _MACRO_NAME = re.compile(r"^[A-Za-z0-9_-]{1,63}$")
 _RESERVED_MACROS = frozenset({"PORT", "MODEL_ID", "PID"})
@@ -136,7 +132,7 @@ class ModelConfig:
         return dict(self.env)
 
     def process_key(self) -> tuple:
-        """The effective process config (§1): equal keys mean the running child can be kept on reload."""
+        """The effective process config: equal keys mean the running child can be kept on reload."""
         return (self.argv, self.cmd_stop_argv, self.proxy, self.env, self.check_endpoint)
 
 
@@ -668,7 +664,7 @@ def _read_macros(raw: Any, path: str, errors: list[str]) -> list[tuple[str, Any]
     if raw is None:
         return []
     if not isinstance(raw, dict):
-        errors.append(f"{path}: {MSG_MAP}")
+        errors.append(f"{path}: {MSG_MAP}{_got(raw)}")
         return []
     items = []
     for name, value in raw.items():
@@ -680,7 +676,7 @@ def _read_macros(raw: Any, path: str, errors: list[str]) -> list[tuple[str, Any]
             errors.append(f"{where}: '{name}' is a reserved macro name")
             continue
         if not _is_scalar(value):
-            errors.append(f"{where}: must be a scalar (string, number or boolean)")
+            errors.append(f"{where}: must be a scalar (string, number or boolean){_got(value)}")
             continue
         if isinstance(value, str) and "${" + name + "}" in value:
             errors.append(f"{where}: value refers to itself")
@@ -727,80 +723,143 @@ def _check_leftovers(value: Any, path: str, errors: list[str], allow: frozenset 
 
 
 class _Reader:
-    """Typed access to one mapping with a path prefix; records errors, warnings and seen keys."""
+    """Typed access to one mapping with a path prefix; records errors and warnings.
 
-    def __init__(self, data: dict, path: str, errors: list[str], warnings: list[str]):
+    ``pattern`` is the path with placeholders (``models.<id>``): it selects the valid keys in
+    :mod:`llamaswap.configkeys` and tells which values are secrets. Every read of a key goes
+    through :meth:`value`.
+    """
+
+    def __init__(self, data: dict, path: str, errors: list[str], warnings: list[str],
+                 pattern: str | None = None):
         self.data, self.path, self.errors, self.warnings = data, path, errors, warnings
+        self.pattern = path if pattern is None else pattern
 
     def at(self, key: str) -> str:
         return _key(self.path, key)
 
+    def value(self, key: str) -> Any:
+        return self.data.get(key)
+
+    def sub(self, key: str) -> "_Reader":
+        """A reader for the mapping at ``key`` (empty when absent or invalid)."""
+        return _Reader(self.mapping(key), self.at(key), self.errors, self.warnings,
+                       configkeys.join(self.pattern, key))
+
     def error(self, key: str, message: str) -> None:
         self.errors.append(f"{self.at(key)}: {message}")
 
+    def invalid(self, key: str, message: str, value: Any) -> None:
+        """An error about ``value``, which the message shows (shortened) unless it is a secret."""
+        secret = configkeys.is_secret(configkeys.join(self.pattern, key))
+        self.errors.append(f"{self.at(key)}: {message}{_got(value, secret)}")
+
     def has(self, key: str) -> bool:
-        return self.data.get(key) is not None
+        return self.value(key) is not None
 
     def int(self, key: str, default: int | None, allow_minus_one: bool = False) -> int | None:
-        value = self.data.get(key)
+        value = self.value(key)
         if value is None:
             return default
         if allow_minus_one and isinstance(value, int) and not isinstance(value, bool) and value == -1:
             return default
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            self.error(key, MSG_INT)
+            self.invalid(key, MSG_INT, value)
             return default
         return int(value)
 
     def str(self, key: str, default: str = "") -> str:
-        value = self.data.get(key)
+        value = self.value(key)
         if value is None:
             return default
         if not _is_scalar(value):
-            self.error(key, MSG_STR)
+            self.invalid(key, MSG_STR, value)
             return default
         return value if isinstance(value, str) else _scalar_text(value)
 
     def bool(self, key: str, default: bool) -> bool:
-        value = self.data.get(key)
+        value = self.value(key)
         if value is None:
             return default
         return _to_bool(value, self.at(key), self.errors, default)
 
     def str_list(self, key: str) -> tuple[str, ...]:
-        value = self.data.get(key)
+        value = self.value(key)
         if value is None:
             return ()
-        return _str_list(value, self.at(key), self.errors)
+        return _str_list(value, self.at(key), self.errors,
+                         secret=configkeys.is_secret(configkeys.join(self.pattern, key)))
 
     def mapping(self, key: str) -> dict:
-        value = self.data.get(key)
+        value = self.value(key)
         if value is None:
             return {}
         if not isinstance(value, dict):
-            self.error(key, MSG_MAP)
+            self.invalid(key, MSG_MAP, value)
             return {}
         return value
 
     def size(self, key: str, default: int | None) -> int | None:
-        value = self.data.get(key)
+        value = self.value(key)
         if value is None:
             return default
         try:
             return parse_size(value)
         except ValueError:
-            self.error(key, MSG_SIZE)
+            self.invalid(key, MSG_SIZE, value)
             return default
 
-    def unknown_keys(self, known: frozenset, unsupported: frozenset = frozenset()) -> None:
+    def unknown_keys(self, internal: frozenset = frozenset()) -> None:
+        """Warn about every key the key table does not list here (``internal`` ones excepted)."""
+        known = configkeys.children(self.pattern)
+        unsupported = configkeys.unsupported_children(self.pattern)
         for key in self.data:
-            if key in known:
+            if key in known or key in internal:
                 continue
             if key in unsupported:
                 self.warnings.append(
                     f"config: llama-swap key '{self.at(key)}' is not supported by llamaswap (ignored)")
             else:
-                self.warnings.append(f"config: unknown key '{self.at(key)}' (ignored)")
+                self.warnings.append(
+                    f"config: unknown key '{self.at(key)}' (ignored){_did_you_mean(str(key), known, self.pattern)}")
+
+
+def _did_you_mean(key: str, known: Iterable[str], pattern: str) -> str:
+    """``; did you mean 'ttl'?`` for a close key here, else where the key belongs, else nothing."""
+    close = close_matches(key, known)
+    if close:
+        return f"; did you mean {either(close)}?"
+    homes = [h for h in configkeys.homes_of(key) if h != pattern]
+    if homes:
+        where = " or ".join("the top level" if h == "" else f"'{h}'" for h in homes)
+        return f"; '{key}' belongs under {where}"
+    return ""
+
+
+_SHOWN_MAX = 40
+
+
+def _got(value: Any, secret: bool = False) -> str:
+    """`` (got <value>)``: how an error shows the offending value, at most ~40 characters."""
+    if isinstance(value, dict):
+        return " (got a mapping)"
+    if isinstance(value, list):
+        return " (got a list)"
+    if secret and value is not None:
+        return ""
+    return f" (got {_shown(value)})"
+
+
+def _shown(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, str):
+        if len(value) <= _SHOWN_MAX - 2:
+            return repr(value)
+        cut = repr(value[:_SHOWN_MAX - 3])
+        return cut[:-1] + "\u2026" + cut[-1]
+    text = _scalar_text(value)
+    return text if len(text) <= _SHOWN_MAX else text[:_SHOWN_MAX - 1] + "\u2026"
 
 
 def _to_bool(value: Any, path: str, errors: list[str], default: bool) -> bool:
@@ -809,18 +868,18 @@ def _to_bool(value: Any, path: str, errors: list[str], default: bool) -> bool:
     if isinstance(value, str) and value.lower() in _BOOL_WORDS and (
             value.islower() or value.isupper() or value == value.capitalize()):
         return _BOOL_WORDS[value.lower()]
-    errors.append(f"{path}: {MSG_BOOL}")
+    errors.append(f"{path}: {MSG_BOOL}{_got(value)}")
     return default
 
 
-def _str_list(value: Any, path: str, errors: list[str]) -> tuple[str, ...]:
+def _str_list(value: Any, path: str, errors: list[str], secret: bool = False) -> tuple[str, ...]:
     if not isinstance(value, list):
-        errors.append(f"{path}: {MSG_STRLIST}")
+        errors.append(f"{path}: {MSG_STRLIST}{_got(value, secret)}")
         return ()
     out = []
     for i, item in enumerate(value):
         if item is None or not _is_scalar(item):
-            errors.append(f"{_idx(path, i)}: {MSG_STR}")
+            errors.append(f"{_idx(path, i)}: {MSG_STR}{_got(item, secret)}")
             continue
         out.append(item if isinstance(item, str) else _scalar_text(item))
     return tuple(out)
@@ -834,7 +893,7 @@ def _check_url(url: str, path: str, errors: list[str]) -> None:
     except ValueError:
         ok = False
     if not ok:
-        errors.append(f"{path}: must be an http or https URL with a host")
+        errors.append(f"{path}: must be an http or https URL with a host{_got(url)}")
 
 
 def _strip_params(text: str, path: str, warnings: list[str]) -> tuple[str, ...]:
@@ -882,13 +941,14 @@ def _prepare_model(model_id: str, raw: Any, global_macros: list, errors: list[st
         errors.append(f"{path}: a model id must be non-empty and contain no control characters")
         return None
     if not isinstance(raw, dict):
-        errors.append(f"{path}: {MSG_MAP}")
+        errors.append(f"{path}: {MSG_MAP}{_got(raw)}")
         return None
     data = dict(raw)
     for key in ("cmd", "cmdStop"):
         if isinstance(data.get(key), str):
             data[key] = _strip_comment_lines(data[key])
-    own = _read_macros(data.get("macros"), _key(path, "macros"), errors)
+    raw_reader = _Reader(data, path, errors, [], "models.<id>")
+    own = _read_macros(raw_reader.value("macros"), raw_reader.at("macros"), errors)
     macros = _model_macros(model_id, global_macros, own)
     expanded = {}
     for key, value in data.items():
@@ -919,12 +979,20 @@ def _expand_filters(filters: dict, macros: _Macros) -> dict:
     return out
 
 
-def _assign_ports(models: list[_RawModel], start_port: int) -> None:
-    """MAC-5: models whose cmd has ``${PORT}``, in code-point order of id, get consecutive ports."""
+def _nothing_in_use(port: int) -> bool:
+    return False
+
+
+def _assign_ports(models: list[_RawModel], start_port: int,
+                  port_in_use: Callable[[int], bool] = _nothing_in_use) -> None:
+    """MAC-5: models whose cmd has ``${PORT}``, in code-point order of id, get consecutive
+    ports from ``start_port``; a port ``port_in_use`` says is taken is skipped."""
     port = start_port
     for model in sorted(models, key=lambda m: m.id):
         cmd = model.data.get("cmd")
         if isinstance(cmd, str) and "${PORT}" in cmd:
+            while port < 65535 and port_in_use(port):
+                port += 1
             model.port = port
             port += 1
             port_macro = _Macros([("PORT", port - 1)])
@@ -967,8 +1035,8 @@ def _check_model_leftovers(model: _RawModel, errors: list[str]) -> None:
 def _build_model(model: _RawModel, top: dict, errors: list[str], warnings: list[str]) -> ModelConfig | None:
     """Stage 6 for one model: typed validation and defaults."""
     before = len(errors)
-    r = _Reader(model.data, model.path, errors, warnings)
-    r.unknown_keys(_MODEL_KEYS | {"__default_proxy"}, _MODEL_UNSUPPORTED)
+    r = _Reader(model.data, model.path, errors, warnings, "models.<id>")
+    r.unknown_keys(frozenset({"__default_proxy"}))
 
     cmd, argv = _read_cmd(r, "cmd", required=True)
     cmd_stop, cmd_stop_argv = _read_cmd(r, "cmdStop", required=False)
@@ -1021,13 +1089,13 @@ def _build_model(model: _RawModel, top: dict, errors: list[str], warnings: list[
 
 
 def _read_cmd(r: _Reader, key: str, required: bool) -> tuple[str, tuple]:
-    value = r.data.get(key)
+    value = r.value(key)
     if value is None:
         if required:
             r.error(key, "is required")
         return "", ()
     if not _is_scalar(value):
-        r.error(key, MSG_STR)
+        r.invalid(key, MSG_STR, value)
         return "", ()
     text = value if isinstance(value, str) else _scalar_text(value)
     try:
@@ -1041,9 +1109,8 @@ def _read_cmd(r: _Reader, key: str, required: bool) -> tuple[str, tuple]:
 
 
 def _read_filters(r: _Reader, warnings: list[str]) -> tuple[tuple, dict, dict]:
-    filters = r.mapping("filters")
-    f = _Reader(filters, r.at("filters"), r.errors, warnings)
-    f.unknown_keys(_FILTER_KEYS)
+    f = r.sub("filters")
+    f.unknown_keys()
     if f.has("stripParams") and f.has("strip_params"):
         f.error("strip_params", "cannot be used together with stripParams")
     strip_key = "stripParams" if f.has("stripParams") or not f.has("strip_params") else "strip_params"
@@ -1053,7 +1120,7 @@ def _read_filters(r: _Reader, warnings: list[str]) -> tuple[tuple, dict, dict]:
     for name, params in f.mapping("setParamsByID").items():
         where = _key(f.at("setParamsByID"), name)
         if not isinstance(params, dict):
-            r.errors.append(f"{where}: {MSG_MAP}")
+            r.errors.append(f"{where}: {MSG_MAP}{_got(params)}")
             continue
         by_id[name] = _set_params(params, where, warnings)
     return strip, set_params, by_id
@@ -1079,12 +1146,12 @@ def _read_top(data: dict, errors: list[str], warnings: list[str]) -> dict:
     top["log_level"] = level.lower()
     to_stdout = r.str("logToStdout", "proxy")
     if to_stdout not in LOG_TO_STDOUT:
-        r.error("logToStdout", "must be one of proxy, upstream, both, none")
+        r.invalid("logToStdout", "must be one of proxy, upstream, both, none", r.value("logToStdout"))
         to_stdout = "proxy"
     top["log_to_stdout"] = to_stdout
     port = r.int("startPort", 5800)
     if not 1 <= port <= 65535:
-        r.error("startPort", "must be an integer from 1 to 65535")
+        r.invalid("startPort", "must be an integer from 1 to 65535", port)
         port = 5800
     top["start_port"] = port
     top["global_ttl"] = r.int("globalTTL", 0)
@@ -1092,8 +1159,10 @@ def _read_top(data: dict, errors: list[str], warnings: list[str]) -> dict:
     top["send_loading_state"] = r.bool("sendLoadingState", False)
     top["include_aliases_in_list"] = r.bool("includeAliasesInList", False)
     keys = r.str_list("apiKeys")
-    for i, key in enumerate(keys):
-        if not key or any(ch.isspace() for ch in key):
+    raw_keys = r.value("apiKeys")
+    for i, item in enumerate(raw_keys if isinstance(raw_keys, list) else ()):
+        key = _scalar_text(item) if item is not None and _is_scalar(item) else None
+        if key is not None and (not key or any(ch.isspace() for ch in key)):
             errors.append(f"{_idx('apiKeys', i)}: must be non-empty and contain no whitespace")
     top["api_keys"] = keys
     top["max_request_body"] = r.size("maxRequestBody", 2**30)
@@ -1104,34 +1173,34 @@ def _read_top(data: dict, errors: list[str], warnings: list[str]) -> dict:
 
 
 def _read_scheduler(r: _Reader, top: dict) -> None:
-    s = _Reader(r.mapping("scheduler"), "scheduler", r.errors, r.warnings)
-    s.unknown_keys(frozenset({"maxWait", "policy"}))
-    max_wait = s.data.get("maxWait")
+    s = r.sub("scheduler")
+    s.unknown_keys()
+    max_wait = s.value("maxWait")
     top["max_wait"] = 30.0
     if max_wait is not None:
         if isinstance(max_wait, bool) or not isinstance(max_wait, (int, float)) \
                 or not max_wait >= 0 or math.isinf(max_wait):
-            s.error("maxWait", "must be a non-negative number")
+            s.invalid("maxWait", "must be a non-negative number", max_wait)
         else:
             top["max_wait"] = float(max_wait)
     policy = s.str("policy", "swap-aware")
     if policy not in POLICIES:
-        s.error("policy", "must be 'swap-aware' or 'fifo'")
+        s.invalid("policy", "must be 'swap-aware' or 'fifo'", s.value("policy"))
         policy = "swap-aware"
     top["policy"] = policy
 
 
 def _read_hooks(r: _Reader, top: dict) -> None:
-    h = _Reader(r.mapping("hooks"), "hooks", r.errors, r.warnings)
-    h.unknown_keys(frozenset({"on_startup"}))
-    s = _Reader(h.mapping("on_startup"), "hooks.on_startup", r.errors, r.warnings)
-    s.unknown_keys(frozenset({"preload"}))
+    h = r.sub("hooks")
+    h.unknown_keys()
+    s = h.sub("on_startup")
+    s.unknown_keys()
     top["preload"] = s.str_list("preload")
 
 
 def _read_memory(r: _Reader, top: dict) -> None:
-    m = _Reader(r.mapping("memory"), "memory", r.errors, r.warnings)
-    m.unknown_keys(frozenset({"budget", "overhead"}))
+    m = r.sub("memory")
+    m.unknown_keys()
     top["memory_budget"] = m.size("budget", None)
     top["memory_overhead"] = m.size("overhead", 2**30)
 
@@ -1142,11 +1211,11 @@ def _read_peers(data: dict, errors: list[str], warnings: list[str]) -> dict[str,
     for peer_id, raw in r.mapping("peers").items():
         path = _key("peers", peer_id)
         if not isinstance(raw, dict):
-            errors.append(f"{path}: {MSG_MAP}")
+            errors.append(f"{path}: {MSG_MAP}{_got(raw)}")
             continue
         before = len(errors)
-        p = _Reader(raw, path, errors, warnings)
-        p.unknown_keys(_PEER_KEYS)
+        p = _Reader(raw, path, errors, warnings, "peers.<peerId>")
+        p.unknown_keys()
         proxy = p.str("proxy").strip()
         if not p.has("proxy"):
             p.error("proxy", "is required")
@@ -1157,8 +1226,8 @@ def _read_peers(data: dict, errors: list[str], warnings: list[str]) -> dict[str,
             p.error("models", "must not be empty")
         elif not p.has("models"):
             p.error("models", "is required")
-        f = _Reader(p.mapping("filters"), p.at("filters"), errors, warnings)
-        f.unknown_keys(_PEER_FILTER_KEYS)
+        f = p.sub("filters")
+        f.unknown_keys()
         strip = _strip_params(f.str("stripParams"), f.at("stripParams"), warnings)
         set_params = _set_params(f.mapping("setParams"), f.at("setParams"), warnings)
         if len(errors) == before:
@@ -1174,10 +1243,10 @@ def _read_groups(data: dict, models: Mapping[str, Any], errors: list[str],
     for gid, raw in r.mapping("groups").items():
         path = _key("groups", gid)
         if not isinstance(raw, dict):
-            errors.append(f"{path}: {MSG_MAP}")
+            errors.append(f"{path}: {MSG_MAP}{_got(raw)}")
             continue
-        g = _Reader(raw, path, errors, warnings)
-        g.unknown_keys(_GROUP_KEYS)
+        g = _Reader(raw, path, errors, warnings, "groups.<groupId>")
+        g.unknown_keys()
         members = []
         for i, member in enumerate(g.str_list("members")):
             where = _idx(g.at("members"), i)
@@ -1245,27 +1314,47 @@ def _collect_aliases(built: dict[str, ModelConfig], all_ids: Iterable[str],
 
 
 def _later_keys(data: dict) -> tuple[str, ...]:
-    # apiKeys, hooks, sendLoadingState and peers are implemented (issue 8): no longer listed.
-    keys = []
-    for key in ("memory",):
-        if key in data:
-            keys.append(key)
-    models = data.get("models")
-    if isinstance(models, dict):
-        for model_id, raw in models.items():
-            if isinstance(raw, dict):
-                for key in ("memory",):
-                    if key in raw:
-                        keys.append(_key(_key("models", model_id), key))
+    """The keys present that are read and validated but not implemented yet (the daemon warns).
+
+    They are the key table's "not implemented yet" rows (outermost ones only: ``memory``, not
+    ``memory.budget`` as well).
+    """
+    rows = []
+    for row in configkeys.KEYS:
+        parent = configkeys.find(row.parent)
+        if row.status == configkeys.NOT_IMPLEMENTED and not (
+                parent is not None and parent.status == configkeys.NOT_IMPLEMENTED):
+            rows.append(row)
+    keys: list[str] = []
+    for row in sorted(rows, key=lambda k: k.path.count(".")):
+        keys.extend(_present(data, row.path.split("."), ""))
     return tuple(keys)
 
 
-def parse_config(text: str, source: str = "<config>", environ: Mapping[str, str] | None = None) -> Config:
+def _present(node: Any, parts: list[str], path: str) -> Iterable[str]:
+    """The concrete paths in ``node`` matching ``parts`` (``<...>`` matches any key)."""
+    if not parts:
+        yield path
+        return
+    if not isinstance(node, dict):
+        return
+    head, rest = parts[0], parts[1:]
+    if head.startswith("<"):
+        for name, child in node.items():
+            yield from _present(child, rest, _key(path, name))
+    elif head in node:
+        yield from _present(node[head], rest, _key(path, head))
+
+
+def parse_config(text: str, source: str = "<config>", environ: Mapping[str, str] | None = None,
+                 port_in_use: Callable[[int], bool] = _nothing_in_use) -> Config:
     """Parse and validate a config (CFG-6 order).
 
     :param text: the YAML text.
     :param source: the file name used in YAML syntax errors and ``Config.source``.
     :param environ: the environment for ``${env.NAME}`` (default ``os.environ``).
+    :param port_in_use: ``(port) -> bool``; ``${PORT}`` allocation skips ports it says are
+        taken (default: none is).
     :raises ConfigError: listing every problem found.
     """
     environ = os.environ if environ is None else environ
@@ -1282,13 +1371,14 @@ def parse_config(text: str, source: str = "<config>", environ: Mapping[str, str]
             data = {}
         if not isinstance(data, dict):
             raise ConfigError(errors + [f"{source}: the top level must be a mapping"])
-        return _validate(data, source, errors, warnings)
+        return _validate(data, source, errors, warnings, port_in_use)
     except RecursionError:
         raise ConfigError([f"{source}: the YAML is nested too deeply"]) from None
 
 
-def _validate(data: dict, source: str, errors: list[str], warnings: list[str]) -> Config:
-    global_macros = _read_macros(data.get("macros"), "macros", errors)
+def _validate(data: dict, source: str, errors: list[str], warnings: list[str],
+              port_in_use: Callable[[int], bool] = _nothing_in_use) -> Config:
+    global_macros = _read_macros(_Reader(data, "", errors, warnings).value("macros"), "macros", errors)
     macros = _Macros(global_macros)
     top_data = {k: (v if k in ("models", "macros") else macros.apply_tree(v)) for k, v in data.items()}
     for key, value in top_data.items():
@@ -1296,13 +1386,13 @@ def _validate(data: dict, source: str, errors: list[str], warnings: list[str]) -
             _check_leftovers(value, _key("", key), errors)
 
     top_reader = _Reader(top_data, "", errors, warnings)
-    top_reader.unknown_keys(_TOP_KEYS, _TOP_UNSUPPORTED)
+    top_reader.unknown_keys()
     top = _read_top(top_data, errors, warnings)
 
     raw_models = top_reader.mapping("models")
     prepared = [m for m in (_prepare_model(mid, raw, global_macros, errors) for mid, raw in raw_models.items())
                 if m is not None]
-    _assign_ports(prepared, top["start_port"])
+    _assign_ports(prepared, top["start_port"], port_in_use)
     built: dict[str, ModelConfig] = {}
     for model in prepared:
         before = len(errors)
@@ -1313,7 +1403,8 @@ def _validate(data: dict, source: str, errors: list[str], warnings: list[str]) -
         cfg = _build_model(model, top, errors, warnings)
         if cfg is not None:
             if top["memory_budget"] is not None and cfg.memory is not None and cfg.memory > top["memory_budget"]:
-                errors.append(f"{_key(model.path, 'memory')}: larger than memory.budget")
+                errors.append(f"{_key(model.path, 'memory')}: larger than memory.budget"
+                              f"{_got(model.data.get('memory'))}")
             built[model.id] = cfg
 
     aliases, built = _collect_aliases(built, raw_models.keys(), errors)
@@ -1337,8 +1428,11 @@ def _dedupe(lines: list[str]) -> list[str]:
     return list(dict.fromkeys(lines))
 
 
-def load_config(path: str) -> Config:
+def load_config(path: str, port_in_use: Callable[[int], bool] | None = None) -> Config:
     """Read and parse the config file at ``path``.
+
+    ``${PORT}`` allocation skips ports ``port_in_use`` says are taken; by default, ports
+    something on this machine listens on.
 
     :raises ConfigError: when the file cannot be read or is not valid UTF-8, or is invalid.
     """
@@ -1354,4 +1448,6 @@ def load_config(path: str) -> Config:
             from None
     if text.startswith("\ufeff"):
         text = text[1:]
-    return parse_config(text, path)
+    if port_in_use is None:
+        from llamaswap.ports import port_in_use
+    return parse_config(text, path, port_in_use=port_in_use)

@@ -1,11 +1,13 @@
-"""Errors that carry their HTTP status and OpenAI error code (SPEC §9).
+"""Errors that carry their HTTP status and OpenAI error code (ERR-1, ERR-2).
 
 Deep code raises one of these; the resource layer renders every one of them in one
 place as ``{"error": {"message", "type", "param", "code"}}``.
 """
 from __future__ import annotations
 
+import difflib
 import json
+from typing import Any, Iterable
 
 
 class LlamaSwapError(Exception):
@@ -46,10 +48,99 @@ class InvalidAPIKey(LlamaSwapError):
 
 class ModelNotFound(LlamaSwapError):
     status, kind, code = 404, "invalid_request_error", "model_not_found"
+    _hint: Any = None       # (name, config) until the message is first read
 
     @classmethod
-    def named(cls, name: str) -> "ModelNotFound":
-        return cls(f"model '{name}' not found")
+    def named(cls, name: str, config: Any = None) -> "ModelNotFound":
+        """``model '<name>' not found``; given the config, with close names and how many models exist.
+
+        e.g. ``model 'chat-c' not found; did you mean 'chat-a' or 'chat-b'? (4 models are available:
+        GET /v1/models lists them)``. The suggestions are worked out only when the message is read
+        (``/upstream`` tries many prefixes that are not found before it finds one that is).
+        """
+        error = cls(f"model '{name}' not found")
+        if config is not None:
+            error._hint = (name, config)
+        return error
+
+    @property
+    def message(self) -> str:
+        if self._hint is not None:
+            name, config = self._hint
+            self._hint = None
+            self._message = self._message + _not_found_hint(name, config)
+        return self._message
+
+    @message.setter
+    def message(self, value: str) -> None:
+        self._message = value
+
+    def __str__(self) -> str:
+        return self.message
+
+
+def _not_found_hint(name: str, config: Any) -> str:
+    candidates, count = requestable_names(config)
+    close = close_matches(name, candidates)
+    hint = f"; did you mean {either(close)}?" if close else ""
+    if count == 0:
+        return hint + " (no models are configured)"
+    return hint + f" ({count} model{' is' if count == 1 else 's are'} available: GET /v1/models lists them)"
+
+
+def requestable_names(config: Any) -> tuple[list[str], int]:
+    """The names a not-found message may suggest, and the number of models ``/v1/models`` lists.
+
+    Listed models count, with their ids and aliases (``setParamsByID`` names included) as
+    candidates; so do peer models, as ``<peerId>/<model>`` and by bare name. Unlisted models stay
+    hidden: neither counted nor suggested.
+    """
+    names: list[str] = []
+    count = 0
+    for model_id, model in (getattr(config, "models", None) or {}).items():
+        if getattr(model, "unlisted", False):
+            continue
+        count += 1
+        names.append(model_id)
+        names.extend(getattr(model, "aliases", ()))
+    for peer_id, peer in (getattr(config, "peers", None) or {}).items():
+        for model in getattr(peer, "models", ()):
+            count += 1
+            names += [f"{peer_id}/{model}", model]
+    return names, count
+
+
+def close_matches(word: str, candidates: Iterable[str], n: int = 3, cutoff: float = 0.6) -> list[str]:
+    """Up to ``n`` of ``candidates`` close to ``word`` (by difflib, ignoring case), best first.
+
+    Only the candidates about as close as the best one are kept (``'cmdStop'`` for ``cmdstop``,
+    not ``'cmd'`` too); ``word`` itself is never suggested.
+    """
+    if len(word) > 200:
+        return []
+    matcher = difflib.SequenceMatcher()
+    matcher.set_seq2(word.lower())
+    scored: dict[str, float] = {}
+    for candidate in candidates:
+        if candidate == word or candidate in scored:
+            continue
+        matcher.set_seq1(candidate.lower())
+        if matcher.real_quick_ratio() >= cutoff and matcher.quick_ratio() >= cutoff:
+            ratio = matcher.ratio()
+            if ratio >= cutoff:
+                scored[candidate] = ratio
+    if not scored:
+        return []
+    best = max(scored.values())
+    return sorted((c for c in scored if scored[c] >= best - 0.1), key=lambda c: (-scored[c], c))[:n]
+
+
+def either(words: list[str]) -> str:
+    """``'a'``, ``'a' or 'b'``, ``'a', 'b' or 'c'``."""
+    quoted = [f"'{w}'" for w in words]
+    if len(quoted) <= 1:
+        return "".join(quoted)
+    return ", ".join(quoted[:-1]) + " or " + quoted[-1]
 
 
 class NotFound(LlamaSwapError):

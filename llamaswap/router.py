@@ -1,4 +1,4 @@
-"""Requests -> models: resolution, admission, queueing, swaps, TTL (SPEC §4, §6, PROC-11).
+"""Requests -> models: resolution, admission, queueing, swaps, TTL (PROC-11).
 
 ``ModelRouter`` owns one ``UpstreamProcess`` per model and the queue of waiting
 requests. Every decision comes from the pure ``scheduler.decide``; this class only
@@ -164,7 +164,7 @@ class ModelRouter(Service):
                 if member_id is None or member_id not in members:
                     raise ModelNotFound(f"model '{member}' is not a member of profile '{profile}'")
                 return Resolved(member_id, profile, member)
-        raise ModelNotFound.named(name)
+        raise ModelNotFound.named(name, self.config)
 
     # -- admission and grants -------------------------------------------------------------------
 

@@ -1,4 +1,4 @@
-"""Tests for llamaswap.config (SPEC §3: CFG-*, MAC-*, CMD-*)."""
+"""Tests for llamaswap.config: loading, validation, macros and command parsing (CFG-*, MAC-*, CMD-*)."""
 
 from __future__ import annotations
 
@@ -14,76 +14,13 @@ from hypothesis import strategies as st
 from llamaswap.config import (
     Config, ConfigError, GroupConfig, load_config, parse_config, parse_size, split_cmd)
 
-SPEC = Path("/work/shared/SPEC.md")
+DATA = Path(__file__).resolve().parent / "data"
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 
-def _spec_example() -> str:
-    """The §3.12 complete example, taken from the SPEC itself (with a copy as a fallback)."""
-    if SPEC.exists():
-        text = SPEC.read_text()
-        return text.split("### 3.12 Complete example")[1].split("```yaml\n")[1].split("```")[0]
-    return _SPEC_EXAMPLE_COPY
-
-
-_SPEC_EXAMPLE_COPY = """\
-healthCheckTimeout: 120
-logLevel: info
-logToStdout: proxy
-startPort: 5800
-globalTTL: 0
-unloadTimeout: 10
-sendLoadingState: false
-includeAliasesInList: false
-apiKeys: ["${env.LLAMASWAP_KEY}"]
-scheduler:
-  maxWait: 30
-macros:
-  server: /opt/llama.cpp/bin/llama-server
-  common: "--host 127.0.0.1 --port ${PORT} -ngl 99"
-models:
-  qwen-7b:
-    name: Qwen2.5 7B
-    description: general chat
-    cmd: |
-      ${server} ${common}
-      -m /models/qwen2.5-7b-instruct-q4_k_m.gguf
-      # -c 32768   (comment line, removed)
-      -c 16384
-    aliases: [gpt-4o-mini, qwen]
-    ttl: 600
-    filters:
-      stripParams: "top_k, mirostat"
-      setParams:
-        chat_template_kwargs.enable_thinking: false
-      setParamsByID:
-        "${MODEL_ID}:creative": {temperature: 1.1}
-    metadata: {family: qwen, port: "${PORT}"}
-  llama-8b:
-    cmd: ${server} ${common} -m /models/llama-3.1-8b-q4.gguf
-    useModelName: llama3.1
-    concurrencyLimit: 4
-    env: [CUDA_VISIBLE_DEVICES=0]
-  embed:
-    cmd: ${server} ${common} -m /models/bge-m3.gguf --embeddings
-  rerank:
-    cmd: /opt/llama.cpp/bin/llama-server --port 9100 -m /models/bge-reranker.gguf --reranking
-    proxy: http://127.0.0.1:9100
-    unlisted: true
-  whisper:
-    cmd: docker run --rm --name ${MODEL_ID} -p ${PORT}:8080 whisper-server:latest
-    cmdStop: docker stop ${MODEL_ID}
-    checkEndpoint: /health
-    unloadTimeout: 30
-groups:
-  chat:    {swap: true, exclusive: true, members: [qwen-7b, llama-8b]}
-  helpers: {swap: false, exclusive: false, persistent: true, members: [embed, rerank]}
-profiles:
-  coding: [qwen-7b, embed]
-hooks:
-  on_startup:
-    preload: [embed]
-"""
+def _complete_example() -> str:
+    """tests/data/complete.yaml: a config that uses most keys, with comments."""
+    return (DATA / "complete.yaml").read_text(encoding="utf-8")
 
 
 def parse(text: str, environ: dict | None = None) -> Config:
@@ -97,12 +34,12 @@ def errors_of(text: str, environ: dict | None = None) -> list[str]:
 
 
 # --------------------------------------------------------------------------------------------
-# The complete example (§3.12)
+# The complete example (tests/data/complete.yaml)
 
 
 @pytest.fixture(scope="module")
 def example() -> Config:
-    return parse_config(_spec_example(), "example.yaml", {"LLAMASWAP_KEY": "sk-test"})
+    return parse_config(_complete_example(), "example.yaml", {"LLAMASWAP_KEY": "sk-test"})
 
 
 def test_example_ports(example):
@@ -176,7 +113,7 @@ def test_example_other_fields(example):
 def test_example_missing_env_is_an_error():
     """MAC-7: the example needs LLAMASWAP_KEY."""
     with pytest.raises(ConfigError) as info:
-        parse_config(_spec_example(), "example.yaml", {})
+        parse_config(_complete_example(), "example.yaml", {})
     assert len(info.value.errors) == 1
     assert info.value.errors[0].endswith(": environment variable 'LLAMASWAP_KEY' is not set")
 
@@ -196,38 +133,44 @@ P = "cmd: srv --port ${PORT}"
 
 BAD = [
     ("ttl string", f"models:\n  a:\n    {P}\n    ttl: '300'\n",
-     ["models.a.ttl: must be a non-negative integer"]),
+     ["models.a.ttl: must be a non-negative integer (got '300')"]),
     ("ttl float", f"models:\n  a:\n    {P}\n    ttl: 1.5\n",
-     ["models.a.ttl: must be a non-negative integer"]),
+     ["models.a.ttl: must be a non-negative integer (got 1.5)"]),
     ("ttl bool", f"models:\n  a:\n    {P}\n    ttl: true\n",
-     ["models.a.ttl: must be a non-negative integer"]),
+     ["models.a.ttl: must be a non-negative integer (got true)"]),
     ("ttl negative", f"models:\n  a:\n    {P}\n    ttl: -2\n",
-     ["models.a.ttl: must be a non-negative integer"]),
-    ("globalTTL negative", "globalTTL: -1\n", ["globalTTL: must be a non-negative integer"]),
+     ["models.a.ttl: must be a non-negative integer (got -2)"]),
+    ("globalTTL negative", "globalTTL: -1\n", ["globalTTL: must be a non-negative integer (got -1)"]),
     ("healthCheckTimeout string", "healthCheckTimeout: soon\n",
-     ["healthCheckTimeout: must be a non-negative integer"]),
+     ["healthCheckTimeout: must be a non-negative integer (got 'soon')"]),
     ("concurrencyLimit", f"models:\n  a:\n    {P}\n    concurrencyLimit: 2.0\n",
-     ["models.a.concurrencyLimit: must be a non-negative integer"]),
+     ["models.a.concurrencyLimit: must be a non-negative integer (got 2.0)"]),
     ("unloadTimeout", f"unloadTimeout: x\nmodels:\n  a:\n    {P}\n    unloadTimeout: -3\n",
-     ["unloadTimeout: must be a non-negative integer", "models.a.unloadTimeout: must be a non-negative integer"]),
-    ("name mapping", f"models:\n  a:\n    {P}\n    name: {{x: 1}}\n", ["models.a.name: must be a string"]),
+     ["unloadTimeout: must be a non-negative integer (got 'x')",
+      "models.a.unloadTimeout: must be a non-negative integer (got -3)"]),
+    ("name mapping", f"models:\n  a:\n    {P}\n    name: {{x: 1}}\n",
+     ["models.a.name: must be a string (got a mapping)"]),
     ("useModelName list", f"models:\n  a:\n    {P}\n    useModelName: [x]\n",
-     ["models.a.useModelName: must be a string"]),
-    ("cmd list", "models:\n  a:\n    cmd: [x, y]\n", ["models.a.cmd: must be a string"]),
-    ("unlisted", f"models:\n  a:\n    {P}\n    unlisted: maybe\n", ["models.a.unlisted: must be a boolean"]),
-    ("includeAliasesInList", "includeAliasesInList: 1\n", ["includeAliasesInList: must be a boolean"]),
+     ["models.a.useModelName: must be a string (got a list)"]),
+    ("cmd list", "models:\n  a:\n    cmd: [x, y]\n", ["models.a.cmd: must be a string (got a list)"]),
+    ("unlisted", f"models:\n  a:\n    {P}\n    unlisted: maybe\n",
+     ["models.a.unlisted: must be a boolean (got 'maybe')"]),
+    ("includeAliasesInList", "includeAliasesInList: 1\n", ["includeAliasesInList: must be a boolean (got 1)"]),
     ("group swap", f"models:\n  a:\n    {P}\ngroups:\n  g: {{swap: 0, members: [a]}}\n",
-     ["groups.g.swap: must be a boolean"]),
-    ("models list", "models: [a, b]\n", ["models: must be a mapping"]),
-    ("model scalar", "models:\n  a: srv\n", ["models.a: must be a mapping"]),
-    ("metadata list", f"models:\n  a:\n    {P}\n    metadata: [1]\n", ["models.a.metadata: must be a mapping"]),
-    ("macros list", "macros: [a]\n", ["macros: must be a mapping"]),
-    ("aliases string", f"models:\n  a:\n    {P}\n    aliases: b\n", ["models.a.aliases: must be a list of strings"]),
+     ["groups.g.swap: must be a boolean (got 0)"]),
+    ("models list", "models: [a, b]\n", ["models: must be a mapping (got a list)"]),
+    ("model scalar", "models:\n  a: srv\n", ["models.a: must be a mapping (got 'srv')"]),
+    ("metadata list", f"models:\n  a:\n    {P}\n    metadata: [1]\n",
+     ["models.a.metadata: must be a mapping (got a list)"]),
+    ("macros list", "macros: [a]\n", ["macros: must be a mapping (got a list)"]),
+    ("aliases string", f"models:\n  a:\n    {P}\n    aliases: b\n",
+     ["models.a.aliases: must be a list of strings (got 'b')"]),
     ("apiKeys string", "apiKeys: k\n", ["apiKeys: must be a list of strings"]),
     ("apiKeys blank", "apiKeys: [good, 'has space', '']\n",
      ["apiKeys[1]: must be non-empty and contain no whitespace",
       "apiKeys[2]: must be non-empty and contain no whitespace"]),
-    ("env list of maps", f"models:\n  a:\n    {P}\n    env: [{{A: 1}}]\n", ["models.a.env[0]: must be a string"]),
+    ("env list of maps", f"models:\n  a:\n    {P}\n    env: [{{A: 1}}]\n",
+     ["models.a.env[0]: must be a string (got a mapping)"]),
     ("env without =", f"models:\n  a:\n    {P}\n    env: [A, =b]\n",
      ["models.a.env[0]: must be KEY=VALUE with a non-empty KEY",
       "models.a.env[1]: must be KEY=VALUE with a non-empty KEY"]),
@@ -252,7 +195,7 @@ BAD = [
     ("explicit proxy uses PORT", "models:\n  a:\n    cmd: srv\n    proxy: http://h:${PORT}/v1\n",
      ["models.a.proxy: proxy uses ${PORT} but cmd does not"]),
     ("bad proxy url", f"models:\n  a:\n    {P}\n    proxy: ftp://h\n",
-     ["models.a.proxy: must be an http or https URL with a host"]),
+     ["models.a.proxy: must be an http or https URL with a host (got 'ftp://h')"]),
     ("unknown macro", "models:\n  a:\n    cmd: srv ${nope} --port ${PORT}\n",
      ["models.a.cmd: unknown macro '${nope}'"]),
     ("unknown macro in metadata", f"models:\n  a:\n    {P}\n    metadata:\n      x: [1, '${{y}}']\n",
@@ -264,7 +207,8 @@ BAD = [
     ("model macro refers to itself", f"models:\n  m:\n    {P}\n    macros:\n      b: '${{b}}'\n",
      ["models.m.macros.b: value refers to itself"]),
     ("reserved macro", "macros:\n  PORT: 1\n", ["macros.PORT: 'PORT' is a reserved macro name"]),
-    ("macro not scalar", "macros:\n  a: [1]\n", ["macros.a: must be a scalar (string, number or boolean)"]),
+    ("macro not scalar", "macros:\n  a: [1]\n",
+     ["macros.a: must be a scalar (string, number or boolean) (got a list)"]),
     ("PID outside cmdStop", "models:\n  a:\n    cmd: srv ${PID} ${PORT}\n",
      ["models.a.cmd: '${PID}' is only allowed in cmdStop"]),
     ("PORT in env without cmd port", "models:\n  a:\n    cmd: srv\n    proxy: http://h:1\n    env:\n      - P=${PORT}\n",
@@ -281,28 +225,28 @@ BAD = [
     ("yaml syntax", "models:\n  a: [1, 2\n", ["f.yaml:3:1: expected ',' or ']', but got '<stream end>'"]),
     ("yaml bad indentation", "a: 1\n b: 2\n", ["f.yaml:2:3: mapping values are not allowed here"]),
     ("not a mapping", "- a\n- b\n", ["f.yaml: the top level must be a mapping"]),
-    ("logToStdout", "logToStdout: all\n", ["logToStdout: must be one of proxy, upstream, both, none"]),
-    ("policy", "scheduler:\n  policy: lifo\n", ["scheduler.policy: must be 'swap-aware' or 'fifo'"]),
-    ("maxWait", "scheduler:\n  maxWait: -1\n", ["scheduler.maxWait: must be a non-negative number"]),
-    ("startPort", "startPort: 70000\n", ["startPort: must be an integer from 1 to 65535"]),
+    ("logToStdout", "logToStdout: all\n", ["logToStdout: must be one of proxy, upstream, both, none (got 'all')"]),
+    ("policy", "scheduler:\n  policy: lifo\n", ["scheduler.policy: must be 'swap-aware' or 'fifo' (got 'lifo')"]),
+    ("maxWait", "scheduler:\n  maxWait: -1\n", ["scheduler.maxWait: must be a non-negative number (got -1)"]),
+    ("startPort", "startPort: 70000\n", ["startPort: must be an integer from 1 to 65535 (got 70000)"]),
     ("maxRequestBody", "maxRequestBody: lots\n",
-     ["maxRequestBody: must be a size (an integer number of bytes, or a string like '12GiB')"]),
+     ["maxRequestBody: must be a size (an integer number of bytes, or a string like '12GiB') (got 'lots')"]),
     ("both strip spellings", f"models:\n  a:\n    {P}\n    filters:\n      stripParams: a\n      strip_params: b\n",
      ["models.a.filters.strip_params: cannot be used together with stripParams"]),
     ("quoted key in path", "models:\n  qwen2.5:\n    cmd: srv ${PORT}\n    ttl: x\n",
-     ['models["qwen2.5"].ttl: must be a non-negative integer']),
+     ['models["qwen2.5"].ttl: must be a non-negative integer (got \'x\')']),
     ("key with space in path", "models:\n  'my model':\n    cmd: srv ${PORT}\n    ttl: x\n",
-     ['models["my model"].ttl: must be a non-negative integer']),
+     ['models["my model"].ttl: must be a non-negative integer (got \'x\')']),
     ("peer without proxy", "peers:\n  p:\n    models: [m]\n", ["peers.p.proxy: is required"]),
     ("memory bigger than budget", f"memory: {{budget: 1GiB}}\nmodels:\n  a:\n    {P}\n    memory: 2GiB\n",
-     ["models.a.memory: larger than memory.budget"]),
+     ["models.a.memory: larger than memory.budget (got '2GiB')"]),
     ("several at once",
      "globalTTL: x\nlogToStdout: loud\nmodels:\n  a:\n    cmd: srv ${PORT}\n    ttl: '5'\n    unlisted: 3\n"
      "  b:\n    cmd: run\n  c:\n    cmd: c ${PORT}\n    aliases: [a]\ngroups:\n  g: {members: [zz]}\n",
-     ["globalTTL: must be a non-negative integer",
-      "logToStdout: must be one of proxy, upstream, both, none",
-      "models.a.ttl: must be a non-negative integer",
-      "models.a.unlisted: must be a boolean",
+     ["globalTTL: must be a non-negative integer (got 'x')",
+      "logToStdout: must be one of proxy, upstream, both, none (got 'loud')",
+      "models.a.ttl: must be a non-negative integer (got '5')",
+      "models.a.unlisted: must be a boolean (got 3)",
       "models.b.proxy: proxy uses ${PORT} but cmd does not",
       "models.c.aliases[0]: alias 'a' already used by model 'a'",
       "groups.g.members[0]: unknown model 'zz'"]),
@@ -370,6 +314,59 @@ WARN = [
 def test_warnings(text, expected):
     """CFG-4: unknown and unsupported keys warn; the config still loads."""
     assert list(parse(text).warnings) == expected
+
+
+SUGGEST = [
+    ("model key typo", f"models:\n  a:\n    {P}\n    ttll: 5\n",
+     "config: unknown key 'models.a.ttll' (ignored); did you mean 'ttl'?"),
+    ("case only", f"models:\n  a:\n    {P}\n    cmdstop: x\n",
+     "config: unknown key 'models.a.cmdstop' (ignored); did you mean 'cmdStop'?"),
+    ("top key typo", "healthcheckTimeout: 30\n",
+     "config: unknown key 'healthcheckTimeout' (ignored); did you mean 'healthCheckTimeout'?"),
+    ("nested typo", "scheduler: {maxwait: 3}\n",
+     "config: unknown key 'scheduler.maxwait' (ignored); did you mean 'maxWait'?"),
+    ("filter typo", f"models:\n  a:\n    {P}\n    filters: {{setParam: {{}}}}\n",
+     "config: unknown key 'models.a.filters.setParam' (ignored); did you mean 'setParams'?"),
+    ("group typo", f"models:\n  a:\n    {P}\ngroups:\n  g: {{member: [a]}}\n",
+     "config: unknown key 'groups.g.member' (ignored); did you mean 'members'?"),
+    ("peer typo", "peers:\n  p: {proxy: 'https://x.example', models: [m], apikey: k}\n",
+     "config: unknown key 'peers.p.apikey' (ignored); did you mean 'apiKey'?"),
+    ("model key at top level", "ttl: 5\n",
+     "config: unknown key 'ttl' (ignored); 'ttl' belongs under 'models.<id>'"),
+    ("top key in a model", f"models:\n  a:\n    {P}\n    globalTTL: 5\n",
+     "config: unknown key 'models.a.globalTTL' (ignored); 'globalTTL' belongs under the top level"),
+]
+
+
+@pytest.mark.parametrize("text,expected", [(t, e) for _, t, e in SUGGEST], ids=[n for n, _, _ in SUGGEST])
+def test_unknown_key_suggestions(text, expected):
+    """An unknown key close to a valid one (or valid elsewhere) says so; the config still loads."""
+    assert list(parse(text).warnings) == [expected]
+
+
+def test_error_values_are_shortened():
+    """The offending value is shown repr-like, escaped, and cut to about 40 characters."""
+    errors = errors_of(f"models:\n  a:\n    {P}\n    ttl: '{'x' * 100}'\n    unlisted: \"a\\nb\"\n"
+                       "    useModelName: {k: v}\n    concurrencyLimit: 1.0e+3\n")
+    assert sorted(errors) == [
+        "models.a.concurrencyLimit: must be a non-negative integer (got 1.0e+3)",
+        "models.a.ttl: must be a non-negative integer (got '" + "x" * 37 + "\u2026')",
+        "models.a.unlisted: must be a boolean (got 'a\\nb')",
+        "models.a.useModelName: must be a string (got a mapping)"]
+
+
+def test_error_values_of_secrets_are_not_shown():
+    """apiKeys, env and a peer's apiKey are never echoed (only 'a mapping', 'a list' or null)."""
+    errors = errors_of(f"apiKeys: sk-top-secret\nmodels:\n  a:\n    {P}\n    env: TOKEN=hunter2\n"
+                       "peers:\n  p: {proxy: 'https://x.example', models: [m], apiKey: 42}\n")
+    assert sorted(errors) == ["apiKeys: must be a list of strings", "models.a.env: must be a list of strings"]
+    errors = errors_of(f"apiKeys: [sk-1, {{a: 1}}, ~, 'has space']\nmodels:\n  a:\n    {P}\n    env: [X, 7]\n")
+    assert sorted(errors) == [
+        "apiKeys[1]: must be a string (got a mapping)", "apiKeys[2]: must be a string (got null)",
+        "apiKeys[3]: must be non-empty and contain no whitespace",
+        "models.a.env[0]: must be KEY=VALUE with a non-empty KEY",
+        "models.a.env[1]: must be KEY=VALUE with a non-empty KEY"]
+    assert not any("sk-" in e or "hunter2" in e or "has space" in e for e in errors)
 
 
 def test_warning_effects():
@@ -671,7 +668,7 @@ python model1.py \\
 
 
 def test_cmd4_normative_example():
-    """CMD-4: the SPEC's normative example splits exactly."""
+    """CMD-4: the normative example splits exactly."""
     assert split_cmd(CMD4) == ["python", "model1.py", "-a", "double quotes", "--arg2", "single quotes", "-s",
                                "--arg3", "123", "--arg4", '"string in string"', "-c", "'single quoted'"]
 

@@ -185,7 +185,11 @@ def test_unknown_model_404(shared):
     """An unknown model gives 404 model_not_found in the OpenAI error envelope."""
     status, body = shared.chat("no-such-model")
     assert error_of((status, body)) == (404, "model_not_found")
-    assert body["error"]["message"] == "model 'no-such-model' not found"
+    assert body["error"]["message"] == ("model 'no-such-model' not found "
+                                        "(5 models are available: GET /v1/models lists them)")
+    status, body = shared.chat("alias-b")                           # aliases are suggested; unlisted ids not
+    assert body["error"]["message"] == ("model 'alias-b' not found; did you mean 'alias-a'? "
+                                        "(5 models are available: GET /v1/models lists them)")
     assert body["error"]["type"] == "invalid_request_error" and body["error"]["param"] is None
     r = shared.request("POST", "/v1/chat/completions", {"model": "no-such-model"},
                        headers={"Origin": "http://example.test"})
@@ -968,12 +972,14 @@ def test_sigterm_idle_daemon_exits_zero(start_daemon):
 
 
 def test_config_warnings_do_not_stop_startup(start_daemon):
-    """Unknown and unsupported keys are warned about on stderr, and the daemon still serves (CFG-4)."""
+    """Unknown and unsupported keys are warned about once on the terminal (with -n, in the log
+    on stdout), and the daemon still serves (CFG-4)."""
     cfg = config({"a": model("a", colour="blue")}, logRequests=True)
     d = start_daemon(cfg)
-    err = d.stderr.text()
-    assert "config: unknown key 'models.a.colour' (ignored)" in err, d.output()
-    assert "config: llama-swap key 'logRequests' is not supported by llamaswap (ignored)" in err, d.output()
+    err = d.stdout.text() + d.stderr.text()
+    assert err.count("config: unknown key 'models.a.colour' (ignored)") == 1, d.output()
+    assert err.count("config: llama-swap key 'logRequests' is not supported by llamaswap (ignored)") == 1, \
+        d.output()
     assert d.chat("a")[0] == 200
 
 

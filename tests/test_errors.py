@@ -1,4 +1,4 @@
-"""Errors carry their HTTP status and OpenAI code and render in one envelope (SPEC ERR-1, ERR-2)."""
+"""Errors carry their HTTP status and OpenAI code and render in one envelope (ERR-1, ERR-2)."""
 from __future__ import annotations
 
 import json
@@ -79,3 +79,67 @@ class ErrorTableTests(SynchronousTestCase):
     def test_error_body(self):
         self.assertEqual(json.loads(error_body("t", "c", "m")),
                          {"error": {"message": "m", "type": "t", "param": None, "code": "c"}})
+
+
+class ModelNotFoundHintTests(SynchronousTestCase):
+    """An unknown model's 404 suggests close names and says how many models there are."""
+
+    CONFIG = """\
+models:
+  chat-a: {cmd: 'srv ${PORT}'}
+  chat-b: {cmd: 'srv ${PORT}', aliases: [gpt-4o-mini]}
+  embed: {cmd: 'srv ${PORT}', filters: {setParamsByID: {"embed:fast": {dimensions: 256}}}}
+  secret-chat: {cmd: 'srv ${PORT}', unlisted: true, aliases: [hidden-chat]}
+peers:
+  openrouter: {proxy: 'https://openrouter.example/api', models: [llama-70b]}
+"""
+
+    def setUp(self) -> None:
+        from llamaswap.config import parse_config
+        self.config = parse_config(self.CONFIG, "t.yaml", {})
+
+    def message(self, name: str) -> str:
+        return errors.ModelNotFound.named(name, self.config).message
+
+    def test_close_names(self):
+        """Listed ids (in name order when equally close); count = listed models plus peer models."""
+        self.assertEqual(self.message("chat-c"), "model 'chat-c' not found; did you mean 'chat-a' or 'chat-b'? "
+                                                 "(4 models are available: GET /v1/models lists them)")
+
+    def test_aliases_are_candidates(self):
+        """Aliases, setParamsByID names and peer models are suggested too."""
+        self.assertIn("did you mean 'gpt-4o-mini'?", self.message("gpt-4o-mnii"))
+        self.assertIn("did you mean 'embed:fast'?", self.message("embed:fats"))
+        self.assertIn("did you mean 'openrouter/llama-70b'?", self.message("openrouter/llama-7b"))
+        self.assertIn("did you mean 'chat-a'?", self.message("CHAT-A"))
+
+    def test_unlisted_models_stay_hidden(self):
+        """An unlisted model is neither suggested nor counted."""
+        self.assertEqual(self.message("secret-chta"), "model 'secret-chta' not found "
+                                                      "(4 models are available: GET /v1/models lists them)")
+        self.assertNotIn("did you mean", self.message("hidden-chatt"))
+
+    def test_counts(self):
+        from llamaswap.config import parse_config
+        one = parse_config("models:\n  a: {cmd: 'srv ${PORT}'}\n", "t.yaml", {})
+        self.assertEqual(errors.ModelNotFound.named("zzz", one).message,
+                         "model 'zzz' not found (1 model is available: GET /v1/models lists them)")
+        self.assertEqual(errors.ModelNotFound.named("zzz", parse_config("", "t.yaml", {})).message,
+                         "model 'zzz' not found (no models are configured)")
+
+    def test_rendered_once_and_openai_shaped(self):
+        """The hint is in the envelope's message; str() agrees; the code stays model_not_found."""
+        error = errors.ModelNotFound.named("chat-c", self.config)
+        status, _, body = to_openai_error(error)
+        self.assertEqual(status, 404)
+        self.assertEqual(json.loads(body)["error"]["code"], "model_not_found")
+        self.assertEqual(json.loads(body)["error"]["message"], str(error))
+        self.assertEqual(error.message, str(error))
+
+    def test_huge_names_get_no_suggestion(self):
+        self.assertEqual(errors.close_matches("a" * 201, ["a" * 200]), [])
+
+    def test_either(self):
+        self.assertEqual(errors.either(["a"]), "'a'")
+        self.assertEqual(errors.either(["a", "b"]), "'a' or 'b'")
+        self.assertEqual(errors.either(["a", "b", "c"]), "'a', 'b' or 'c'")

@@ -1,4 +1,4 @@
-"""ModelRouter: resolution, admission, queueing, swaps, TTL, unload, shutdown (SPEC RT-2/4, §6, PROC-11/12).
+"""ModelRouter: resolution, admission, queueing, swaps, TTL, unload, shutdown (RT-2/4, PROC-11/12).
 
 Real ``UpstreamProcess`` objects run on a ``FakeProcessReactor`` whose children exit on
 the next turn after SIGTERM (``auto_exit``); health checks are Deferreds the test fires.
@@ -103,9 +103,10 @@ class ResolveTests(RouterCase):
 
     def test_exact_match_only(self):
         """RT-3: case-sensitive, no trimming."""
-        for name in ("A", " a", "a ", "GPT-4o"):
+        for name, close in (("A", "a"), (" a", "a"), ("a ", "a"), ("GPT-4o", "gpt-4o")):
             e = self.assertRaises(ModelNotFound, self.router.resolve, name)
-            self.assertEqual(e.message, f"model '{name}' not found")
+            self.assertEqual(e.message, f"model '{name}' not found; did you mean '{close}'? "
+                                        "(5 models are available: GET /v1/models lists them)")
 
     def test_profile_member(self):
         """RT-4: P:M resolves M (id or alias) and records the profile."""
@@ -127,7 +128,8 @@ class ResolveTests(RouterCase):
     def test_unknown_profile(self):
         """RT-2: an unknown P in P:M is just an unknown name."""
         e = self.assertRaises(ModelNotFound, self.router.resolve, "Z:a")
-        self.assertEqual(e.message, "model 'Z:a' not found")
+        self.assertEqual(e.message, "model 'Z:a' not found; did you mean 'P:a'? "
+                                    "(5 models are available: GET /v1/models lists them)")
         self.assertEqual(e.code, "model_not_found")
 
     def test_id_containing_colon_wins(self):

@@ -1,0 +1,517 @@
+"""The table of every config key: the one source for the config reader and docs/configuration.rst.
+
+``llamaswap.config`` asks this table which keys are valid at each path (and which llama-swap
+keys are recognised but not supported), so the reader and the documentation cannot drift.
+Regenerate the documentation with::
+
+    python -m llamaswap.configkeys > docs/configuration.rst
+
+Paths are dotted. A user-chosen name is written as a placeholder: ``<id>`` (a model id),
+``<groupId>``, ``<peerId>`` and ``<name>`` (a profile name). Examples are YAML text for the
+value alone; :func:`example_yaml` nests them under their path, with the placeholders replaced
+by the names in :data:`SAMPLE_NAMES`.
+
+This module imports nothing from llamaswap, so the config reader can import it.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+import textwrap
+from typing import Iterable
+
+import attr
+
+__all__ = [
+    "KEYS", "KeyDoc", "NOT_IMPLEMENTED", "SAMPLE_NAMES", "SUPPORTED", "UNSUPPORTED", "children", "concrete",
+    "example_yaml", "find", "is_secret", "homes_of", "render", "unsupported_children"]
+
+SUPPORTED = "supported"
+NOT_IMPLEMENTED = "not implemented yet"
+UNSUPPORTED = "not supported"
+
+LLAMASWAP_ONLY = "llamaswap"
+BASE = "v89"
+
+SAMPLE_NAMES = {"<id>": "llama", "<groupId>": "chat", "<peerId>": "openrouter", "<name>": "coding"}
+
+
+@attr.s(frozen=True, auto_attribs=True)
+class KeyDoc:
+    """One config key.
+
+    :param path: dotted path with placeholders, e.g. ``models.<id>.ttl``.
+    :param type: the value's type, in words.
+    :param default: the value used when the key is absent, in words (RST inline markup allowed).
+    :param example: YAML text of an example value (may span lines; nested lines indented by 2).
+    :param since: the llama-swap version that introduced the key (``v89`` for the base set that
+        llamaswap targets), or ``llamaswap`` for a key llama-swap does not have.
+    :param description: what the key does (RST).
+    :param status: :data:`SUPPORTED`, :data:`NOT_IMPLEMENTED` (parsed and validated, no effect
+        yet) or :data:`UNSUPPORTED` (a llama-swap key that is ignored with a warning).
+    :param secret: the value is never echoed in error messages (API keys, environments).
+    """
+
+    path: str
+    type: str
+    default: str
+    example: str
+    since: str
+    description: str
+    status: str = SUPPORTED
+    secret: bool = False
+
+    @property
+    def parent(self) -> str:
+        return self.path.rpartition(".")[0]
+
+    @property
+    def name(self) -> str:
+        return self.path.rpartition(".")[2]
+
+
+K = KeyDoc
+_MODEL = "models.<id>"
+
+KEYS: tuple[KeyDoc, ...] = (
+    # -- top level ---------------------------------------------------------------------------
+    K("healthCheckTimeout", "integer (seconds)", "``120``", "300", BASE,
+      "Longest time a model may take, from the start of its command, to pass its health check "
+      "(``models.<id>.checkEndpoint``). A value below 15 is raised to 15, with a warning."),
+    K("logLevel", "string", "``info``", "debug", "v102",
+      "``debug``, ``info``, ``warn`` or ``error``, in any case. Any other value logs a warning and "
+      "``info`` is used."),
+    K("logToStdout", "string", "``proxy``", "both", "v178",
+      "What goes to the daemon's log: ``proxy`` (llamaswap's own messages), ``upstream`` (the output of "
+      "the model servers), ``both`` or ``none``. Any other value is an error."),
+    K("startPort", "integer", "``5800``", "10000", "v110",
+      "First value of the ``${PORT}`` macro, from 1 to 65535. The models whose ``cmd`` uses ``${PORT}`` "
+      "get ports from here, one each, in code-point order of their id. May be written as a global "
+      "macro."),
+    K("globalTTL", "integer (seconds)", "``0``", "600", "v197",
+      "Default ``ttl`` for the models that do not set one. ``0`` means never unload automatically."),
+    K("unloadTimeout", "integer (seconds)", "``10``", "20", "v240",
+      "Grace period between asking a model server to stop (``cmdStop`` or SIGTERM) and SIGKILL. "
+      "``0`` means 10."),
+    K("sendLoadingState", "boolean", "``false``", "true", "v171",
+      "Default for ``models.<id>.sendLoadingState``: while a model loads, a streaming "
+      "``POST /v1/chat/completions`` gets progress text in ``reasoning_content`` chunks, so chat "
+      "interfaces show that something is happening."),
+    K("includeAliasesInList", "boolean", "``false``", "true", "v173",
+      "List every alias as its own entry in ``GET /v1/models``."),
+    K("apiKeys", "list of strings", "``[]`` (no authentication)", '["${env.LLAMASWAP_KEY}"]', "v179",
+      "When not empty, every request must carry one of these keys (except ``GET /health``, the ``/`` and "
+      "``/ui`` redirects and ``OPTIONS``): ``Authorization: Bearer <key>``, ``x-api-key: <key>``, or HTTP "
+      "Basic with the key as password; otherwise the answer is 401 ``invalid_api_key``. "
+      "Each key must be non-empty and contain no whitespace. Write them as ``${env.NAME}`` to keep them "
+      "out of the file. Keys are never logged or echoed in error messages.", secret=True),
+    K("maxRequestBody", "size", "``1GiB``", "256MiB", LLAMASWAP_ONLY,
+      "Largest accepted request body. A larger one gets 413 ``request_too_large`` before any model is "
+      "started."),
+    K("macros", "mapping of name to string, number or boolean", "``{}``",
+      '\n  server: /opt/llama.cpp/bin/llama-server\n  common: "--host 127.0.0.1 --port ${PORT}"', "v123",
+      "Global macros: ``${name}`` is replaced in every value of the file, model values included (map "
+      "keys are left alone, except those of ``filters.setParamsByID``). Names match "
+      "``[A-Za-z0-9_-]{1,63}``; ``PORT``, ``MODEL_ID`` and ``PID`` are reserved. A macro may use the "
+      "macros declared before it. A value that is exactly ``${name}`` keeps the macro's type (a number "
+      "stays a number). Any ``${...}`` left after expansion is an error (except ``${PID}`` in "
+      "``cmdStop``)."),
+    K("models", "mapping of id to model", "``{}``",
+      "\n  llama:\n    cmd: llama-server --port ${PORT} -m /models/llama-3.1-8b.gguf", BASE,
+      "The models, by id. An id is any non-empty string without control characters; it may contain "
+      "``/``, ``:`` and ``.``. Requests name a model by id or alias in their ``model`` field."),
+
+    # -- models.<id>.* -----------------------------------------------------------------------
+    K(f"{_MODEL}.cmd", "string", "required",
+      "|\n  llama-server --port ${PORT}\n  -m /models/llama-3.1-8b.gguf\n  # -c 32768   (comment line: removed)\n"
+      "  -c 16384", BASE,
+      "Command line of the model server. Lines whose first non-blank character is ``#`` are removed, "
+      "macros are expanded, a line ending in ``\\`` continues on the next, and the text is split into "
+      "words with POSIX shell quoting (no variables, globs or pipes: use ``bash -c '...'`` for those). "
+      "A program without ``/`` is looked up in ``PATH``. An empty command or an unterminated quote is "
+      "an error."),
+    K(f"{_MODEL}.cmdStop", "string", '``""`` (SIGTERM)', "docker stop ${MODEL_ID}", "v118",
+      "Command that stops the model server instead of SIGTERM, parsed like ``cmd``. ``${PID}`` (the "
+      "server's process id) is allowed here only. ``unloadTimeout`` still applies."),
+    K(f"{_MODEL}.proxy", "URL", "``http://localhost:${PORT}``", "http://127.0.0.1:${PORT}", BASE,
+      "Base URL requests are forwarded to: ``http`` or ``https``, a host, and an optional base path. "
+      "Set it when the server's port is not ``${PORT}``. Using ``${PORT}`` here when ``cmd`` does not "
+      "is an error."),
+    K(f"{_MODEL}.env", "list of strings", "``[]``", '["CUDA_VISIBLE_DEVICES=0"]', BASE,
+      "``KEY=VALUE`` entries added to the daemon's environment for the model server; later entries win. "
+      "Values are never echoed in error messages.", secret=True),
+    K(f"{_MODEL}.aliases", "list of strings", "``[]``", "[gpt-4o-mini, llama3]", BASE,
+      "Other names for the model. An alias must be non-empty, unique across the whole config, and "
+      "different from every id."),
+    K(f"{_MODEL}.checkEndpoint", "string", "``/health``", "/health", BASE,
+      "Path polled until it answers 200 before requests are forwarded. ``none`` disables the check "
+      "(the model is ready as soon as it is started). A leading ``/`` is added if missing."),
+    K(f"{_MODEL}.ttl", "integer (seconds)", "unset (``globalTTL`` applies)", "600", BASE,
+      "Unload the model after this many idle seconds. ``0`` means never; ``-1`` means unset (as in "
+      "llama-swap). A model is never unloaded while a request is in flight."),
+    K(f"{_MODEL}.unloadTimeout", "integer (seconds)", "the top-level ``unloadTimeout``", "60", "v240",
+      "This model's grace period between stop and SIGKILL (useful for a slow ``cmdStop`` such as "
+      "``docker stop``). ``0`` means the top-level value."),
+    K(f"{_MODEL}.useModelName", "string", '``""``', "llama3.1", "v95",
+      "Value sent upstream in the ``model`` field instead of the name the client used."),
+    K(f"{_MODEL}.unlisted", "boolean", "``false``", "true", BASE,
+      "Leave the model out of ``GET /v1/models`` and the ``/upstream`` listing. It can still be "
+      "requested."),
+    K(f"{_MODEL}.name", "string", '``""``', "Llama 3.1 8B", "v134",
+      "Display name for ``/v1/models``, ``/running`` and the web UI."),
+    K(f"{_MODEL}.description", "string", '``""``', "general chat", "v134",
+      "Display description for ``/v1/models``, ``/running`` and the web UI."),
+    K(f"{_MODEL}.metadata", "mapping", "``{}``", '{family: llama, port: "${PORT}"}', "v163",
+      "Free-form data published under ``meta.llamaswap`` in ``GET /v1/models``. Macros are expanded "
+      "and keep their type, so ``\"${PORT}\"`` becomes a number."),
+    K(f"{_MODEL}.concurrencyLimit", "integer", "``0`` (meaning 10)", "4", "v112",
+      "Most requests admitted for this model at once, waiting and in flight together. More get 429 "
+      "``concurrency_limit``."),
+    K(f"{_MODEL}.filters", "mapping", "``{}``", '{stripParams: "top_k, mirostat"}', "v131",
+      "Changes made to JSON request bodies before they are forwarded, in this order: ``useModelName``, "
+      "``stripParams``, ``setParams``, ``setParamsByID``. The ``model`` field is protected: stripping or "
+      "setting it is ignored, with a warning."),
+    K(f"{_MODEL}.filters.stripParams", "string", '``""``', '"top_k, mirostat"', "v163",
+      "Comma-separated body keys to remove."),
+    K(f"{_MODEL}.filters.strip_params", "string", '``""``', '"top_k"', "v131",
+      "Older spelling of ``stripParams``. Setting both is an error."),
+    K(f"{_MODEL}.filters.setParams", "mapping", "``{}``",
+      "\n  temperature: 0.7\n  chat_template_kwargs.enable_thinking: false", "v184",
+      "Body keys to set or override. A dotted key names a nested field (``a.b`` is field ``b`` of "
+      "object ``a``; ``\\.`` is a literal dot)."),
+    K(f"{_MODEL}.filters.setParamsByID", "mapping of name to mapping", "``{}``",
+      '\n  "${MODEL_ID}:creative": {temperature: 1.1}', "v194",
+      "Extra body keys applied when the request used that name. Every name except the model's own id "
+      "becomes an alias of the model (checked like ``aliases``). Names may use macros."),
+    K(f"{_MODEL}.macros", "mapping of name to string, number or boolean", "``{}``", "\n  ctx: 16384", "v163",
+      "Macros for this model only. One with the name of a global macro replaces it; ``${MODEL_ID}`` is "
+      "the model's id."),
+    K(f"{_MODEL}.sendLoadingState", "boolean", "the top-level ``sendLoadingState``", "true", "v171",
+      "This model's setting for the loading progress stream (see the top-level key)."),
+    K(f"{_MODEL}.memory", "size", "unset (planned: estimated from the model file)", "6GiB", LLAMASWAP_ONLY,
+      "Memory this model needs, for ``memory.budget`` (planned). Validated now: it must not exceed the "
+      "budget.",
+      status=NOT_IMPLEMENTED),
+
+    # -- groups ------------------------------------------------------------------------------
+    K("groups", "mapping of group id to group", "``{}``", "\n  chat: {swap: true, members: [llama]}", "v107",
+      "Which models may run together. Models in no group form the implicit group ``(default)`` "
+      "(``swap: true, exclusive: true, persistent: false``), so with no groups only one model runs at "
+      "a time. When a model of group G has to start, a running model of group H is stopped if "
+      "H is G and G swaps, or if H is another group, G is exclusive and H is not persistent."),
+    K("groups.<groupId>.swap", "boolean", "``true``", "false", "v107",
+      "Only one member of the group runs at a time. With ``false``, members run side by side."),
+    K("groups.<groupId>.exclusive", "boolean", "``true``", "false", "v107",
+      "Starting a member stops the models of other (non-persistent) groups."),
+    K("groups.<groupId>.persistent", "boolean", "``false``", "true", "v107",
+      "Other groups never stop this group's models."),
+    K("groups.<groupId>.members", "list of model ids", "``[]``", "[llama]", "v107",
+      "The models in the group: ids, not aliases. A model belongs to one group at most."),
+
+    # -- profiles ----------------------------------------------------------------------------
+    K("profiles", "mapping of name to list of models", "``{}``", "\n  coding: [llama]", BASE,
+      "Sets of models meant to run together. A request for ``<profile>:<model>`` (an entry of the "
+      "profile) starts that model if needed, stopping the running models outside the profile (except "
+      "members of persistent groups) but never another member. It does not start the whole profile. "
+      "Entries are ids or aliases. A profile name must be non-empty and must not contain ``:``."),
+    K("profiles.<name>", "mapping (``description``, ``pins``)", "none",
+      "{description: Coding, pins: {llm-code: llama}}", "v241",
+      "llama-swap's newer mapping form of a profile (runtime model pins). That profile is ignored, "
+      "with a warning; the list form above works.", status=UNSUPPORTED),
+
+    # -- hooks -------------------------------------------------------------------------------
+    K("hooks", "mapping", "``{}``", "\n  on_startup: {preload: [llama]}", "v151",
+      "Actions run by the daemon itself."),
+    K("hooks.on_startup", "mapping", "``{}``", "{preload: [llama]}", "v151",
+      "Actions run after the daemon starts, and after a reload that changes them."),
+    K("hooks.on_startup.preload", "list of model names", "``[]``", "[llama]", "v151",
+      "Ids or aliases to load after startup, and after every reload that changes this list or a listed "
+      "model. Unknown names log a warning and are skipped; a failed load logs an error."),
+
+    # -- peers -------------------------------------------------------------------------------
+    K("peers", "mapping of peer id to peer", "``{}``",
+      "\n  openrouter:\n    proxy: https://openrouter.ai/api\n    models: [meta-llama/llama-3.1-70b]", "v179",
+      "Other OpenAI-compatible servers whose models are served too, as ``<peerId>/<model>`` (or the bare "
+      "model name, when no local model has it and only one peer lists it). Peers have no process, TTL, "
+      "swap or concurrency limit."),
+    K("peers.<peerId>.proxy", "URL", "required", "https://openrouter.ai/api", "v179",
+      "Base URL of the peer; the request path is appended."),
+    K("peers.<peerId>.apiKey", "string", '``""``', '"${env.OPENROUTER_KEY}"', "v179",
+      "Sent as ``Authorization: Bearer`` and ``x-api-key`` instead of the client's credentials.",
+      secret=True),
+    K("peers.<peerId>.models", "list of strings", "required", "[meta-llama/llama-3.1-70b]", "v179",
+      "The peer's model names (not empty)."),
+    K("peers.<peerId>.filters", "mapping", "``{}``", '{stripParams: "top_k"}', "v184",
+      "Like ``models.<id>.filters``, with ``stripParams`` and ``setParams`` only."),
+    K("peers.<peerId>.filters.stripParams", "string", '``""``', '"top_k"', "v184",
+      "Comma-separated body keys to remove."),
+    K("peers.<peerId>.filters.setParams", "mapping", "``{}``", "{temperature: 0.2}", "v184",
+      "Body keys to set or override."),
+    K("peers.<peerId>.timeouts", "mapping", "none", "{connect: 5}", "v200",
+      "llama-swap's per-peer network timeouts.", status=UNSUPPORTED),
+
+    # -- scheduler ---------------------------------------------------------------------------
+    K("scheduler", "mapping", "``{}``", "\n  maxWait: 10\n  policy: swap-aware", LLAMASWAP_ONLY,
+      "How waiting requests are ordered when models have to be swapped. (llama-swap's own scheduler "
+      "settings live under ``routing``, which llamaswap does not read.)"),
+    K("scheduler.maxWait", "number (seconds)", "``30``", "10", LLAMASWAP_ONLY,
+      "How long requests for an already-loaded model may keep overtaking a request that needs a swap. "
+      "After that, the loaded model drains: new requests for it wait, and the swap happens once its "
+      "in-flight requests end. ``0`` gives strict arrival order."),
+    K("scheduler.policy", "string", "``swap-aware``", "fifo", LLAMASWAP_ONLY,
+      "``swap-aware`` batches requests for a loaded model as described under ``maxWait``. ``fifo`` grants "
+      "no request while an older request for another model waits (llama-swap's order, for "
+      "comparisons). Any other value is an error."),
+
+    # -- memory ------------------------------------------------------------------------------
+    K("memory", "mapping", "``{}``", "\n  budget: 48GiB", LLAMASWAP_ONLY,
+      "Memory-aware co-residence: let models share the machine as long as their memory needs fit a "
+      "budget. These keys are read and validated (a model ``memory`` above the budget is an error), "
+      "but the scheduling behind them is not implemented yet: they have no effect, and the daemon logs "
+      "``config: 'memory' is not implemented yet (ignored)`` (and the same for each "
+      "``models.<id>.memory``).", status=NOT_IMPLEMENTED),
+    K("memory.budget", "size", "unset (memory accounting off)", "48GiB", LLAMASWAP_ONLY,
+      "Total memory the running models may need. The planned behaviour: when set, models outside "
+      "explicit groups may run together as long as they fit, and idle models are stopped, least "
+      "recently used first, to make room.", status=NOT_IMPLEMENTED),
+    K("memory.overhead", "size", "``1GiB``", "512MiB", LLAMASWAP_ONLY,
+      "Added to the size of a model's ``-m``/``--model`` file to estimate its need, when it does not "
+      "set ``memory``.", status=NOT_IMPLEMENTED),
+
+    # -- llama-swap keys llamaswap recognises but does not support ---------------------------
+    K("logRequests", "boolean", "none", "true", BASE, "llama-swap's request logging switch.",
+      status=UNSUPPORTED),
+    K("logTimeFormat", "string", "none", '""', "v173", "llama-swap's log timestamp format.",
+      status=UNSUPPORTED),
+    K("metricsMaxInMemory", "integer", "none", "1000", "v140", "llama-swap's in-memory metrics limit.",
+      status=UNSUPPORTED),
+    K("captureBuffer", "integer", "none", "15", "v190", "llama-swap's request/response capture buffer.",
+      status=UNSUPPORTED),
+    K("store", "mapping", "none", "{path: /var/lib/llama-swap/activity.sqlite}", "v236",
+      "llama-swap's activity database.", status=UNSUPPORTED),
+    K("ui", "mapping", "none", "{activity: {session_id: [X-Session-ID]}}", "v240",
+      "llama-swap's web UI settings.", status=UNSUPPORTED),
+    K("performance", "mapping", "none", "{disabled: true}", "v212", "llama-swap's host and GPU sampling.",
+      status=UNSUPPORTED),
+    K("matrix", "mapping", "none", "{vars: {}}", "v202", "llama-swap's matrix routing.", status=UNSUPPORTED),
+    K("routing", "mapping", "none", "{scheduler: {use: fifo}}", "v225",
+      "llama-swap's routing and scheduler settings (llamaswap's are under ``scheduler`` and ``groups``).",
+      status=UNSUPPORTED),
+    K("selectors", "mapping", "none", "{coder: {strategy: warm, targets: [llama]}}", "v241",
+      "llama-swap's virtual model ids.", status=UNSUPPORTED),
+    K("upstream", "mapping", "none", "{ignorePaths: ['.*\\.ico$']}", "v229",
+      "llama-swap's ``/upstream`` passthrough settings.", status=UNSUPPORTED),
+    K(f"{_MODEL}.timeouts", "mapping", "none", "{connect: 5}", "v200",
+      "llama-swap's per-model network timeouts.", status=UNSUPPORTED),
+    K(f"{_MODEL}.compat", "mapping", "none", "{ignoreWebsockets: true}", "v249",
+      "llama-swap's compatibility switches.", status=UNSUPPORTED),
+    K(f"{_MODEL}.capabilities", "mapping", "none", "{tools: true}", "v225",
+      "llama-swap's model capability hints.", status=UNSUPPORTED),
+    K(f"{_MODEL}.healthCheckTimeout", "integer", "none", "300", "v218",
+      "llama-swap's per-model start timeout; llamaswap uses the top-level ``healthCheckTimeout`` for "
+      "every model.", status=UNSUPPORTED),
+)
+
+_BY_PATH = {k.path: k for k in KEYS}
+assert len(_BY_PATH) == len(KEYS), "duplicate path in KEYS"
+
+
+# --------------------------------------------------------------------------------------------
+# Queries used by the config reader
+
+
+def join(parent: str, key: str) -> str:
+    return f"{parent}.{key}" if parent else key
+
+
+def find(path: str) -> KeyDoc | None:
+    """The row for a placeholder path (``models.<id>.ttl``), or None."""
+    return _BY_PATH.get(path)
+
+
+def _under(parent: str, statuses: Iterable[str]) -> frozenset:
+    wanted = set(statuses)
+    return frozenset(k.name for k in KEYS if k.parent == parent and k.status in wanted
+                     and not k.name.startswith("<"))
+
+
+def children(parent: str) -> frozenset:
+    """The keys the reader takes directly under ``parent`` (supported or not implemented yet)."""
+    return _under(parent, (SUPPORTED, NOT_IMPLEMENTED))
+
+
+def unsupported_children(parent: str) -> frozenset:
+    """The llama-swap keys directly under ``parent`` that are recognised but ignored."""
+    return _under(parent, (UNSUPPORTED,))
+
+
+def is_secret(path: str) -> bool:
+    """True when the value at this placeholder path must never be echoed."""
+    row = _BY_PATH.get(path)
+    return bool(row and row.secret)
+
+
+def homes_of(key: str) -> tuple[str, ...]:
+    """The parents (placeholder paths) under which ``key`` is a valid key."""
+    return tuple(sorted({k.parent for k in KEYS if k.name == key and k.status != UNSUPPORTED}))
+
+
+# --------------------------------------------------------------------------------------------
+# Examples and the generated documentation
+
+
+def concrete(path: str) -> str:
+    """``path`` with its placeholders replaced by :data:`SAMPLE_NAMES`."""
+    return ".".join(SAMPLE_NAMES.get(part, part) for part in path.split("."))
+
+
+def example_yaml(row: KeyDoc) -> str:
+    """The row's example as a YAML document, nested under its (concrete) path."""
+    parts = concrete(row.path).split(".")
+    lines = []
+    for depth, part in enumerate(parts[:-1]):
+        lines.append("  " * depth + f"{part}:")
+    indent = "  " * (len(parts) - 1)
+    head, *rest = row.example.split("\n")
+    lines.append(f"{indent}{parts[-1]}:" + (f" {head}" if head else ""))
+    lines.extend(f"{indent}{line}" if line else "" for line in rest)
+    return "\n".join(lines) + "\n"
+
+
+def since_text(row: KeyDoc) -> str:
+    if row.since == LLAMASWAP_ONLY:
+        return "llamaswap only (not in llama-swap)"
+    if row.since == BASE:
+        return f"llama-swap {BASE} (the base set llamaswap follows)"
+    return f"llama-swap {row.since}"
+
+
+_SECTIONS = (
+    ("top", "Top level"),
+    ("models", "Models: ``models.<id>.*``"),
+    ("groups", "Model groups"),
+    ("profiles", "Profiles (llama-swap v89 form)"),
+    ("hooks", "Startup hooks"),
+    ("peers", "Peer servers"),
+    ("scheduler", "Scheduler (llamaswap only)"),
+    ("memory", "Memory (llamaswap only, not implemented yet)"),
+    ("unsupported", "llama-swap keys that llamaswap recognises but does not support"),
+)
+
+_SECTION_TEXT = {
+    "models": "Each entry of ``models`` is one model server. Only ``cmd`` is required.",
+    "unsupported": (
+        "These llama-swap keys are recognised so that a llama-swap config loads unchanged. Each one "
+        "present logs ``config: llama-swap key '<path>' is not supported by llamaswap (ignored)`` and has "
+        "no other effect; the daemon starts anyway."),
+}
+
+_INTRO = """\
+Configuration reference
+=======================
+
+.. This file is generated from llamaswap/configkeys.py, the table the config reader itself uses:
+   edit that table, then run ``python -m llamaswap.configkeys > docs/configuration.rst``.
+
+llamaswap reads one YAML file, the same ``config.yaml`` llama-swap reads. This page lists every key
+the config reader knows: its type, its default, an example, and the llama-swap version it comes from.
+The reader takes its list of valid keys from the same table this page is generated from, so the two
+agree.
+
+How the file is read
+--------------------
+
+* The file is UTF-8 YAML 1.2 whose top level is a mapping. Only ``true`` and ``false`` are booleans in
+  free-form places (``metadata``, ``setParams``); keys whose type is boolean also accept ``yes``,
+  ``no``, ``on`` and ``off``. Anchors, aliases and ``<<`` merge keys work. An empty file is a valid
+  config with no models.
+* ``${env.NAME}`` is replaced by the environment variable ``NAME`` before the YAML is parsed, except in
+  comments. An unset variable is an error.
+* Macros (``macros``, ``models.<id>.macros``) are then expanded, and ``${PORT}`` is assigned
+  (``startPort``).
+* Types are strict: ``ttl: "300"`` is an error. Where a string is expected, a number or boolean is
+  taken as written (``useModelName: 3`` gives ``"3"``).
+* Every problem is reported at once, one line each, as ``<path>: <message>``; the message shows the
+  offending value, shortened, except for secrets (``apiKeys``, ``env``, ``apiKey``)::
+
+      models.llama.ttl: must be a non-negative integer (got 'ten')
+
+* An unknown key is not an error. It logs ``config: unknown key '<path>' (ignored)``, with a
+  suggestion when a valid key is close (``...; did you mean 'ttl'?``).
+* Durations are integer seconds. Sizes are a number of bytes or a string with a unit: ``B``, ``KB``,
+  ``MB``, ``GB``, ``TB`` (powers of 1000) or ``KiB``, ``MiB``, ``GiB``, ``TiB`` (powers of 1024), in
+  any case, e.g. ``"12GiB"``.
+
+Paths are written with placeholders for the names you choose: ``<id>`` is a model id, ``<groupId>``
+a group, ``<peerId>`` a peer and ``<name>`` a profile. *Status* is one of:
+
+* **supported**;
+* **not implemented yet**: read and validated, so mistakes are reported, but without effect yet; each
+  key present logs ``config: '<path>' is not implemented yet (ignored)``;
+* **not supported**: a llama-swap key that llamaswap ignores, with a warning.
+
+*Since* is the llama-swap release that introduced the key. llamaswap follows llama-swap v89 plus the
+later keys listed here; "llamaswap only" marks keys llama-swap does not have.
+"""
+
+
+def _section_of(row: KeyDoc) -> str:
+    if row.status == UNSUPPORTED:
+        return "unsupported"
+    first = row.path.split(".", 1)[0]
+    if row.path == "models" or first not in {name for name, _ in _SECTIONS}:
+        return "top"
+    return first
+
+
+def _heading(text: str, char: str) -> list[str]:
+    return [text, char * len(text), ""]
+
+
+def _summary(rows: list[KeyDoc]) -> list[str]:
+    out = [".. list-table::", "   :header-rows: 1", "", "   * - Key", "     - Type", "     - Default",
+           "     - Since", "     - Status"]
+    for row in rows:
+        since = "llamaswap" if row.since == LLAMASWAP_ONLY else row.since
+        out += [f"   * - ``{row.path}``", f"     - {row.type}", f"     - {row.default}", f"     - {since}",
+                f"     - {row.status}"]
+    return out + [""]
+
+
+def _wrap(text: str) -> list[str]:
+    """``text`` as lines of at most 100 characters, never breaking inside an inline literal."""
+    glued = re.sub(r"``.*?``", lambda m: m.group(0).replace(" ", "\0"), text)
+    lines = textwrap.wrap(glued, 100, break_long_words=False, break_on_hyphens=False)
+    return [line.replace("\0", " ") for line in lines]
+
+
+def _entry(row: KeyDoc) -> list[str]:
+    out = _heading(f"``{row.path}``", "~")
+    out += _wrap(row.description) + ["", f":Type: {row.type}", f":Default: {row.default}",
+            f":Since: {since_text(row)}", f":Status: {row.status}", "", ".. code:: yaml", ""]
+    out += [f"   {line}" if line else "" for line in example_yaml(row).rstrip("\n").split("\n")]
+    return out + [""]
+
+
+def render() -> str:
+    """The text of docs/configuration.rst."""
+    out = _INTRO.split("\n")
+    out += _heading("Summary", "-")
+    out += _summary(list(KEYS))
+    for section, title in _SECTIONS:
+        rows = [k for k in KEYS if _section_of(k) == section]
+        out += _heading(title, "-")
+        if section in _SECTION_TEXT:
+            out += _wrap(_SECTION_TEXT[section]) + [""]
+        for row in rows:
+            out += _entry(row)
+    return "\n".join(out).rstrip("\n") + "\n"
+
+
+def main() -> None:
+    sys.stdout.write(render())
+
+
+if __name__ == "__main__":
+    main()
