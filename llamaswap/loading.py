@@ -1,4 +1,4 @@
-"""``sendLoadingState`` (SPEC RT-12): progress as reasoning-content SSE chunks while a
+"""``sendLoadingState`` (RT-12): progress as reasoning-content SSE chunks while a
 streaming chat request waits for its model, then the upstream's SSE body on the same stream.
 
 The resource layer decides *whether* (``POST /v1/chat/completions``, ``"stream": true``, the
@@ -29,7 +29,7 @@ from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
 
 from llamaswap.errors import LlamaSwapError, error_body
-from llamaswap.proxy import _BodyRelay, _reason
+from llamaswap.proxy import RelayOutcome
 
 #: RT-12: at most this much of a refusing upstream's body goes into the error event.
 ERROR_BODY_LIMIT = 2048
@@ -167,18 +167,15 @@ class LoadingProgress:
     async def relay(self, *, http: Any, request: Any, url: bytes, headers: Any, body: Callable[[], Any],
                     model_id: str, still_ready: Callable[[], bool],
                     on_headers: Optional[Callable[[Any], None]] = None,
-                    on_data: Optional[Callable[[bytes], None]] = None) -> dict:
+                    on_data: Optional[Callable[[bytes], None]] = None) -> RelayOutcome:
         """Like ``Forwarder.forward``, onto the already-started SSE response."""
         forwarder = self.app.forwarder
         try:
-            response = await forwarder._send(http, request, url, headers, body, model_id, still_ready)
-        except CancelledError:
-            raise
-        except Exception as e:
-            message = e.message if isinstance(e, LlamaSwapError) else \
-                f"upstream for model '{model_id}' unreachable: {_reason(e)}"
-            self.fail("server_error", "upstream_error", message)
-            return {"status": 200, "bytes": 0, "stream_error": message}
+            response = await forwarder.send(request, http=http, url=url, headers=headers, body=body,
+                                            model_id=model_id, still_ready=still_ready)
+        except LlamaSwapError as e:
+            self.fail("server_error", "upstream_error", e.message)
+            return RelayOutcome(200, 0, False, e.message)
         ctype = (response.headers.getRawHeaders(b"content-type") or [b""])[0]
         if not 200 <= response.code < 300 or not ctype.lower().startswith(b"text/event-stream"):
             done: Deferred = Deferred(lambda d: prefix.transport and prefix.transport.stopProducing())
@@ -188,19 +185,9 @@ class LoadingProgress:
             message = (f"upstream for model '{model_id}' answered {response.code} "
                        f"({ctype.decode('latin-1') or 'no content type'}) instead of an event stream: {text}")
             self.fail("server_error", "upstream_error", message)
-            return {"status": 200, "bytes": 0, "stream_error": message}
+            return RelayOutcome(200, 0, False, message)
         if on_headers is not None:
             on_headers(response)
-        relay_done: Deferred = Deferred(lambda d: relay.transport and relay.transport.stopProducing())
-        relay = _BodyRelay(request, relay_done, on_data)
-        relay.tail = b"\n\n"  # the loading chunks ended with a blank line
-        response.deliverBody(relay)
-        try:
-            await relay_done
-        except CancelledError:
-            raise
-        except Exception as e:
-            reason = _reason(e)
-            forwarder._stream_failed(request, relay, True, model_id, reason)
-            return {"status": 200, "bytes": relay.nbytes, "stream_error": reason}
-        return {"status": 200, "bytes": relay.nbytes, "stream_error": None}
+        # the loading chunks ended with a blank line
+        return await forwarder.relay(request, response, model_id=model_id, sse=True, on_data=on_data,
+                                     status=200, tail=b"\n\n")

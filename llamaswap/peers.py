@@ -1,4 +1,4 @@
-"""Peers (SPEC RT-13, CFG-55): models served by other llama-swap/llamaswap instances.
+"""Peers (RT-13, CFG-55): models served by other llama-swap/llamaswap instances.
 
 A peer model is addressed as ``<peerId>/<model>``, or by its bare name when that is not a
 local id or alias and exactly one peer lists it. The request goes to ``<peer.proxy><path>``
@@ -16,8 +16,8 @@ from typing import Any, Optional
 
 import attr
 
-from llamaswap.errors import ModelNotFound, PeerUnreachable, UpstreamUnreachable
-from llamaswap.proxy import make_http_client, upstream_headers
+from llamaswap.errors import ModelNotFound, PeerUnreachable
+from llamaswap.proxy import RelayOutcome, make_http_client, upstream_headers
 
 
 @attr.s(frozen=True)
@@ -102,7 +102,7 @@ def listing(config: Any, created: int) -> list[dict]:
     return sorted(entries, key=lambda e: e["id"])
 
 
-async def forward(app: Any, request: Any, target: PeerTarget, url: bytes, body: Any) -> dict:
+async def forward(app: Any, request: Any, target: PeerTarget, url: bytes, body: Any) -> RelayOutcome:
     """Forward to the peer and relay its answer; ``PeerUnreachable`` before any header."""
     record = getattr(request, "llamaswap_record", None) or {}
     started = record.get("started", app.clock.seconds())
@@ -122,16 +122,16 @@ async def forward(app: Any, request: Any, target: PeerTarget, url: bytes, body: 
         if parser is not None:
             parser.feed(chunk)
 
+    def unreachable(reason: str) -> PeerUnreachable:
+        return PeerUnreachable(f"peer '{target.peer.id}' unreachable for model '{target.label}': {reason}")
+
     try:
-        result = await app.forwarder.forward(
-            http=peer_client(app), request=request, url=url, headers=headers, body=body,
-            model_id=target.label, still_ready=lambda: True, on_headers=on_headers, on_data=on_data)
-    except UpstreamUnreachable as e:
-        reason = e.message.split(" unreachable: ", 1)[-1]
-        raise PeerUnreachable(f"peer '{target.peer.id}' unreachable for model '{target.label}': "
-                              f"{reason}") from None
+        outcome = await app.forwarder.forward(
+            request, http=peer_client(app), url=url, headers=headers, body=body,
+            model_id=target.label, still_ready=lambda: True, on_headers=on_headers, on_data=on_data,
+            unreachable=unreachable)
     finally:
         if parser is not None:
             record["usage"] = parser.result()
-    record["stream_error"] = result["stream_error"]
-    return result
+    record["stream_error"] = outcome.error
+    return outcome

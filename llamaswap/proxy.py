@@ -1,4 +1,4 @@
-"""Forwarding one request to an upstream and relaying its response (SPEC §7, PROXY-*).
+"""Forwarding one request to an upstream and relaying its response (PROXY-*).
 
 treq is used through one ``HTTPClient`` per child lifetime (a fresh pool each time, so a
 connection is never reused across children, PROXY-10), configured for a proxy: no
@@ -12,8 +12,9 @@ import os
 from http.cookiejar import CookieJar, DefaultCookiePolicy
 from typing import Any, BinaryIO, Callable, Optional
 
+import attr
 import treq.client
-from twisted.internet.defer import CancelledError, Deferred, succeed
+from twisted.internet.defer import CancelledError, Deferred, fail, succeed
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -28,7 +29,7 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer
 from zope.interface import implementer
 
-from llamaswap.errors import UpstreamUnreachable
+from llamaswap.errors import UpstreamUnreachable, error_body
 
 log = Logger(namespace="llamaswap.proxy")
 
@@ -282,16 +283,48 @@ def copy_response_headers(response: Any, request: Any) -> bool:
     return sse
 
 
-class _BodyRelay(Protocol):
-    """Writes every upstream chunk to the client at once; a slow client pauses the upstream."""
+@attr.s(slots=True)
+class RelayOutcome:
+    """How relaying one upstream response to the client ended.
 
-    def __init__(self, request: Any, done: Deferred, on_data: Optional[Callable[[bytes], None]]) -> None:
+    :ivar status: the status the client was sent.
+    :ivar bytes_sent: upstream body bytes written to the client.
+    :ivar completed: the upstream body ended normally (``ResponseDone``/``PotentialDataLoss``).
+    :ivar error: why the stream failed, or the request was answered with an error event
+        instead of the upstream's body (the request record's ``stream_error``); None when
+        completed.
+    :ivar reason: the ``Failure`` that ended the upstream body early, when there was one.
+    """
+
+    status: int = attr.ib()
+    bytes_sent: int = attr.ib(default=0)
+    completed: bool = attr.ib(default=True)
+    error: Optional[str] = attr.ib(default=None)
+    reason: Optional[Failure] = attr.ib(default=None)
+
+
+class _BodyRelay(Protocol):
+    """Writes every upstream chunk to the client at once; a slow client pauses the upstream.
+
+    ``done`` fires with a ``RelayOutcome`` once the upstream body ends; a body that ends
+    early is reported to the client first (PROXY-9, see ``_stream_failed``).
+    """
+
+    def __init__(self, request: Any, on_data: Optional[Callable[[bytes], None]], status: int,
+                 sse: bool, model_id: str, tail: bytes) -> None:
         self.request = request
-        self.done = done
+        self.done: Deferred = Deferred(self._cancel)
         self.on_data = on_data
-        self.tail = b""  # the last bytes relayed (PROXY-9 needs to know if a blank line ended them)
+        self.status = status
+        self.sse = sse
+        self.model_id = model_id
+        self.tail = tail  # the last bytes relayed (PROXY-9 needs to know if a blank line ended them)
         self.registered = False
         self.nbytes = 0
+
+    def _cancel(self, done: Deferred) -> None:
+        if self.transport is not None:
+            self.transport.stopProducing()
 
     def connectionMade(self) -> None:
         if not self.request._disconnected:
@@ -317,9 +350,30 @@ class _BodyRelay(Protocol):
         if self.done.called:
             return
         if reason.check(ResponseDone, PotentialDataLoss):
-            self.done.callback(None)
-        else:
-            self.done.errback(reason)
+            self.done.callback(RelayOutcome(self.status, self.nbytes))
+            return
+        error = _reason(reason.value)
+        try:
+            _stream_failed(self.request, self.tail, self.sse, self.model_id, error)
+        except Exception:
+            self.done.errback()
+            return
+        self.done.callback(RelayOutcome(self.status, self.nbytes, False, error, reason))
+
+
+def _stream_failed(request: Any, tail: bytes, sse: bool, model_id: str, reason: str) -> None:
+    """PROXY-9: never a silently truncated successful response."""
+    if request._disconnected:
+        return
+    if sse:
+        prefix = b"" if tail.endswith(b"\n\n") or tail.endswith(b"\r\n\r\n") else b"\n\n"
+        message = f"upstream for model '{model_id}' closed the stream: {reason}"
+        request.write(prefix + b"data: " + error_body("server_error", "upstream_error", message) + b"\n\n")
+        request.finish()
+    else:
+        transport = request.channel.transport if request.channel else None
+        if transport is not None:
+            transport.abortConnection()
 
 
 _RETRYABLE = (RequestNotSent, RequestTransmissionFailed, ResponseNeverReceived)
@@ -327,6 +381,9 @@ _RETRYABLE = (RequestNotSent, RequestTransmissionFailed, ResponseNeverReceived)
 
 class Forwarder:
     """Sends a request upstream and relays the response to a twisted.web request.
+
+    ``send`` gets the response (one PROXY-10 retry), ``relay`` streams its body to the
+    client, ``forward`` does both with the response's status and headers in between.
 
     :param reactor: used for the one fresh connection of a PROXY-10 retry.
     """
@@ -336,78 +393,82 @@ class Forwarder:
         # PROXY-10: the client for a retry, on a connection of its own (not pooled)
         self.fresh_client = fresh_client or (lambda: make_http_client(reactor, persistent=False)[0])
 
-    async def forward(self, *, http: Any, request: Any, url: bytes, headers: Headers,
-                      body: Callable[[], Any], model_id: str, still_ready: Callable[[], bool],
-                      on_headers: Optional[Callable[[Any], None]] = None,
-                      on_data: Optional[Callable[[bytes], None]] = None) -> dict:
-        """Forward and relay; return ``{"status", "bytes", "stream_error"}``.
+    def send(self, request: Any, *, http: Any, url: bytes, headers: Headers, body: Callable[[], Any],
+             model_id: str, still_ready: Callable[[], bool],
+             unreachable: Optional[Callable[[str], Exception]] = None) -> Deferred:
+        """Send ``request``'s method to ``url``; a Deferred firing with the upstream response.
 
         :param body: a zero-argument callable returning a fresh body (bytes or producer)
             per attempt.
-        :raises UpstreamUnreachable: before any response header was relayed (PROXY-8).
+        :param still_ready: whether a PROXY-10 retry may be made.
+        :param unreachable: builds the error raised when no response came, from a short
+            reason; by default ``UpstreamUnreachable`` naming ``model_id`` (PROXY-8).
         """
-        response = await self._send(http, request, url, headers, body, model_id, still_ready)
+        method = request.method.decode("ascii")
+
+        def attempt(client: Any, may_retry: bool) -> Deferred:
+            try:
+                d = client.request(method, url, headers=headers, data=body(),
+                                   unbuffered=True, allow_redirects=False)
+            except Exception:
+                d = fail()
+            return d.addErrback(failed, may_retry)
+
+        def failed(failure: Failure, may_retry: bool) -> Any:
+            if failure.check(CancelledError):
+                return failure
+            e = failure.value
+            if may_retry and isinstance(e, _RETRYABLE) and still_ready():
+                # PROXY-10: llama-server drops kept-alive connections after a stream; retry
+                # once on a connection of its own, whatever the method.
+                log.debug("retrying request to {model} on a new connection ({why})",
+                          model=model_id, why=_reason(e))
+                return attempt(self.fresh_client(), False)
+            if unreachable is None:
+                raise UpstreamUnreachable(f"upstream for model '{model_id}' unreachable: {_reason(e)}")
+            raise unreachable(_reason(e))
+
+        return attempt(http, True)
+
+    def relay(self, request: Any, response: Any, *, model_id: str, sse: bool,
+              on_data: Optional[Callable[[bytes], None]] = None, status: Optional[int] = None,
+              tail: bytes = b"") -> Deferred:
+        """Stream ``response``'s body to ``request``; a Deferred firing with a ``RelayOutcome``.
+
+        A body that ends early becomes an SSE error event (no ``[DONE]``) when ``sse``, else
+        an aborted connection (PROXY-9); the outcome then carries the reason. Cancelling
+        stops the upstream transfer.
+
+        :param status: the status the client got (``response.code`` by default).
+        :param tail: the last bytes already written to the response, when it did not start
+            with this body (an error event is then separated from them correctly).
+        """
+        relay = _BodyRelay(request, on_data, response.code if status is None else status, sse,
+                           model_id, tail)
+        response.deliverBody(relay)
+        return relay.done
+
+    def forward(self, request: Any, *, http: Any, url: bytes, headers: Headers, body: Callable[[], Any],
+                model_id: str, still_ready: Callable[[], bool],
+                on_headers: Optional[Callable[[Any], None]] = None,
+                on_data: Optional[Callable[[bytes], None]] = None,
+                unreachable: Optional[Callable[[str], Exception]] = None) -> Deferred:
+        """``send``, relay the status and headers (PROXY-5), then ``relay`` the body.
+
+        :return: a Deferred firing with a ``RelayOutcome``; failing with ``unreachable``'s
+            error (``UpstreamUnreachable``) before any response header was relayed (PROXY-8).
+        """
+        d = self.send(request, http=http, url=url, headers=headers, body=body, model_id=model_id,
+                      still_ready=still_ready, unreachable=unreachable)
+        return d.addCallback(self._respond, request, model_id, on_headers, on_data)
+
+    def _respond(self, response: Any, request: Any, model_id: str,
+                 on_headers: Optional[Callable[[Any], None]],
+                 on_data: Optional[Callable[[bytes], None]]) -> Deferred:
         sse = copy_response_headers(response, request)
         if on_headers is not None:
             on_headers(response)
-        done: Deferred = Deferred(lambda d: relay.transport and relay.transport.stopProducing())
-        relay = _BodyRelay(request, done, on_data)
-        response.deliverBody(relay)
-        try:
-            await done
-        except CancelledError:
-            raise
-        except Exception as e:
-            reason = _reason(e)
-            self._stream_failed(request, relay, sse, model_id, reason)
-            return {"status": response.code, "bytes": relay.nbytes, "stream_error": reason}
-        return {"status": response.code, "bytes": relay.nbytes, "stream_error": None}
-
-    async def _send(self, http, request, url, headers, body, model_id, still_ready):
-        method = request.method.decode("ascii")
-        try:
-            return await http.request(method, url, headers=headers, data=body(),
-                                      unbuffered=True, allow_redirects=False)
-        except CancelledError:
-            raise
-        except _RETRYABLE as e:
-            if not still_ready():
-                raise UpstreamUnreachable(
-                    f"upstream for model '{model_id}' unreachable: {_reason(e)}") from None
-            # PROXY-10: llama-server drops kept-alive connections after a stream; retry
-            # once on a connection of its own, whatever the method.
-            log.debug("retrying request to {model} on a new connection ({why})",
-                      model=model_id, why=_reason(e))
-            fresh = self.fresh_client()
-        except Exception as e:
-            raise UpstreamUnreachable(
-                f"upstream for model '{model_id}' unreachable: {_reason(e)}") from None
-        try:
-            return await fresh.request(method, url, headers=headers, data=body(),
-                                       unbuffered=True, allow_redirects=False)
-        except CancelledError:
-            raise
-        except Exception as e:
-            raise UpstreamUnreachable(
-                f"upstream for model '{model_id}' unreachable: {_reason(e)}") from None
-
-    def _stream_failed(self, request: Any, relay: _BodyRelay, sse: bool, model_id: str,
-                       reason: str) -> None:
-        """PROXY-9: never a silently truncated successful response."""
-        if request._disconnected:
-            return
-        if sse:
-            prefix = b"" if relay.tail.endswith(b"\n\n") or relay.tail.endswith(b"\r\n\r\n") else b"\n\n"
-            message = f"upstream for model '{model_id}' closed the stream: {reason}"
-            from llamaswap.errors import error_body
-
-            event = error_body("server_error", "upstream_error", message)
-            request.write(prefix + b"data: " + event + b"\n\n")
-            request.finish()
-        else:
-            transport = request.channel.transport if request.channel else None
-            if transport is not None:
-                transport.abortConnection()
+        return self.relay(request, response, model_id=model_id, sse=sse, on_data=on_data)
 
 
 def _reason(e: BaseException) -> str:

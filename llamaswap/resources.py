@@ -1,4 +1,4 @@
-"""The HTTP face of llamaswap: the resource tree (SPEC §8), access log (LOG-5), errors (§9).
+"""The HTTP face of llamaswap: the resource tree, access log (LOG-5), errors.
 
 Resources speak HTTP and nothing else: they read bodies, ask the router for a model,
 hand the request to the forwarder, and render every ``LlamaSwapError`` as OpenAI-shaped
@@ -185,7 +185,7 @@ class JSONResource(Resource):
         else:
             handler = getattr(self, "render_" + request.method.decode("ascii", "replace"), None)
         if handler is None and not any(m.startswith("render_") and m != "render_HEAD" for m in dir(self)):
-            # an intermediate node (/v1, /api): not a listed path (§8)
+            # an intermediate node (/v1, /api): not a listed path
             write_error(request, NotFound(f"not found: {request.path.decode('latin-1')}"))
             return NOT_DONE_YET
         if handler is None:
@@ -214,7 +214,7 @@ class AppResource(JSONResource):
         name = unquote(rest.decode("latin-1"), encoding="utf-8", errors="replace")
         model_id = self.app.config.resolve(name) if name else None
         if model_id is None:
-            raise ModelNotFound.named(name)
+            raise ModelNotFound.named(name, self.app.config)
         return model_id
 
 
@@ -459,7 +459,7 @@ async def serve(app: App, request: Request, model_id: str, profile: Optional[str
             http=proc.http, request=request, url=url, headers=headers, body=body,
             model_id=model_id, still_ready=lambda: proc.state is State.READY,
             on_headers=on_headers, on_data=on_data)
-        record["stream_error"] = result["stream_error"]
+        record["stream_error"] = result.error
     finally:
         lease.release()
         if parser is not None:
@@ -503,7 +503,7 @@ class UpstreamResource(AppResource):
                 continue
             remainder = b"/".join(segments[k:])
             return resolved, remainder, k == len(segments)
-        raise ModelNotFound.named(unquote(segments[0].decode("latin-1")))
+        raise ModelNotFound.named(unquote(segments[0].decode("latin-1")), self.app.config)
 
     @async_render
     async def _passthrough(self, request: Request) -> None:
@@ -783,7 +783,7 @@ def _put(root: Resource, path: str, leaf: Resource) -> None:
 
 
 def build_root(app: App, extra: Optional[dict[str, Resource]] = None) -> Resource:
-    """The resource tree of SPEC §8 (``extra`` mounts later resources: metrics, UI, events)."""
+    """The resource tree (``extra`` mounts later resources: metrics, UI, events)."""
     root = Root(app)
     dispatch = ModelDispatch(app)
     for route in INFERENCE_ROUTES:

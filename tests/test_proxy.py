@@ -1,17 +1,24 @@
-"""Forwarding helpers: header filtering (PROXY-2, SEC-6), response relay (PROXY-5), body producers."""
+"""Forwarding helpers: header filtering (PROXY-2, SEC-6), response relay (PROXY-5, PROXY-6,
+PROXY-9), body producers."""
 from __future__ import annotations
 
 import io
+from types import SimpleNamespace
 
 from twisted.internet.address import IPv4Address
+from twisted.internet.defer import CancelledError, succeed
+from twisted.internet.error import ConnectionLost
+from twisted.internet.testing import StringTransport
+from twisted.python.failure import Failure
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
+from twisted.web.client import PotentialDataLoss, ResponseDone
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH
 from twisted.web.test.requesthelper import DummyRequest
 
 from llamaswap.proxy import (
-    BytesProducer, FileSliceProducer, copy_response_headers, upstream_headers)
+    BytesProducer, FileSliceProducer, Forwarder, RelayOutcome, copy_response_headers, upstream_headers)
 
 
 def incoming(headers: dict, ip: str = "10.1.2.3") -> DummyRequest:
@@ -202,3 +209,92 @@ class ProducerTests(SynchronousTestCase):
         for _ in range(3):
             clock.advance(0)
         self.failureResultOf(d, IOError)
+
+
+class RelayRequest(DummyRequest):
+    """A DummyRequest with the bits of twisted.web's Request the relay reads."""
+
+    _disconnected = False
+    channel = None
+    producer = None
+
+    def registerProducer(self, producer, streaming):
+        self.producer = producer
+
+    def unregisterProducer(self):
+        self.producer = None
+
+
+class BodyResponse(FakeResponse):
+    """A response whose body protocol the test drives by hand."""
+
+    def deliverBody(self, protocol):
+        self.protocol = protocol
+        protocol.makeConnection(StringTransport())
+
+
+class RelayTests(SynchronousTestCase):
+    def relay(self, response=None, **kw):
+        request = RelayRequest([b""])
+        response = response or BodyResponse(headers={b"Content-Type": [b"text/event-stream"]})
+        seen = []
+        d = Forwarder(reactor=None).relay(request, response, model_id="m", sse=kw.pop("sse", True),
+                                          on_data=seen.append, **kw)
+        return request, response, d, seen
+
+    def test_complete_body(self):
+        """PROXY-6: every chunk is written at once; the outcome says the body completed."""
+        request, response, d, seen = self.relay()
+        self.assertIs(request.producer, response.protocol.transport)  # back-pressure
+        response.protocol.dataReceived(b"data: 1\n\n")
+        self.assertEqual(request.written, [b"data: 1\n\n"])
+        self.assertNoResult(d)
+        response.protocol.connectionLost(Failure(ResponseDone()))
+        self.assertEqual(self.successResultOf(d), RelayOutcome(200, 9, True, None, None))
+        self.assertEqual(seen, [b"data: 1\n\n"])
+        self.assertIsNone(request.producer)
+
+    def test_sse_stream_lost(self):
+        """PROXY-9: a lost SSE body ends with one error event, no [DONE]; the outcome has the reason."""
+        request, response, d, _ = self.relay()
+        response.protocol.dataReceived(b"data: 1\n")
+        response.protocol.connectionLost(Failure(ConnectionLost("gone")))
+        outcome = self.successResultOf(d)
+        self.assertEqual((outcome.status, outcome.bytes_sent, outcome.completed), (200, 8, False))
+        self.assertIn("gone", outcome.error)
+        self.assertTrue(outcome.reason.check(ConnectionLost))
+        event = b"".join(request.written[1:])
+        self.assertTrue(event.startswith(b"\n\ndata: {\"error\""), event)
+        self.assertIn(b"upstream for model 'm' closed the stream", event)
+        self.assertEqual(request.finished, 1)
+
+    def test_tail_and_status_of_an_already_started_response(self):
+        """A response that already ended with a blank line gets no extra one; status as given."""
+        request, response, d, _ = self.relay(status=299, tail=b"\n\n")
+        response.protocol.connectionLost(Failure(ConnectionLost("gone")))
+        self.assertEqual(self.successResultOf(d).status, 299)
+        self.assertTrue(request.written[0].startswith(b"data: {\"error\""))
+
+    def test_cancel_stops_the_transfer(self):
+        request, response, d, _ = self.relay()
+        d.cancel()
+        self.failureResultOf(d, CancelledError)
+        self.assertEqual(response.protocol.transport.producerState, "stopped")
+        response.protocol.connectionLost(Failure(ConnectionLost("gone")))
+        self.assertEqual(request.written, [])
+
+    def test_forward_relays_headers_then_body(self):
+        """PROXY-5: status and headers first (on_headers sees the response), then the body."""
+        request = RelayRequest([b""])
+        request.method = b"POST"
+        response = BodyResponse(201, b"Created", {b"X-Up": [b"1"]})
+        client = SimpleNamespace(request=lambda *a, **kw: succeed(response))
+        heard = []
+        d = Forwarder(reactor=None).forward(
+            request, http=client, url=b"http://up/", headers=Headers(), body=lambda: b"",
+            model_id="m", still_ready=lambda: True, on_headers=heard.append)
+        self.assertEqual((request.responseCode, heard), (201, [response]))
+        self.assertEqual(request.responseHeaders.getRawHeaders(b"x-up"), [b"1"])
+        response.protocol.dataReceived(b"ok")
+        response.protocol.connectionLost(Failure(PotentialDataLoss()))
+        self.assertEqual(self.successResultOf(d), RelayOutcome(201, 2, True))

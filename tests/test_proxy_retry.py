@@ -1,7 +1,7 @@
 """PROXY-10: a request on a connection the upstream silently dropped is retried once."""
 from types import SimpleNamespace
 
-from twisted.internet.defer import ensureDeferred, fail, succeed
+from twisted.internet.defer import fail, succeed
 from twisted.internet.error import ConnectionRefusedError
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
@@ -32,9 +32,9 @@ class RetryTests(SynchronousTestCase):
     def send(self, pooled, fresh, ready=True):
         forwarder = Forwarder(reactor=None, fresh_client=lambda: fresh)
         bodies = iter([b"first-body", b"second-body"])
-        return ensureDeferred(forwarder._send(
-            pooled, SimpleNamespace(method=b"POST"), b"http://up/v1/chat/completions", {},
-            lambda: next(bodies), "m", lambda: ready))
+        return forwarder.send(
+            SimpleNamespace(method=b"POST"), http=pooled, url=b"http://up/v1/chat/completions",
+            headers={}, body=lambda: next(bodies), model_id="m", still_ready=lambda: ready)
 
     def test_dropped_keepalive_connection_is_retried_once(self):
         """A POST that never got a response while the model is ready is retried on a new connection."""
@@ -63,3 +63,13 @@ class RetryTests(SynchronousTestCase):
         f = self.failureResultOf(self.send(pooled, fresh), UpstreamUnreachable)
         self.assertEqual(f.value.code, "upstream_unreachable")
         self.assertEqual(fresh.calls, [])
+
+    def test_caller_builds_the_unreachable_error(self):
+        """The caller (e.g. peers) gets the short reason as data and picks the error."""
+        forwarder = Forwarder(reactor=None, fresh_client=lambda: ScriptedClient())
+        d = forwarder.send(SimpleNamespace(method=b"GET"), http=ScriptedClient(ConnectionRefusedError("nope")),
+                           url=b"http://up/", headers={}, body=lambda: b"", model_id="m",
+                           still_ready=lambda: True, unreachable=lambda reason: ValueError(reason))
+        f = self.failureResultOf(d, ValueError)
+        self.assertIn("nope", str(f.value))
+        self.assertNotIn("unreachable", str(f.value))
