@@ -1,4 +1,4 @@
-"""API keys, in memory (SPEC §12 SEC-1..SEC-8, EP-17, ERR-2 ``invalid_api_key``).
+"""API keys, in memory (SEC-1..SEC-8, EP-17, ERR-2 ``invalid_api_key``).
 
 The daemon side is the real resource tree behind ``AccessLogSite`` (see test_resources);
 ``self.config.api_keys`` is the live config, so changing it shows SEC-5.

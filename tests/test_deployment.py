@@ -1,4 +1,4 @@
-"""The deployment files in examples/ say what the README and the SPEC promise (CLI-1, CLI-9)."""
+"""The deployment files in examples/ say what the README promises (CLI-1, CLI-9)."""
 from __future__ import annotations
 
 import re

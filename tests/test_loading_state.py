@@ -1,4 +1,4 @@
-"""``sendLoadingState`` in memory (SPEC RT-12): exact chunks on the fake clock, queue
+"""``sendLoadingState`` in memory (RT-12): exact chunks on the fake clock, queue
 positions, the upstream stream after ``model ready``, failures as one SSE error event,
 and a 429 always decided before any loading output.
 

@@ -1,4 +1,4 @@
-"""Metrics (SPEC §11 MET-1..MET-3): exposition, the model series, router and request feeds,
+"""Metrics (MET-1..MET-3): exposition, the model series, router and request feeds,
 token parsing from SSE and JSON bodies, and bounded label sets.
 
 Requests go through the in-memory site of tests/test_resources.py (``HTTPCase``) with the
@@ -243,7 +243,7 @@ class ExpositionTests(SynchronousTestCase):
             self.assertEqual(s[("llamaswap_config_reloads_total", frozenset({"result": result}.items()))], 0)
 
     def test_buckets(self):
-        """MET-2: the SPEC's buckets."""
+        """MET-2: the documented buckets."""
         m = Metrics(["a"])
         m.request_finished({"model": "a", "endpoint": "/v1/completions", "status": 200, "duration": 1.0,
                             "ttfb": 0.5, "queue_wait": 0.0, "usage": None})

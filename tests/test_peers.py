@@ -1,4 +1,4 @@
-"""Peers in memory (SPEC RT-13, CFG-55, RT-2 step 4, EP-2, ERR-2 ``peer_unreachable``).
+"""Peers in memory (RT-13, CFG-55, RT-2 step 4, EP-2, ERR-2 ``peer_unreachable``).
 
 The peer is another ``UpstreamStub`` behind its own ``RequestTraversalAgent``, installed as
 ``App.peer_http`` (the client llamaswap uses for every peer).

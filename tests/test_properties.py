@@ -1,4 +1,4 @@
-"""Property tests for bad input (issue 5; SPEC §3 CFG-3, §9 ERR-1, CFG-28).
+"""Property tests for bad input (issue 5; CFG-3, ERR-1, CFG-28).
 
 * Any YAML document (config-shaped or not) loads as a ``Config`` or raises ``ConfigError``
   whose lines each name a path; no other exception escapes.

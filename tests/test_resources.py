@@ -1,4 +1,4 @@
-"""The HTTP face, in memory (STYLE §2.6): routes, errors, forwarding, streaming, access log.
+"""The HTTP face, in memory: routes, errors, forwarding, streaming, access log.
 
 The daemon side is ``build_root`` behind our ``AccessLogSite`` (so ``LlamaSwapRequest``
 runs), reached through a ``RequestTraversalAgent``; upstreams are an ``UpstreamStub``
@@ -356,13 +356,14 @@ class ErrorTests(HTTPCase):
     def test_model_not_found(self):
         """RT-2: 404 model_not_found with the message."""
         response, data = self.call(b"POST", "/v1/chat/completions", b'{"model":"zz"}')
-        self.assertEqual(self.assertError(response, data, 404, "model_not_found"), "model 'zz' not found")
+        self.assertEqual(self.assertError(response, data, 404, "model_not_found"),
+                         "model 'zz' not found (1 model is available: GET /v1/models lists them)")
         response, data = self.call(b"POST", "/v1/chat/completions", b'{"model":"P:zz"}')
         self.assertEqual(self.assertError(response, data, 404, "model_not_found"),
                          "model 'zz' is not a member of profile 'P'")
 
     def test_unknown_path(self):
-        """§8: every unlisted path gives 404 not_found (JSON)."""
+        """every unlisted path gives 404 not_found (JSON)."""
         for method, path in ((b"GET", "/nope"), (b"GET", "/v1/nope"), (b"GET", "/api/nope/deeper"),
                              (b"POST", "/v1/chat"), (b"GET", "/v1"), (b"GET", "/api")):
             response, data = self.call(method, path)
@@ -370,7 +371,7 @@ class ErrorTests(HTTPCase):
             self.assertError(response, data, 404, "not_found")
 
     def test_method_not_allowed(self):
-        """§8: a known path with the wrong method -> 405 method_not_allowed with Allow."""
+        """a known path with the wrong method -> 405 method_not_allowed with Allow."""
         response, data = self.call(b"GET", "/v1/chat/completions")
         self.assertError(response, data, 405, "method_not_allowed")
         self.assertIn(b"POST", self.header(response, b"allow"))

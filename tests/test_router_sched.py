@@ -1,4 +1,4 @@
-"""Swap-aware scheduling through the real ``ModelRouter`` on a fake clock (SPEC §6, PROC-11/12, issue 5).
+"""Swap-aware scheduling through the real ``ModelRouter`` on a fake clock (PROC-11/12, issue 5).
 
 Unlike tests/test_scheduler.py (the pure ``decide``), these drive the router with real
 ``UpstreamProcess`` objects on a ``FakeProcessReactor``: children exit on the next turn

@@ -1,4 +1,4 @@
-"""The web UI in a real headless Chromium against the real daemon (SPEC §13, UI-1..UI-4).
+"""The web UI in a real headless Chromium against the real daemon (UI-1..UI-4).
 
 The daemon runs as users run it (tests/daemon.py) with fake upstreams; Chromium is Debian's
 ``chromium`` driven by Playwright (``pip install playwright``; its own browser download is

@@ -1,4 +1,4 @@
-"""The web UI's static files (SPEC §13 UI-1, EP-15), through the in-memory site."""
+"""The web UI's static files (UI-1, EP-15), through the in-memory site."""
 from __future__ import annotations
 
 import re
