@@ -594,7 +594,7 @@ class Bench:
     def _llama(self) -> Optional[tuple[str, dict]]:
         try:
             sys.path.insert(0, str(ROOT))
-            from llamaswap import llama_server, tinymodels
+            from llamaswap.demo import llama_server, tinymodels
             binary = llama_server.find_binary()
             if binary is None:
                 raise RuntimeError("no llama-server binary")

@@ -7,7 +7,10 @@ from __future__ import annotations
 
 import difflib
 import json
-from typing import Any, Iterable
+from typing import TYPE_CHECKING, Any, Iterable
+
+if TYPE_CHECKING:
+    from llamaswap.config import Config
 
 
 class LlamaSwapError(Exception):
@@ -88,7 +91,7 @@ def _not_found_hint(name: str, config: Any) -> str:
     return hint + f" ({count} model{' is' if count == 1 else 's are'} available: GET /v1/models lists them)"
 
 
-def requestable_names(config: Any) -> tuple[list[str], int]:
+def requestable_names(config: Config) -> tuple[list[str], int]:
     """The names a not-found message may suggest, and the number of models ``/v1/models`` lists.
 
     Listed models count, with their ids and aliases (``setParamsByID`` names included) as
@@ -97,14 +100,14 @@ def requestable_names(config: Any) -> tuple[list[str], int]:
     """
     names: list[str] = []
     count = 0
-    for model_id, model in (getattr(config, "models", None) or {}).items():
-        if getattr(model, "unlisted", False):
+    for model_id, model in config.models.items():
+        if model.unlisted:
             continue
         count += 1
         names.append(model_id)
-        names.extend(getattr(model, "aliases", ()))
-    for peer_id, peer in (getattr(config, "peers", None) or {}).items():
-        for model in getattr(peer, "models", ()):
+        names.extend(model.aliases)
+    for peer_id, peer in config.peers.items():
+        for model in peer.models:
             count += 1
             names += [f"{peer_id}/{model}", model]
     return names, count

@@ -10,7 +10,9 @@ client as SSE messages framed the llama-swap way::
 snapshot: ``logData`` (proxy history), ``logData`` (upstream history), ``modelStatus`` and
 ``metrics`` (the last 100 request records), then live events:
 
-* ``modelStatus`` after router events (state changes, queue changes, reload, unload);
+* ``modelStatus`` after model events (state changes, queue changes, reload, unload): the
+  hub is an ``IModelObserver`` (:meth:`EventHub.observe`) and keeps each model's state and
+  counts from the events themselves;
 * ``logData`` for new output of the ``proxy`` and ``upstream`` log sources;
 * ``metrics``, one record per finished model-dispatched request.
 
@@ -18,10 +20,10 @@ Model status and log output are coalesced per reactor turn (``callLater(0)`` on 
 injected clock): a burst of child output or of grants becomes one event, not hundreds.
 A ``: keepalive`` comment goes out every 15 s.
 
-Each client is an ``IPushProducer`` on its request: while its transport has paused it,
-messages are queued; a client with more than 1 MiB unsent is disconnected (EVT-3), so a
-slow reader never stalls the daemon or other readers. A browser ``EventSource``
-reconnects and gets a fresh snapshot.
+Each client is a ``fanout.Subscriber`` on its request (an ``IPushProducer``): while its
+transport has paused it, messages are queued; with the ``Disconnect`` policy a client with
+more than 1 MiB unsent is disconnected (EVT-3), so a slow reader never stalls the daemon or
+other readers. A browser ``EventSource`` reconnects and gets a fresh snapshot.
 """
 from __future__ import annotations
 
@@ -30,19 +32,21 @@ import itertools
 import json
 import time
 from collections import deque
-from typing import Any, Optional
+from typing import Any, Mapping, Optional
 
+import attr
 from twisted.application.service import Service
-from twisted.internet.interfaces import IPushProducer
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.web.server import NOT_DONE_YET
-from zope.interface import implementer
 
-from llamaswap.resources import JSONResource
+from llamaswap.fanout import Disconnect, Subscriber
+from llamaswap.observe import ModelEvent, QueueChanged, Reloaded, Removed, Replaced, StateChanged
+
+from llamaswap.web.render import JSONResource
 
 __all__ = ["EventHub", "EventsPage", "KEEPALIVE_INTERVAL", "MAX_UNSENT", "HISTORY_RECORDS",
-           "frame", "model_status"]
+           "ModelLive", "frame", "model_status"]
 
 #: EVT-1: a ``: keepalive`` comment this often.
 KEEPALIVE_INTERVAL = 15.0
@@ -61,20 +65,28 @@ def frame(kind: str, payload: Any) -> bytes:
     return b"event:message\ndata:" + outer.encode("utf-8") + b"\n\n"
 
 
-def model_status(router: Any) -> list[dict]:
-    """EVT-2 ``modelStatus``: every configured model (unlisted included), sorted by id."""
-    config = router.config
+@attr.s(slots=True)
+class ModelLive:
+    """What ``modelStatus`` shows of a model besides its config: kept from model events."""
+
+    state: str = attr.ib(default="stopped")
+    inflight: int = attr.ib(default=0)
+    waiting: int = attr.ib(default=0)
+
+
+def model_status(models: Mapping[str, Any], live: Mapping[str, ModelLive]) -> list[dict]:
+    """EVT-2 ``modelStatus``: every configured model (unlisted included), sorted by id.
+
+    :param models: the current config's ``{id: ModelConfig}``.
+    :param live: state and counts by id; a model missing there is stopped and idle.
+    """
     out = []
-    for model_id in sorted(config.models):
-        try:
-            proc = router.process(model_id)
-            inflight, waiting = router.counts(model_id)
-        except KeyError:
-            continue
-        m = config.models[model_id]
+    for model_id in sorted(models):
+        m = models[model_id]
+        now = live.get(model_id) or ModelLive()
         out.append({"id": model_id, "name": m.name, "description": m.description,
-                    "state": proc.state.value, "unlisted": bool(m.unlisted),
-                    "aliases": list(m.aliases), "inflight": inflight, "waiting": waiting})
+                    "state": now.state, "unlisted": bool(m.unlisted),
+                    "aliases": list(m.aliases), "inflight": now.inflight, "waiting": now.waiting})
     return out
 
 
@@ -84,71 +96,6 @@ def _ms(seconds: Optional[float]) -> int:
 
 def _timestamp(seconds: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(seconds))
-
-
-@implementer(IPushProducer)
-class _Client:
-    """One connected ``/api/events`` reader."""
-
-    def __init__(self, hub: "EventHub", request: Any, max_unsent: int) -> None:
-        self.hub = hub
-        self.request = request
-        self.max_unsent = max_unsent
-        self.paused = False
-        self.gone = False
-        self._queue: list[bytes] = []
-        self._queued = 0
-
-    def send(self, data: bytes) -> None:
-        if self.gone:
-            return
-        if not self.paused:
-            self.request.write(data)
-            return
-        self._queue.append(data)
-        self._queued += len(data)
-        if self._queued > self.max_unsent:
-            self.hub.log.info("events client dropped: more than {limit} bytes unsent",
-                              limit=self.max_unsent)
-            self.disconnect()
-
-    def disconnect(self) -> None:
-        """EVT-3: drop the connection (the browser reconnects and gets a fresh snapshot)."""
-        self._forget()
-        channel = getattr(self.request, "channel", None)
-        transport = getattr(channel, "transport", None)
-        if transport is not None:
-            transport.abortConnection()
-
-    def end(self) -> None:
-        """Finish the response cleanly (daemon shutdown)."""
-        if self.gone:
-            return
-        self._forget()
-        try:
-            self.request.unregisterProducer()
-            self.request.finish()
-        except (AttributeError, RuntimeError):
-            pass
-
-    def _forget(self) -> None:
-        self.gone = True
-        self._queue, self._queued = [], 0
-        self.hub._remove(self)
-
-    # IPushProducer
-
-    def pauseProducing(self) -> None:
-        self.paused = True
-
-    def resumeProducing(self) -> None:
-        self.paused = False
-        if self._queue and not self.gone:
-            pending, self._queue, self._queued = b"".join(self._queue), [], 0
-            self.request.write(pending)
-
-    def stopProducing(self) -> None:
-        self._forget()
 
 
 class _SourceTap:
@@ -171,22 +118,27 @@ class _SourceTap:
 class EventHub(Service):
     """The live state behind ``/api/events`` and its connected clients.
 
-    :param router: the ``ModelRouter`` (``listeners``, ``config``, ``process``, ``counts``).
+    Add :meth:`observe` to ``router.observers``: model events keep the hub's view of every
+    model (``models``, ``live``) up to date, with no call back into the router.
+
+    :param models: the config's ``{id: ModelConfig}`` (names, descriptions, aliases);
+        ``Reloaded`` events bring the new one.
     :param logs: the ``LogBroadcaster``; the hub subscribes to ``proxy`` and ``upstream``.
     :param clock: ``IReactorTime`` for coalescing, keepalives and record timestamps.
     """
 
-    def __init__(self, router: Any, logs: Any, clock: Any, log: Optional[Logger] = None,
+    def __init__(self, models: Mapping[str, Any], logs: Any, clock: Any, log: Optional[Logger] = None,
                  keepalive: float = KEEPALIVE_INTERVAL, max_unsent: int = MAX_UNSENT,
                  history: int = HISTORY_RECORDS) -> None:
-        self.router = router
+        self.models = models
+        self.live: dict[str, ModelLive] = {}  # a model missing here is stopped and idle
         self.logs = logs
         self.clock = clock
         self.log = log or Logger(namespace="llamaswap.events")
         self.max_unsent = max_unsent
         self.records: deque[dict] = deque(maxlen=history)
         self._ids = itertools.count()
-        self._clients: list[_Client] = []
+        self._clients: list[Subscriber] = []
         self._decoders = {s: codecs.getincrementaldecoder("utf-8")("replace") for s in _LOG_SOURCES}
         self._pending_logs: dict[str, list[str]] = {}
         self._status_dirty = False
@@ -194,28 +146,24 @@ class EventHub(Service):
         self._keepalive = LoopingCall(self._send_keepalive)
         self._keepalive.clock = clock
         self._keepalive_interval = keepalive
-        router.listeners.append(self.router_event)
         for source in _LOG_SOURCES:
             logs.subscribe(source, _SourceTap(self, source), history=False)
 
     # -- clients ----------------------------------------------------------------------------------
 
-    def add_client(self, request: Any) -> _Client:
+    def add_client(self, request: Any) -> Subscriber:
         """Send the EVT-1 snapshot to ``request`` (headers already set), then live events."""
         self._flush()  # what is pending is in the history the new client is about to get
         if not self._clients:  # output was not decoded while nobody listened: start afresh
             for source in _LOG_SOURCES:
                 self._decoders[source].reset()
-        client = _Client(self, request, self.max_unsent)
-        request.registerProducer(client, True)
+        client = Subscriber(request, Disconnect(self.max_unsent, self._too_slow), on_close=self._remove)
         self._clients.append(client)
-        notify = getattr(request, "notifyFinish", None)
-        if notify is not None:
-            notify().addBoth(lambda _: client._forget())
+        client.attach()
         for source in _LOG_SOURCES:
             text = self.logs.history(source).decode("utf-8", "replace")
             client.send(frame("logData", {"source": source, "data": text}))
-        client.send(frame("modelStatus", model_status(self.router)))
+        client.send(frame("modelStatus", model_status(self.models, self.live)))
         client.send(frame("metrics", list(self.records)))
         if not self._keepalive.running:
             self._keepalive.start(self._keepalive_interval, now=False)
@@ -224,7 +172,10 @@ class EventHub(Service):
     def client_count(self) -> int:
         return len(self._clients)
 
-    def _remove(self, client: _Client) -> None:
+    def _too_slow(self) -> None:
+        self.log.info("events client dropped: more than {limit} bytes unsent", limit=self.max_unsent)
+
+    def _remove(self, client: Subscriber) -> None:
         if client in self._clients:
             self._clients.remove(client)
         if not self._clients and self._keepalive.running:
@@ -239,11 +190,32 @@ class EventHub(Service):
 
     # -- feeds ------------------------------------------------------------------------------------
 
-    def router_event(self, event: str, payload: Any) -> None:
-        """``router.listeners``: model state and queue changes become ``modelStatus``."""
-        if self._clients and event in ("state", "queue", "reload", "removed", "replaced"):
+    def observe(self, event: ModelEvent) -> None:
+        """``IModelObserver``: keep each model's state and counts; a change becomes ``modelStatus``."""
+        if isinstance(event, QueueChanged):
+            live = self._live(event.model)
+            live.inflight, live.waiting = event.inflight, event.waiting
+        elif isinstance(event, StateChanged):
+            self._live(event.model).state = event.new
+        elif isinstance(event, Replaced):
+            self._live(event.model).state = event.state
+        elif isinstance(event, Reloaded):
+            self.models = event.models
+            for model_id in event.added:
+                self.live.pop(model_id, None)
+        elif isinstance(event, Removed):
+            self.live.pop(event.model, None)
+        else:
+            return
+        if self._clients:
             self._status_dirty = True
             self._schedule_flush()
+
+    def _live(self, model_id: str) -> ModelLive:
+        live = self.live.get(model_id)
+        if live is None:
+            live = self.live[model_id] = ModelLive()
+        return live
 
     def _log_output(self, source: str, data: bytes) -> None:
         if not self._clients:
@@ -253,17 +225,18 @@ class EventHub(Service):
             self._pending_logs.setdefault(source, []).append(text)
             self._schedule_flush()
 
-    def request_finished(self, record: dict) -> None:
-        """``App.request_listeners``: keep the EVT-2 record and send it as ``metrics``."""
-        usage = record.get("usage") or {}
+    def request_finished(self, record: Any) -> None:
+        """``App.request_listeners``: keep the EVT-2 record of a ``RequestRecord`` and send it as
+        ``metrics``."""
+        usage = record.usage or {}
 
         def known(value: Any) -> Any:
             return -1 if value is None else value
 
         item = {"id": next(self._ids), "timestamp": _timestamp(self.clock.seconds()),
-                "model": record.get("model") or "", "endpoint": record.get("endpoint") or "",
-                "status": record.get("status"), "duration_ms": _ms(record.get("duration")),
-                "ttfb_ms": _ms(record.get("ttfb")),
+                "model": record.model, "endpoint": record.endpoint,
+                "status": record.status, "duration_ms": _ms(record.duration),
+                "ttfb_ms": _ms(record.ttfb),
                 "input_tokens": known(usage.get("input")), "output_tokens": known(usage.get("output")),
                 "cached_tokens": known(usage.get("cached")),
                 "prompt_per_second": known(usage.get("prompt_per_second")),
@@ -292,7 +265,7 @@ class EventHub(Service):
             if source in logs:
                 self._broadcast(frame("logData", {"source": source, "data": "".join(logs[source])}))
         if dirty:
-            self._broadcast(frame("modelStatus", model_status(self.router)))
+            self._broadcast(frame("modelStatus", model_status(self.models, self.live)))
 
     # -- service ----------------------------------------------------------------------------------
 

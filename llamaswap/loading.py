@@ -7,8 +7,9 @@ not refused with 429); this module does the rest:
 
 * :meth:`LoadingProgress.wait` sends 200 + ``text/event-stream`` at once, then
   ``loading model <id>…\\n``, ``waiting in queue (position N)\\n`` whenever the request's
-  queue position changes (from the router's ``queue`` events; nothing is said while it is
-  first in line), ``.`` every second on the injected clock, and
+  queue position changes (asked once with ``router.place``, then followed through the
+  ``QueueChanged`` events observed while waiting; nothing is said while it is first in
+  line), ``.`` every second on the injected clock, and
   ``\\nmodel ready (<s>s)\\n\\n`` when the lease is granted;
 * :meth:`LoadingProgress.relay` forwards the request and relays the upstream's body
   without its status and headers (they are out already). A start failure, an unreachable
@@ -29,6 +30,7 @@ from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
 
 from llamaswap.errors import LlamaSwapError, error_body
+from llamaswap.observe import ModelEvent, QueueChanged
 from llamaswap.proxy import RelayOutcome
 
 #: RT-12: at most this much of a refusing upstream's body goes into the error event.
@@ -71,7 +73,7 @@ class _Prefix(Protocol):
 class LoadingProgress:
     """The loading-state stream of one request.
 
-    :param app: the resources' ``App`` (router, forwarder, clock).
+    :param app: the web layer's ``App`` (router, forwarder, clock).
     :param request: the twisted.web request (nothing written to it yet).
     :param model_id: the resolved id (shown in ``loading model <id>…``).
     :param requested: the name the client asked for (the chunks' ``model``).
@@ -87,13 +89,14 @@ class LoadingProgress:
         self.clock = app.clock
         self.admitted = self.clock.seconds()
         self._position = 1
+        self._admission = -1
         self._dot = None
         self._listening = False
 
     # -- while waiting ------------------------------------------------------------------------
 
     def _say(self, text: str) -> None:
-        if not self.request._disconnected and not self.request.finished:
+        if not self.request.client_gone and not self.request.finished:
             self.request.write(loading_chunk(self.requested, text, int(self.clock.seconds())))
 
     def _begin(self) -> None:
@@ -103,9 +106,12 @@ class LoadingProgress:
         request.setHeader(b"x-accel-buffering", b"no")
         request.setHeader(b"cache-control", b"no-cache")
         self._say(f"loading model {self.model_id}\u2026\n")
-        self._update_position()
-        self.app.router.listeners.append(self._on_router_event)
-        self._listening = True
+        place = self.app.router.place(self.waiting)  # asked once; the events tell the rest
+        if place is not None:
+            self._admission = place.admission
+            self._show_position(place.position)
+            self.app.router.observers.add(self._observe)
+            self._listening = True
         self._dot = self.clock.callLater(DOT_INTERVAL, self._tick)
 
     def _tick(self) -> None:
@@ -113,13 +119,15 @@ class LoadingProgress:
         self._say(".")
         self._dot = self.clock.callLater(DOT_INTERVAL, self._tick)
 
-    def _on_router_event(self, event: str, payload: Any) -> None:
-        if event == "queue":
-            self._update_position()
+    def _observe(self, event: ModelEvent) -> None:
+        """``IModelObserver``: each earlier request that stopped waiting moves us up one."""
+        if isinstance(event, QueueChanged) and event.left:
+            ahead = sum(1 for admission in event.left if admission < self._admission)
+            if ahead:
+                self._show_position(self._position - ahead)
 
-    def _update_position(self) -> None:
-        position = self.app.router.position(self.waiting)
-        if position is not None and position != self._position:
+    def _show_position(self, position: int) -> None:
+        if position != self._position:
             self._position = position
             self._say(f"waiting in queue (position {position})\n")
 
@@ -129,10 +137,7 @@ class LoadingProgress:
         self._dot = None
         if self._listening:
             self._listening = False
-            try:
-                self.app.router.listeners.remove(self._on_router_event)
-            except ValueError:
-                pass
+            self.app.router.observers.remove(self._observe)
 
     async def wait(self) -> Any:
         """Stream progress until the lease is granted; return it, or None after writing the
@@ -157,7 +162,7 @@ class LoadingProgress:
 
     def fail(self, kind: str, code: str, message: str) -> None:
         request = self.request
-        if request._disconnected or request.finished:
+        if request.client_gone or request.finished:
             return
         request.write(error_event(kind, code, message))
         request.finish()

@@ -5,9 +5,10 @@ Two pieces live here:
 
 * :class:`LogBroadcaster` keeps a 100 KiB byte ring per source (``proxy``, ``upstream``,
   ``combined`` and one per model id) and fans new bytes out to live stream subscribers
-  (EP-9, EP-10).  Each subscriber is an ``IPushProducer`` registered on its HTTP request,
-  so a slow reader is paused by its own transport and never slows a child, the rings or
-  other readers (LOG-3, LOG-7).
+  (EP-9, EP-10).  Each subscriber is a ``fanout.Subscriber`` (an ``IPushProducer``
+  registered on its HTTP request, with the ``DropExcess`` policy), so a slow reader is
+  paused by its own transport and never slows a child, the rings or other readers
+  (LOG-3, LOG-7).
 
   A model's own source holds its child's output byte-for-byte, as llama-swap's does.
   ``upstream`` and ``combined`` only ever receive whole lines, each child line prefixed
@@ -27,25 +28,28 @@ module-level global (pitfall 13)::
     log = make_logger(proxy_observer, "llamaswap.router")
     router = ModelRouter(..., log=log)
 
-This module imports nothing else from llamaswap.
+This module imports only ``llamaswap.fanout`` (the subscribers' back-pressure).
 """
 
 from __future__ import annotations
 
 import re
 from collections import Counter, deque
-from typing import Any, Callable, Protocol
+from typing import Callable
 
 from twisted.application.service import Service
-from twisted.internet.interfaces import IPushProducer
 from twisted.logger import (
+    FilteringLogObserver,
     ILogObserver,
     LogLevel,
+    LogLevelFilterPredicate,
     Logger,
     eventAsText,
     globalLogPublisher,
 )
 from zope.interface import implementer
+
+from llamaswap.fanout import Consumer, DropExcess, Subscriber
 
 __all__ = [
     "COMBINED",
@@ -57,7 +61,6 @@ __all__ = [
     "PROXY",
     "ProxyLogObserver",
     "QUEUE_LIMIT",
-    "Subscription",
     "UPSTREAM",
     "drop_marker",
     "format_proxy_line",
@@ -75,16 +78,6 @@ LINE_BUFFER_LIMIT = 64 * 1024  # a longer partial line is flushed as a line
 
 # End of a line: \n, with any \r before it (\r\n), or a run of lone \r (progress bars).
 _EOL = re.compile(rb"\r*\n|\r+")
-
-
-class _Consumer(Protocol):
-    """What a subscriber writes to: a twisted.web ``Request`` or a test fake."""
-
-    def write(self, data: bytes) -> None: ...
-
-    def registerProducer(self, producer: Any, streaming: bool) -> None: ...
-
-    def unregisterProducer(self) -> None: ...
 
 
 def drop_marker(nbytes: int) -> bytes:
@@ -144,124 +137,6 @@ class _ByteRing:
         return self._chunks[0] if self._chunks else b""
 
 
-@implementer(IPushProducer)
-class Subscription:
-    """
-    One live reader of one source: an ``IPushProducer`` registered on its consumer.
-
-    While the consumer has paused it, up to :data:`QUEUE_LIMIT` bytes are queued; the rest
-    is discarded for this subscriber only and counted.  ``resumeProducing`` writes the
-    queue, then the drop marker if anything was discarded, then live data again (LOG-7).
-    ``stopProducing`` (the client went away) unsubscribes without touching the consumer.
-
-    Created by :meth:`LogBroadcaster.subscribe`; not constructed directly.
-    """
-
-    def __init__(
-        self,
-        broadcaster: LogBroadcaster,
-        source: str,
-        consumer: _Consumer,
-        queue_limit: int = QUEUE_LIMIT,
-    ) -> None:
-        self.source = source
-        self.consumer = consumer
-        self.paused = False
-        self.ended = False
-        self.dropped = 0  # bytes discarded since the last resume (pending marker)
-        self._broadcaster = broadcaster
-        self._queue: deque[bytes] = deque()
-        self._queued = 0
-        self._queue_limit = queue_limit
-        self._gone = False  # consumer disconnected: never write/finish/unregister again
-
-    @property
-    def queued_bytes(self) -> int:
-        """Bytes waiting for :meth:`resumeProducing`."""
-        return self._queued
-
-    def deliver(self, data: bytes) -> None:
-        """Write ``data`` now, queue it while paused, or discard past the limit; never raises."""
-        if self.ended or not data:
-            return
-        if not self.paused:
-            self.consumer.write(data)
-            return
-        room = self._queue_limit - self._queued
-        if room > 0:
-            kept = data[:room]
-            self._queue.append(kept)
-            self._queued += len(kept)
-        discarded = len(data) - max(room, 0)
-        if discarded > 0:
-            self.dropped += discarded
-            self._broadcaster._count_dropped(self.source, discarded)
-
-    # IPushProducer
-
-    def pauseProducing(self) -> None:
-        """The consumer's buffer is full: queue from now on (LOG-7)."""
-        self.paused = True
-
-    def resumeProducing(self) -> None:
-        """Flush the queue, then the drop marker if bytes were discarded, then go live."""
-        self.paused = False
-        if self.ended:
-            return
-        pending = b"".join(self._queue)
-        self._queue.clear()
-        self._queued = 0
-        if self.dropped:
-            pending += drop_marker(self.dropped)
-            self.dropped = 0
-        if pending:
-            # One write: if it pauses us again, later data is queued behind it, in order.
-            self.consumer.write(pending)
-
-    def stopProducing(self) -> None:
-        """The client is gone (pitfall 9): unsubscribe and never touch the consumer again."""
-        self._gone = True
-        self._detach()
-
-    # Ending from our side
-
-    def end(self) -> None:
-        """
-        Stop streaming and, if the client is still connected, finish its response.
-
-        Used when the source is removed (reload) or the daemon stops (EP-10).  Idempotent.
-        """
-        if self.ended:
-            return
-        self._detach()
-        if self._gone:
-            return
-        self._gone = True
-        self.consumer.unregisterProducer()
-        finish = getattr(self.consumer, "finish", None)
-        if finish is not None:
-            finish()
-
-    def watch_finish(self) -> None:
-        """If the consumer offers ``notifyFinish``, treat its firing as the client leaving."""
-        notify = getattr(self.consumer, "notifyFinish", None)
-        if notify is not None:
-            notify().addBoth(self._finished)
-
-    def _finished(self, result: object) -> None:
-        self._gone = True
-        self._detach()
-        return None  # a lost connection is not an error (ERR-3)
-
-    def _detach(self) -> None:
-        if self.ended:
-            return
-        self.ended = True
-        self._queue.clear()
-        self._queued = 0
-        self._broadcaster._unsubscribe(self)
-
-
 class LogBroadcaster(Service):
     """
     History rings and live fan-out for every log source (LOG-1..LOG-3, LOG-7).
@@ -298,7 +173,7 @@ class LogBroadcaster(Service):
         self._history_bytes = history_bytes
         self._queue_limit = queue_limit
         self._rings: dict[str, _ByteRing] = {s: _ByteRing(history_bytes) for s in _BUILTIN_SOURCES}
-        self._subscribers: dict[str, list[Subscription]] = {s: [] for s in _BUILTIN_SOURCES}
+        self._subscribers: dict[str, list[Subscriber]] = {s: [] for s in _BUILTIN_SOURCES}
         self._partial_lines: dict[tuple[str, object], bytes] = {}
         self._stopped = False
         self.on_dropped = on_dropped
@@ -388,7 +263,7 @@ class LogBroadcaster(Service):
     def _publish(self, source: str, data: bytes) -> None:
         self._rings[source].append(data)
         for sub in list(self._subscribers[source]):
-            sub.deliver(data)
+            sub.send(data)
 
     # Line splitting for upstream, combined and the twistd log copy
 
@@ -453,25 +328,28 @@ class LogBroadcaster(Service):
         """
         return self._rings[source].contents()
 
-    def subscribe(self, source: str, consumer: _Consumer, history: bool = True) -> Subscription:
+    def subscribe(self, source: str, consumer: Consumer, history: bool = True) -> Subscriber:
         """
         Stream ``source`` to ``consumer``: its history (unless ``history`` is false), then
         live data, until the client leaves, the source is removed or the service stops.
 
         The caller sets the response headers first (EP-10) and returns ``NOT_DONE_YET``;
-        the subscription registers itself with ``consumer.registerProducer(sub, True)``.
-        Call ``sub.stopProducing()`` to unsubscribe without touching the consumer, or
+        the ``fanout.Subscriber`` registers itself with ``consumer.registerProducer(sub,
+        True)``. While paused it queues up to ``queue_limit`` bytes, then discards and
+        counts, and writes :func:`drop_marker` on resume (LOG-7). Call
+        ``sub.stopProducing()`` to unsubscribe without touching the consumer, or
         ``sub.end()`` to also finish the response.
 
         :raises KeyError: for an unknown source (check :meth:`has_source` first).
         """
         ring = self._rings[source]
-        sub = Subscription(self, source, consumer, self._queue_limit)
-        consumer.registerProducer(sub, True)
+        overflow = DropExcess(self._queue_limit, drop_marker,
+                              on_dropped=lambda nbytes: self._count_dropped(source, nbytes))
+        sub = Subscriber(consumer, overflow, on_close=lambda s: self._unsubscribe(source, s))
         self._subscribers[source].append(sub)
-        sub.watch_finish()
+        sub.attach()
         if history:
-            sub.deliver(ring.contents())
+            sub.send(ring.contents())
         if self._stopped:
             sub.end()
         return sub
@@ -480,8 +358,8 @@ class LogBroadcaster(Service):
         """How many live subscribers ``source`` has (0 for an unknown source)."""
         return len(self._subscribers.get(source, ()))
 
-    def _unsubscribe(self, sub: Subscription) -> None:
-        subs = self._subscribers.get(sub.source)
+    def _unsubscribe(self, source: str, sub: Subscriber) -> None:
+        subs = self._subscribers.get(source)
         if subs is not None and sub in subs:
             subs.remove(sub)
 
@@ -516,15 +394,15 @@ class LogBroadcaster(Service):
 LEVELS = ("debug", "info", "warn", "error")
 LOG_TO_STDOUT_VALUES = ("proxy", "upstream", "both", "none")
 
-_RANK = {LogLevel.debug: 0, LogLevel.info: 1, LogLevel.warn: 2, LogLevel.error: 3, LogLevel.critical: 3}
-_LABEL = {0: "DEBUG", 1: "INFO", 2: "WARN", 3: "ERROR"}
+_LABEL = {LogLevel.debug: "DEBUG", LogLevel.info: "INFO", LogLevel.warn: "WARN", LogLevel.error: "ERROR",
+          LogLevel.critical: "ERROR"}
 
 
-def _level_rank(level: str) -> int:
-    try:
-        return LEVELS.index(level.lower())
-    except ValueError:
-        raise ValueError(f"unknown log level {level!r}; use one of {', '.join(LEVELS)}") from None
+def _log_level(level: str) -> LogLevel:
+    """The ``LogLevel`` of a ``logLevel`` setting (any case); the names are Twisted's own."""
+    if level.lower() not in LEVELS:
+        raise ValueError(f"unknown log level {level!r}; use one of {', '.join(LEVELS)}")
+    return LogLevel.levelWithName(level.lower())
 
 
 def _check_to_stdout(value: str) -> str:
@@ -538,10 +416,12 @@ class ProxyLogObserver:
     """
     The observer behind every llamaswap ``Logger``.
 
-    Events below the level are dropped: neither stored nor forwarded (LOG-4).  Others are
-    stored in the ``proxy`` source as ``[LEVEL] <formatted message>\\n`` (with the
-    traceback of ``log_failure`` on the following lines) and forwarded unchanged to
-    ``forward`` when ``to_stdout`` is ``proxy`` or ``both`` (LOG-6).
+    Events below the level are dropped by a ``FilteringLogObserver`` with a
+    ``LogLevelFilterPredicate``: neither stored nor forwarded (LOG-4).  Like every such
+    predicate it also drops events without a level or namespace (a ``Logger`` always sets
+    both).  Other events are stored in the ``proxy`` source as ``[LEVEL] <formatted
+    message>\\n`` (with the traceback of ``log_failure`` on the following lines) and
+    forwarded unchanged to ``forward`` when ``to_stdout`` is ``proxy`` or ``both`` (LOG-6).
 
     :param broadcaster: where the ``proxy`` lines go.
     :param forward: the twistd log publisher (``globalLogPublisher`` in production).
@@ -559,13 +439,14 @@ class ProxyLogObserver:
     ) -> None:
         self._broadcaster = broadcaster
         self._forward = forward
-        self._min_rank = _level_rank(level)
+        self._predicate = LogLevelFilterPredicate(defaultLogLevel=_log_level(level))
+        self._filtered = FilteringLogObserver(self._emit, [self._predicate])
         self._to_stdout = _check_to_stdout(to_stdout)
         self._upstream_log = Logger(namespace="llamaswap.upstream", observer=forward)
 
     @property
     def level(self) -> str:
-        return LEVELS[self._min_rank]
+        return self._predicate.logLevelForNamespace("").name
 
     @property
     def to_stdout(self) -> str:
@@ -573,17 +454,18 @@ class ProxyLogObserver:
 
     def set_level(self, level: str) -> None:
         """Change the minimum level (config reload, CFG-11)."""
-        self._min_rank = _level_rank(level)
+        self._predicate.setLogLevelForNamespace("", _log_level(level))
 
     def set_to_stdout(self, value: str) -> None:
         """Change what goes to the twistd log (config reload, CFG-12)."""
         self._to_stdout = _check_to_stdout(value)
 
     def __call__(self, event: dict) -> None:
-        rank = _RANK.get(event.get("log_level"), 1)  # no level: treat as info
-        if rank < self._min_rank:
-            return
-        self._broadcaster.write_proxy(format_proxy_line(event, _LABEL[rank]))
+        self._filtered(event)
+
+    def _emit(self, event: dict) -> None:
+        """Store and forward one event that passed the level filter."""
+        self._broadcaster.write_proxy(format_proxy_line(event, _LABEL[event["log_level"]]))
         if self._to_stdout in ("proxy", "both"):
             self._forward(event)
 

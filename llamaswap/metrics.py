@@ -4,9 +4,9 @@
 tests stay independent) and every metric of MET-2, with its documented names, labels and
 buckets. It learns what happens from three feeds, wired by the service:
 
-* router events (``router.listeners``): ``state``, ``queue``, ``stop``, ``start``,
-  ``reload``, ``removed``, ``replaced`` -> model state, queue depth, in-flight, swaps,
-  stops by reason, load durations and failed starts;
+* model events (:meth:`Metrics.observe`, an ``IModelObserver`` added to
+  ``router.observers``) -> model state, queue depth, in-flight, swaps, stops by reason,
+  load durations and failed starts, each straight from the event's own data;
 * finished requests (``App.request_listeners``): one record per model-dispatched request
   -> requests, durations, TTFB, queue wait, tokens, tokens/s, stream errors;
 * ``LogBroadcaster.on_dropped`` -> ``llamaswap_log_bytes_dropped_total``.
@@ -17,12 +17,12 @@ lines that mention ``usage`` or ``timings``) or a bounded :class:`JSONUsageParse
 ``application/json`` (parsed once, at the end, up to 4 MiB); anything else gets no parser,
 so relaying it costs nothing per chunk.
 
-This module imports nothing else from llamaswap.
+This module imports only the event classes of ``llamaswap.observe``.
 """
 from __future__ import annotations
 
 import json
-from typing import Any, Callable, Iterable, Optional
+from typing import Any, Iterable, Optional
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client import disable_created_metrics
@@ -32,6 +32,10 @@ try:  # MET-1 asks for format 0.0.4; prometheus_client >= 0.22 calls 1.0.0 "late
 except ImportError:  # older clients: "latest" is 0.0.4
     from prometheus_client import CONTENT_TYPE_LATEST as CONTENT_TYPE
 from twisted.web.resource import Resource
+
+from llamaswap.observe import (
+    ModelEvent, QueueChanged, Reloaded, Removed, Replaced, StartFailed, Started, Starting, StateChanged,
+    Stopping)
 
 __all__ = [
     "CONTENT_TYPE", "DURATION_BUCKETS", "JSONUsageParser", "LOAD_BUCKETS", "MAX_JSON_BYTES", "MAX_SSE_LINE",
@@ -58,16 +62,13 @@ class Metrics:
 
     :param registry: the ``CollectorRegistry`` to register on (a fresh one by default).
     :param models: model ids that get their zero series at once (MET-1).
-    :param clock: ``IReactorTime`` for load durations (spawn -> ready/failure).
     """
 
-    def __init__(self, models: Iterable[str] = (), clock: Any = None,
-                 registry: Optional[CollectorRegistry] = None) -> None:
+    def __init__(self, models: Iterable[str] = (), registry: Optional[CollectorRegistry] = None) -> None:
         # A ``*_created`` gauge per counter/histogram series would double the exposition
         # for nothing MET-2 asks for; prometheus_client only has a process-wide switch.
         disable_created_metrics()
         self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
-        self.clock = clock
         r = self.registry
         self.requests = Counter("llamaswap_requests_total", "Finished model-dispatched requests.",
                                 ["model", "endpoint", "status"], registry=r)
@@ -113,10 +114,6 @@ class Metrics:
         for source in LOG_SOURCES:
             self.log_dropped.labels(source=source)
         self._models: set[str] = set()
-        self._counts: Optional[Callable[[str], tuple[int, int]]] = None
-        self._loading: dict[str, float] = {}   # model -> spawn time, until ready or stopped
-        self._failed_at: dict[str, float] = {}  # model -> when a start turned into a stop
-        self._stop_asked: set[str] = set()      # a stop was asked while it was loading
         for model_id in models:
             self.add_model(model_id)
 
@@ -167,101 +164,58 @@ class Metrics:
 
     # -- feeds ------------------------------------------------------------------------------------
 
-    def watch_router(self, router: Any) -> None:
-        """Follow ``router``'s events; its ``counts(id)`` gives queue depth and in-flight."""
-        self._counts = router.counts
-        self._process = router.process
-        router.listeners.append(self.router_event)
-
-    def router_event(self, event: str, payload: Any) -> None:
-        """One ``router.listeners`` callback (see router.py for the events)."""
-        if event == "state":
-            proc, old, new = payload
-            self._state(proc.id, old.value, new.value)
-        elif event == "queue":
-            self._queue(payload)
-        elif event == "stop":
-            model_id, reason = payload
-            if model_id in self._loading:
-                self._stop_asked.add(model_id)
-            if reason in STOP_REASONS:
-                self.stops.labels(model=model_id, reason=reason).inc()
-        elif event == "start":
-            model_id, evicted = payload
-            if evicted:
-                self.swaps.labels(model=model_id).inc()
-        elif event == "reload":
-            for model_id in payload.get("added", ()):
+    def observe(self, event: ModelEvent) -> None:
+        """``IModelObserver``: add it to ``router.observers``; every value comes from the event."""
+        if isinstance(event, QueueChanged):  # the per-request one first
+            if event.model in self._models:
+                self.inflight.labels(model=event.model).set(event.inflight)
+                self.queue_depth.labels(model=event.model).set(event.waiting)
+        elif isinstance(event, StateChanged):
+            if event.model in self._models:
+                self.set_state(event.model, event.new)
+        elif isinstance(event, Stopping):
+            if event.reason in STOP_REASONS:
+                self.stops.labels(model=event.model, reason=event.reason).inc()
+        elif isinstance(event, Starting):
+            if event.evicted:
+                self.swaps.labels(model=event.model).inc()
+        elif isinstance(event, Started):
+            if event.model in self._models:
+                self.load_duration.labels(model=event.model, outcome="success").observe(event.seconds)
+        elif isinstance(event, StartFailed):  # PROC-6/7
+            if event.model in self._models:
+                self.load_duration.labels(model=event.model, outcome="failure").observe(event.seconds)
+                self.stops.labels(model=event.model, reason="failed_start").inc()
+        elif isinstance(event, Reloaded):
+            for model_id in event.added:
                 self.add_model(model_id)
-        elif event == "removed":
-            self.remove_model(payload)
-            self._forget_load(payload)
-        elif event == "replaced":
-            self._forget_load(payload)
-            proc = getattr(self, "_process", None)
-            if proc is not None:
-                self.set_state(payload, proc(payload).state.value)
+        elif isinstance(event, Removed):
+            self.remove_model(event.model)
+        elif isinstance(event, Replaced):
+            if event.model in self._models:
+                self.set_state(event.model, event.state)
 
-    def _state(self, model_id: str, old: str, new: str) -> None:
-        if model_id not in self._models:
-            return
-        self.set_state(model_id, new)
-        now = self.clock.seconds() if self.clock is not None else 0.0
-        if new == "starting":
-            self._forget_load(model_id)
-            self._loading[model_id] = now
-        elif new == "ready" and model_id in self._loading:
-            spawned = self._loading.pop(model_id)
-            self.load_duration.labels(model=model_id, outcome="success").observe(now - spawned)
-        elif new == "stopping" and old == "starting":
-            self._failed_at[model_id] = now   # a failure unless a stop was asked for
-        elif new == "stopped" and model_id in self._loading:
-            # PROC-6/7: a start that ended without ``ready`` and without anyone asking for a
-            # stop (the router's ``stop`` event of a swap may come just after the stopping
-            # transition, so the verdict waits until the child is gone).
-            spawned = self._loading.pop(model_id)
-            failed_at = self._failed_at.pop(model_id, now)
-            if model_id not in self._stop_asked:
-                self.load_duration.labels(model=model_id, outcome="failure").observe(failed_at - spawned)
-                self.stops.labels(model=model_id, reason="failed_start").inc()
-            self._stop_asked.discard(model_id)
-
-    def _forget_load(self, model_id: str) -> None:
-        self._loading.pop(model_id, None)
-        self._failed_at.pop(model_id, None)
-        self._stop_asked.discard(model_id)
-
-    def _queue(self, model_id: str) -> None:
-        if self._counts is None or model_id not in self._models:
-            return
-        try:
-            inflight, waiting = self._counts(model_id)
-        except KeyError:
-            return
-        self.inflight.labels(model=model_id).set(inflight)
-        self.queue_depth.labels(model=model_id).set(waiting)
-
-    def request_finished(self, record: dict) -> None:
-        """One ``App.request_listeners`` record of a finished model-dispatched request."""
-        model = record.get("model") or ""
+    def request_finished(self, record: Any) -> None:
+        """One ``App.request_listeners`` ``RequestRecord`` of a finished model-dispatched request."""
+        model = record.model
         if model and model not in self._models:
             model = ""  # removed by a reload meanwhile: keep label sets bounded
-        endpoint = record.get("endpoint") or ""
-        self.requests.labels(model=model, endpoint=endpoint, status=str(record.get("status"))).inc()
-        duration = record.get("duration")
+        endpoint = record.endpoint
+        self.requests.labels(model=model, endpoint=endpoint, status=str(record.status)).inc()
+        duration = record.duration
         if duration is not None:
             self.request_duration.labels(model=model, endpoint=endpoint).observe(max(duration, 0.0))
-        ttfb = record.get("ttfb")
+        ttfb = record.ttfb
         if ttfb is not None:
             self.ttfb.labels(model=model, endpoint=endpoint).observe(max(ttfb, 0.0))
         if not model:
             return
-        wait = record.get("queue_wait")
+        wait = record.queue_wait
         if wait is not None:
             self.queue_wait.labels(model=model).observe(max(wait, 0.0))
-        if record.get("stream_error"):
+        if record.stream_error:
             self.stream_errors.labels(model=model).inc()
-        usage = record.get("usage")
+        usage = record.usage
         if usage:
             for kind in TOKEN_TYPES:
                 n = usage.get(kind)

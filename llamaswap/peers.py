@@ -12,12 +12,15 @@ and connection pool of its own (``App.peer_http``, created on first use).
 """
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import attr
 
 from llamaswap.errors import ModelNotFound, PeerUnreachable
 from llamaswap.proxy import RelayOutcome, make_http_client, upstream_headers
+
+if TYPE_CHECKING:
+    from llamaswap.config import Config, PeerConfig
 
 
 @attr.s(frozen=True)
@@ -43,20 +46,20 @@ class _PeerFilters:
     use_model_name: str = attr.ib(default="")
 
 
-def filters_of(peer: Any) -> _PeerFilters:
+def filters_of(peer: PeerConfig) -> _PeerFilters:
     return _PeerFilters(tuple(peer.strip_params), dict(peer.set_params))
 
 
-def find_peer(config: Any, name: str) -> Optional[PeerTarget]:
+def find_peer(config: Config, name: str) -> Optional[PeerTarget]:
     """RT-2 step 4 / RT-13: the peer model ``name`` designates, or None.
 
     Call it only once steps 1-3 found nothing. A bare name listed by several peers is
     ambiguous: ``ModelNotFound`` says which peers list it.
     """
-    peers = getattr(config, "peers", None) or {}
+    peers = config.peers
     if not peers:
         return None
-    if ":" in name and name.split(":", 1)[0] in (getattr(config, "profiles", None) or {}):
+    if ":" in name and name.split(":", 1)[0] in config.profiles:
         return None  # RT-2 step 3 owns P:M names
     for peer_id, peer in peers.items():
         prefix = f"{peer_id}/"
@@ -80,7 +83,7 @@ def peer_client(app: Any) -> Any:
     return client
 
 
-def peer_headers(request: Any, peer: Any, strip_auth: bool, scheme: bytes) -> Any:
+def peer_headers(request: Any, peer: PeerConfig, strip_auth: bool, scheme: bytes) -> Any:
     """PROXY-2 headers for a peer; its ``apiKey`` replaces the client's credentials."""
     headers = upstream_headers(request, strip_auth, scheme)
     if peer.api_key:
@@ -92,20 +95,22 @@ def peer_headers(request: Any, peer: Any, strip_auth: bool, scheme: bytes) -> An
     return headers
 
 
-def listing(config: Any, created: int) -> list[dict]:
+def listing(config: Config, created: int) -> list[dict]:
     """EP-2/RT-13: one ``/v1/models`` entry per peer model, ``<peerId>/<model>``, sorted."""
     entries = []
-    for peer_id, peer in (getattr(config, "peers", None) or {}).items():
+    for peer_id, peer in config.peers.items():
         for model in peer.models:
             entries.append({"id": f"{peer_id}/{model}", "object": "model", "created": created,
                             "owned_by": "llama-swap", "meta": {"llamaswap": {"peerID": peer_id}}})
     return sorted(entries, key=lambda e: e["id"])
 
 
-async def forward(app: Any, request: Any, target: PeerTarget, url: bytes, body: Any) -> RelayOutcome:
-    """Forward to the peer and relay its answer; ``PeerUnreachable`` before any header."""
-    record = getattr(request, "llamaswap_record", None) or {}
-    started = record.get("started", app.clock.seconds())
+async def forward(app: Any, request: Any, record: Any, target: PeerTarget, url: bytes,
+                  body: Any) -> RelayOutcome:
+    """Forward to the peer and relay its answer; ``PeerUnreachable`` before any header.
+
+    ``record`` (the request's ``RequestRecord``) gets the stream error and parsed usage.
+    """
     scheme = b"https" if request.isSecure() else b"http"
     headers = peer_headers(request, target.peer, bool(app.config.api_keys), scheme)
     parser = None
@@ -117,8 +122,6 @@ async def forward(app: Any, request: Any, target: PeerTarget, url: bytes, body: 
             parser = factory(response.code, response.headers)
 
     def on_data(chunk: bytes) -> None:
-        if record.get("ttfb") is None:
-            record["ttfb"] = app.clock.seconds() - started
         if parser is not None:
             parser.feed(chunk)
 
@@ -132,6 +135,6 @@ async def forward(app: Any, request: Any, target: PeerTarget, url: bytes, body: 
             unreachable=unreachable)
     finally:
         if parser is not None:
-            record["usage"] = parser.result()
-    record["stream_error"] = outcome.error
+            record.usage = parser.result()
+    record.stream_error = outcome.error
     return outcome

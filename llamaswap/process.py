@@ -17,7 +17,7 @@ import os
 import shutil
 import signal
 import sys
-from typing import Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import attr
 from twisted.internet import error as ierror
@@ -28,6 +28,11 @@ from twisted.python.failure import Failure
 
 from llamaswap import ports as _ports
 from llamaswap.errors import UpstreamStartFailed
+
+if TYPE_CHECKING:
+    from twisted.internet.interfaces import IReactorProcess, IReactorTime
+
+    from llamaswap.config import ModelConfig
 
 #: PROC-4: each health check attempt times out after this long (connect included).
 HEALTH_ATTEMPT_TIMEOUT = 2.0
@@ -90,24 +95,28 @@ def _linux_group_alive(pgid: int) -> bool:
     return False
 
 
-def process_start_time(pid: int) -> Optional[str]:
-    """The OS start time of ``pid`` (PROC-14), or None when it cannot be read."""
-    if sys.platform.startswith("linux"):
-        try:
-            with open(f"/proc/{pid}/stat", "rb") as f:
-                stat = f.read()
-        except OSError:
-            return None
-        fields = stat[stat.rfind(b")") + 2:].split()
-        return fields[19].decode("ascii") if len(fields) > 19 else None
-    try:
-        import subprocess
+def process_start_time(pid: int, proc: str = "/proc") -> Optional[str]:
+    """The OS start time of ``pid`` (PROC-14), or None when it cannot be read.
 
-        out = subprocess.run(["ps", "-o", "lstart=", "-p", str(pid)], capture_output=True, timeout=5)
-    except (OSError, subprocess.SubprocessError):
+    It is ``starttime``, field 22 of ``/proc/<pid>/stat``: clock ticks after boot, kept as
+    the raw decimal string. It only has to tell two processes with the same pid apart, and
+    the raw string is what state files of earlier runs hold, so they still compare equal.
+
+    Without ``/proc`` (macOS) this returns None rather than run ``ps -o lstart=``: it is
+    called on the reactor thread at every spawn, and a blocking child there would stall every
+    request. An asynchronous ``getProcessOutput`` would not help: the state file is checked
+    before the reactor runs, where only a blocking read is possible. With None recorded, the
+    next start cannot detect pid reuse: a live recorded daemon counts as in use, and a live
+    recorded process group is killed as a leftover (``statefile``).
+    """
+    try:
+        with open(os.path.join(proc, str(pid), "stat"), "rb") as f:
+            stat = f.read()
+    except OSError:
         return None
-    text = out.stdout.decode("ascii", "replace").strip()
-    return text or None
+    # The command name (field 2) is in parentheses and may hold spaces and ")": skip past the last ")".
+    fields = stat[stat.rfind(b")") + 2:].split()
+    return fields[19].decode("ascii") if len(fields) > 19 else None
 
 
 def _session_prefix() -> list[str]:
@@ -180,29 +189,30 @@ class _StopCommandProtocol(ProcessProtocol):
 class UpstreamProcess:
     """One model's child: spawn, health check, stop with TERM -> KILL.
 
-    :param model: the model's ``ModelConfig``.
+    :param model: the model's ``ModelConfig``; its ``health_check_timeout`` bounds the start
+        (PROC-6).
     :param reactor: an ``IReactorProcess`` (and ``IReactorTCP`` for health checks).
     :param clock: the ``IReactorTime`` for timeouts and polling.
     :param logs: the ``LogBroadcaster``; child output goes there byte-for-byte.
-    :param health_timeout: ``healthCheckTimeout`` in seconds (PROC-6).
     :param on_transition: called ``(proc, old, new)`` after every state change.
     :param on_spawn / on_reap: called ``(proc)`` for the state file (PROC-14).
-    :param http_factory: ``(reactor) -> (treq-like client, pool)``; a fresh pool per child
-        lifetime so no connection is reused across children (PROXY-10).
+    :param http_factory: required, keyword-only: ``(reactor) -> (treq-like client, pool)``
+        (``proxy.make_http_client`` in the service); a fresh pool per child lifetime so no
+        connection is reused across children (PROXY-10).
     :param check: ``(client, url) -> Deferred[int status]``; the health probe.
     :param ports: port ownership checks (``llamaswap.ports.SystemPorts``: ``holder(port)``,
         ``owner(port, pgid)``, ``leader_exited(pid)``); None turns them off.
     """
 
-    model: Any = attr.ib()
-    reactor: Any = attr.ib()
-    clock: Any = attr.ib()
+    model: ModelConfig = attr.ib()
+    reactor: IReactorProcess = attr.ib()
+    clock: IReactorTime = attr.ib()
     logs: Any = attr.ib()
-    health_timeout: float = attr.ib(default=120)
     on_transition: Callable = attr.ib(default=lambda proc, old, new: None)
     on_spawn: Callable = attr.ib(default=lambda proc: None)
     on_reap: Callable = attr.ib(default=lambda proc: None)
-    http_factory: Optional[Callable] = attr.ib(default=None)
+    # Required, keyword-only: injected by the service, so this module never imports the forwarder.
+    http_factory: Callable = attr.ib(kw_only=True)
     check: Optional[Callable] = attr.ib(default=None)
     kill: Callable = attr.ib(default=os.killpg)
     group_alive: Callable = attr.ib(default=group_alive)
@@ -311,11 +321,11 @@ class UpstreamProcess:
         self.pid = self._transport.pid
         self.start_time = process_start_time(self.pid) if self.pid else None
         self.on_spawn(self)
-        self.http, self._pool = self._make_http()
+        self.http, self._pool = self.http_factory(self.reactor)
         if self.model.check_endpoint is None:
             self._became_ready()
             return
-        self._timers["deadline"] = self.clock.callLater(self.health_timeout, self._health_timed_out)
+        self._timers["deadline"] = self.clock.callLater(self.model.health_check_timeout, self._health_timed_out)
         self._check_health()
 
     def _port_conflict(self) -> Optional[str]:
@@ -356,13 +366,6 @@ class UpstreamProcess:
                 childFDs={0: devnull, 1: "r", 2: "r"})
         finally:
             os.close(devnull)
-
-    def _make_http(self):
-        if self.http_factory is not None:
-            return self.http_factory(self.reactor)
-        from llamaswap.proxy import make_http_client
-
-        return make_http_client(self.reactor)
 
     # -- health checking (PROC-4) -------------------------------------------------------------
 
@@ -426,7 +429,7 @@ class UpstreamProcess:
         if self.state is not State.STARTING:
             return
         self._begin_stop(f"failed to start model '{self.id}': health check did not pass within "
-                         f"{int(self.health_timeout)}s")
+                         f"{int(self.model.health_check_timeout)}s")
 
     def _became_ready(self) -> None:
         self._cancel_timer("deadline")

@@ -327,12 +327,12 @@ class _BodyRelay(Protocol):
             self.transport.stopProducing()
 
     def connectionMade(self) -> None:
-        if not self.request._disconnected:
+        if not self.request.client_gone:
             self.request.registerProducer(self.transport, True)
             self.registered = True
 
     def dataReceived(self, data: bytes) -> None:
-        if self.request._disconnected:
+        if self.request.client_gone:
             return
         self.request.write(data)
         self.nbytes += len(data)
@@ -363,7 +363,7 @@ class _BodyRelay(Protocol):
 
 def _stream_failed(request: Any, tail: bytes, sse: bool, model_id: str, reason: str) -> None:
     """PROXY-9: never a silently truncated successful response."""
-    if request._disconnected:
+    if request.client_gone:
         return
     if sse:
         prefix = b"" if tail.endswith(b"\n\n") or tail.endswith(b"\r\n\r\n") else b"\n\n"

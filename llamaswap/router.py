@@ -4,12 +4,15 @@
 requests. Every decision comes from the pure ``scheduler.decide``; this class only
 applies it: grants leases, begins swaps (stop the evicted models in parallel, then start
 the target), arms TTL timers, and fails waiters with the right error.
+
+What happens to the models is published as typed events (``llamaswap.observe``) to
+``router.observers``; observers never call back into the router for state.
 """
 from __future__ import annotations
 
 import itertools
 from collections import deque
-from typing import Any, Callable, Optional
+from typing import TYPE_CHECKING, Callable, Optional
 
 import attr
 from twisted.application.service import Service
@@ -21,7 +24,15 @@ from llamaswap import scheduler
 from llamaswap.errors import (
     ConcurrencyLimit, LlamaSwapError, ModelNotFound, ModelUnloaded, ShuttingDown,
     UpstreamStartFailed)
+from llamaswap.observe import (
+    ModelEvent, Observers, QueueChanged, Reloaded, Removed, Replaced, StartFailed, Started, Starting,
+    StateChanged, Stopping)
 from llamaswap.process import State, UpstreamProcess
+
+if TYPE_CHECKING:
+    from twisted.internet.interfaces import IReactorTime
+
+    from llamaswap.config import Config, ModelConfig
 
 
 @attr.s(eq=False)
@@ -66,6 +77,19 @@ class Resolved:
     name: str = attr.ib(default="")  # the requested name after profile stripping
 
 
+@attr.s(frozen=True)
+class Place:
+    """RT-12: where a waiting request stands.
+
+    :ivar admission: its admission number, as in ``QueueChanged.left``; earlier admissions
+        have smaller numbers.
+    :ivar position: 1-based, among every waiting request of every model.
+    """
+
+    admission: int = attr.ib()
+    position: int = attr.ib()
+
+
 class _Slot:
     """Router-side bookkeeping of one model."""
 
@@ -77,10 +101,14 @@ class _Slot:
         self.last_used: Optional[float] = None
         # RLD-3: a changed model waits for its in-flight requests, then its child is
         # replaced by one built from ``pending``; a removed model then disappears.
-        self.pending: Any = None
+        self.pending: Optional[ModelConfig] = None
         self.removed = False
         self.restart = False
         self.retiring = False
+        # the start under way: when it began, and whether the router has since asked for
+        # a stop (then its failure is an abort, not a StartFailed)
+        self.start_began = 0.0
+        self.stop_asked = False
 
     @property
     def replacing(self) -> bool:
@@ -94,10 +122,11 @@ class ModelRouter(Service):
     :param make_process: ``(model_config) -> UpstreamProcess``; the router installs its
         own ``on_transition`` hook on each.
     :param clock: ``IReactorTime`` for admission times, maxWait and TTL timers.
+    :ivar observers: the ``llamaswap.observe.Observers`` that get every model event.
     """
 
-    def __init__(self, config: Any, make_process: Callable[[Any], UpstreamProcess], clock: Any,
-                 log: Optional[Logger] = None) -> None:
+    def __init__(self, config: Config, make_process: Callable[[ModelConfig], UpstreamProcess],
+                 clock: IReactorTime, log: Optional[Logger] = None) -> None:
         self.config = config
         self._make_process = make_process
         self.clock = clock
@@ -110,13 +139,13 @@ class ModelRouter(Service):
         self._shutting_down = False
         self._deciding = False
         self._again = False
-        self.listeners: list[Callable[[str, Any], None]] = []  # (event, payload)
+        self.observers = Observers(self.log)
         for model in config.models.values():
             self._add(model)
 
     # -- model table ----------------------------------------------------------------------------
 
-    def _add(self, model: Any) -> None:
+    def _add(self, model: ModelConfig) -> None:
         proc = self._make_process(model)
         proc.on_transition = self._on_transition
         self._slots[model.id] = _Slot(proc)
@@ -135,10 +164,13 @@ class ModelRouter(Service):
     def is_draining(self, model_id: str) -> bool:
         return model_id in self._draining
 
-    def position(self, d: Deferred) -> Optional[int]:
-        """RT-12: 1-based place of the waiting request ``d`` (from ``acquire``) among every
+    def place(self, d: Deferred) -> Optional[Place]:
+        """RT-12: where the waiting request ``d`` (from ``acquire``) stands among every
         waiting request, all models, in admission order; None once it is no longer waiting.
-        Loads (EP-7, preload) are not requests and do not count."""
+        Loads (EP-7, preload) are not requests and do not count.
+
+        The position only goes down afterwards, by one for each earlier admission listed in
+        a ``QueueChanged.left``, so a caller asks once and then follows the events."""
         mine = None
         for slot in self._slots.values():
             for ticket in slot.waiting:
@@ -146,8 +178,9 @@ class ModelRouter(Service):
                     mine = ticket
         if mine is None:
             return None
-        return 1 + sum(1 for slot in self._slots.values() for t in slot.waiting
-                       if t.counted and t.seq < mine.seq)
+        ahead = sum(1 for slot in self._slots.values() for t in slot.waiting
+                    if t.counted and t.seq < mine.seq)
+        return Place(mine.seq, 1 + ahead)
 
     # -- resolution (RT-2, RT-4) --------------------------------------------------------------
 
@@ -201,7 +234,7 @@ class ModelRouter(Service):
         ticket.d = Deferred(lambda d: self._cancel(ticket))
         slot.waiting.append(ticket)
         self._cancel_ttl(slot)
-        self._emit("queue", model_id)
+        self._queue_changed(slot)
         self.schedule()
         return ticket.d
 
@@ -210,20 +243,22 @@ class ModelRouter(Service):
         slot = self._slots.get(ticket.model_id)
         if slot is not None and ticket in slot.waiting:
             slot.waiting.remove(ticket)
-            self._emit("queue", ticket.model_id)
+            self._queue_changed(slot, (ticket.seq,) if ticket.counted else ())
             self._maybe_arm_ttl(slot)
             self.schedule()
 
     def _grant(self, model_id: str, n: int) -> None:
         slot = self._slots[model_id]
         now = self.clock.seconds()
+        left = []
         for _ in range(n):
             ticket = slot.waiting.popleft()
             if ticket.counted:
                 slot.inflight += 1
+                left.append(ticket.seq)
             lease = Lease(self, slot.proc, ticket.counted, now)
             ticket.d.callback(lease)
-        self._emit("queue", model_id)
+        self._queue_changed(slot, tuple(left))
 
     def _release(self, lease: Lease) -> None:
         slot = self._slots.get(lease.model_id)
@@ -232,7 +267,7 @@ class ModelRouter(Service):
         if lease.counted:
             slot.inflight -= 1
         slot.last_used = self.clock.seconds()
-        self._emit("queue", lease.model_id)
+        self._queue_changed(slot)
         if slot.replacing:
             self._retire(slot)
         else:
@@ -302,9 +337,7 @@ class ModelRouter(Service):
         if swap.evict:
             self.log.info("swapping: stopping {evicted} to start {model}",
                           evicted=", ".join(sorted(swap.evict)), model=swap.target)
-        stops = [self._slots[x].proc.stop() for x in sorted(swap.evict)]
-        for x in swap.evict:
-            self._emit("stop", (x, "swap"))
+        stops = [self._stop(self._slots[x], "swap") for x in sorted(swap.evict)]
         d = DeferredList(stops, consumeErrors=True)
         d.addCallback(lambda _: self._start(swap, bool(swap.evict)))
         d.addErrback(lambda f: self.log.failure("swap to {model} failed", f, model=swap.target))
@@ -314,16 +347,28 @@ class ModelRouter(Service):
         if slot is None or self._shutting_down or slot.proc.state is not State.STOPPED:
             self._end_swap(swap)
             return
-        self._emit("start", (swap.target, evicted))
+        slot.start_began, slot.stop_asked = self.clock.seconds(), False
+        self._publish(Starting(swap.target, evicted))
         d = slot.proc.start()
-        d.addCallbacks(lambda _: self._end_swap(swap), lambda f: self._start_failed(swap, f))
+        d.addCallbacks(lambda _: self._started(swap, slot), lambda f: self._start_failed(swap, slot, f))
 
-    def _start_failed(self, swap: scheduler.Swap, failure: Failure) -> None:
-        """SCHED-9: every request waiting on that start gets the same 502."""
+    def _started(self, swap: scheduler.Swap, slot: _Slot) -> None:
+        if self.observers:
+            self.observers.publish(Started(swap.target, self.clock.seconds() - slot.start_began))
+        self._end_swap(swap)
+
+    def _start_failed(self, swap: scheduler.Swap, started: _Slot, failure: Failure) -> None:
+        """SCHED-9: every request waiting on that start gets the same 502.
+
+        A start the router aborted itself (a swap, unload, reload or shutdown stopping the
+        model) is no ``StartFailed``: only a start that failed by itself is (PROC-6/7)."""
+        error = failure.value if isinstance(failure.value, LlamaSwapError) else \
+            UpstreamStartFailed(str(failure.value))
+        if not started.stop_asked and self.observers:
+            self.observers.publish(StartFailed(swap.target, error.message,
+                                               self.clock.seconds() - started.start_began))
         slot = self._slots.get(swap.target)
         if slot is not None and not slot.replacing:
-            error = failure.value if isinstance(failure.value, LlamaSwapError) else \
-                UpstreamStartFailed(str(failure.value))
             self._fail_waiters(slot, error)
         self._end_swap(swap)
 
@@ -336,22 +381,22 @@ class ModelRouter(Service):
         for ticket in waiters:
             ticket.d.errback(Failure(type(error)(error.message)))
         if waiters:
-            self._emit("queue", slot.proc.id)
+            self._queue_changed(slot, tuple(t.seq for t in waiters if t.counted))
 
     # -- state changes --------------------------------------------------------------------------
 
     def _on_transition(self, proc: UpstreamProcess, old: State, new: State) -> None:
         slot = self._slots.get(proc.id)
-        self._emit("state", (proc, old, new))
         if slot is None or slot.proc is not proc:
-            return
+            return  # a child no longer current (a removed model's, re-added meanwhile)
+        self._publish(StateChanged(proc.id, old.value, new.value))
         if new is State.READY:
             slot.last_used = self.clock.seconds()
             self._maybe_arm_ttl(slot)
         elif new is not State.STARTING:
             self._cancel_ttl(slot)
         if old is State.READY and new is State.STOPPED:
-            self._emit("stop", (proc.id, "exited"))
+            self._publish(Stopping(proc.id, "exited"))
         self.schedule()
 
     # -- TTL (PROC-11) --------------------------------------------------------------------------
@@ -374,12 +419,11 @@ class ModelRouter(Service):
                 or slot.replacing:
             return
         self.log.info("{model}: unloading after {ttl}s idle", model=proc.id, ttl=proc.model.ttl)
-        self._emit("stop", (proc.id, "ttl"))
-        proc.stop()
+        self._stop(slot, "ttl")
 
     # -- reload (RLD-3) ------------------------------------------------------------------------------
 
-    def reconfigure(self, config: Any) -> dict:
+    def reconfigure(self, config: Config) -> dict:
         """Apply a new, valid config; return ``{"added", "removed", "changed", "unchanged"}``.
 
         Unchanged models keep their child (same pid, logs, TTL clock, in-flight requests);
@@ -399,8 +443,6 @@ class ModelRouter(Service):
             self._add(config.models[model_id])
         for model_id in unchanged:
             self._slots[model_id].proc.model = config.models[model_id]
-            self._slots[model_id].proc.health_timeout = getattr(
-                config, "health_check_timeout", self._slots[model_id].proc.health_timeout)
         for model_id in removed:
             slot = self._slots[model_id]
             slot.removed = True
@@ -411,7 +453,7 @@ class ModelRouter(Service):
             slot.restart = slot.restart or slot.proc.state in (State.STARTING, State.READY)
             slot.pending = config.models[model_id]
             self._retire(slot)
-        self._emit("reload", {"added": added, "removed": removed, "changed": changed})
+        self._publish(Reloaded(tuple(added), tuple(changed), tuple(removed), config.models))
         self.schedule()
         return {"added": added, "removed": removed, "changed": changed, "unchanged": unchanged}
 
@@ -421,9 +463,8 @@ class ModelRouter(Service):
             return
         slot.retiring = True
         self._cancel_ttl(slot)
-        if slot.proc.state in (State.STARTING, State.READY):
-            self._emit("stop", (slot.proc.id, "reload"))
-        d = slot.proc.stop()
+        running = slot.proc.state in (State.STARTING, State.READY)
+        d = self._stop(slot, "reload" if running else None)
         d.addCallback(lambda _: self._retired(slot))
         d.addErrback(lambda f: self.log.failure("reload of {model} failed", f, model=slot.proc.id))
 
@@ -431,9 +472,9 @@ class ModelRouter(Service):
         slot.retiring = False
         model_id = slot.proc.id
         if slot.removed:
-            if self._slots.get(model_id) is slot:
+            if self._slots.get(model_id) is slot:  # not re-added by a later reload meanwhile
                 del self._slots[model_id]
-            self._emit("removed", model_id)
+                self._publish(Removed(model_id))
             self.schedule()
             return
         if slot.pending is None:
@@ -446,7 +487,7 @@ class ModelRouter(Service):
             self.load(model_id).addErrback(
                 lambda f: self.log.error("restart of {model} after reload failed: {why}",
                                          model=model_id, why=str(f.value)))
-        self._emit("replaced", model_id)
+        self._publish(Replaced(model_id, slot.proc.state.value))
         self.schedule()
 
     # -- unload and shutdown ----------------------------------------------------------------------
@@ -461,9 +502,8 @@ class ModelRouter(Service):
         for model_id in ids:
             slot = self._slots[model_id]
             self._fail_waiters(slot, ModelUnloaded(f"model '{model_id}' was unloaded"))
-            if slot.proc.state in (State.STARTING, State.READY, State.STOPPING):
-                self._emit("stop", (model_id, "unload"))
-            stops.append(slot.proc.stop())
+            running = slot.proc.state in (State.STARTING, State.READY, State.STOPPING)
+            stops.append(self._stop(slot, "unload" if running else None))
         d = DeferredList(stops, consumeErrors=True)
         d.addCallback(lambda _: self.schedule())
         return d
@@ -477,18 +517,30 @@ class ModelRouter(Service):
             self._cancel_ttl(slot)
             self._fail_waiters(slot, ShuttingDown())
             if slot.proc.state in (State.STARTING, State.READY, State.STOPPING):
-                self._emit("stop", (slot.proc.id, "shutdown"))
+                self._publish(Stopping(slot.proc.id, "shutdown"))
+            slot.stop_asked = True
         d = DeferredList([s.proc.shutdown() for s in self._slots.values()], consumeErrors=True)
         d.addCallback(lambda _: None)
         return d
 
-    # -- events -----------------------------------------------------------------------------------
+    def _stop(self, slot: _Slot, reason: Optional[str]) -> Deferred:
+        """Stop ``slot``'s child, publishing ``Stopping(reason)`` first unless ``reason`` is
+        None; a start under way is then aborted, which is no ``StartFailed``."""
+        slot.stop_asked = True
+        if reason is not None:
+            self._publish(Stopping(slot.proc.id, reason))
+        return slot.proc.stop()
 
-    def _emit(self, event: str, payload: Any) -> None:
-        for listener in list(self.listeners):
-            try:
-                listener(event, payload)
-            except Exception:
-                self.log.failure("event listener failed for {event}", event=event)
+    # -- events (llamaswap.observe) -----------------------------------------------------------
+
+    def _publish(self, event: ModelEvent) -> None:
+        if self.observers:
+            self.observers.publish(event)
+
+    def _queue_changed(self, slot: _Slot, left: tuple[int, ...] = ()) -> None:
+        """On the per-request path: build the event only when someone observes."""
+        if self.observers:
+            inflight, waiting = slot.inflight, sum(1 for t in slot.waiting if t.counted)
+            self.observers.publish(QueueChanged(slot.proc.id, inflight, waiting, left))
 
 

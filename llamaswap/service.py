@@ -6,7 +6,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import signal
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 from twisted.application.service import MultiService, Service
 from twisted.internet import endpoints
@@ -19,12 +19,17 @@ from llamaswap.errors import ShuttingDown
 from llamaswap.events import EventHub, EventsPage
 from llamaswap.logs import LogBroadcaster, ProxyLogObserver, make_logger
 from llamaswap.metrics import Metrics, MetricsPage, response_parser
+from llamaswap.observe import ModelEvent, Removed
 from llamaswap.process import UpstreamProcess
-from llamaswap.proxy import Forwarder
-from llamaswap.resources import AccessLogSite, App, build_root
+from llamaswap.proxy import Forwarder, make_http_client
 from llamaswap.router import ModelRouter
 from llamaswap.statefile import ChildRegistry, cleanup_leftovers
-from llamaswap.webui import UiFiles
+from llamaswap.web.app import App
+from llamaswap.web.site import AccessLogSite
+from llamaswap.web.tree import build_root
+
+if TYPE_CHECKING:
+    from llamaswap.config import Config, ModelConfig
 
 #: CLI-4: how often --watch-config looks at the file.
 WATCH_INTERVAL = 2.0
@@ -55,7 +60,7 @@ def _display_path(path: str) -> str:
     return path if rel.startswith("..") else rel
 
 
-def startup_warnings(config: Any) -> list:
+def startup_warnings(config: Config) -> list:
     """Every config warning of a startup, in order (CFG-4): the service logs them and
     ``make_service`` prints them when the log is not on the terminal."""
     warnings = list(config.warnings)
@@ -200,7 +205,7 @@ class LlamaSwapService(MultiService):
     :param pidfile: twistd's pidfile, recorded in the state file.
     """
 
-    def __init__(self, config: Any, reactor: Any, listen: str, state_file: str,
+    def __init__(self, config: Config, reactor: Any, listen: str, state_file: str,
                  install_signals: bool = True, config_path: Optional[str] = None,
                  watch_config: bool = False, listen_label: Optional[str] = None,
                  pidfile: Optional[str] = None) -> None:
@@ -226,13 +231,12 @@ class LlamaSwapService(MultiService):
             self.logs.add_source(model_id)
         self.router = ModelRouter(config, self._make_process, reactor,
                                   make_logger(self.proxy_log, "llamaswap.router"))
-        self.router.listeners.append(self._on_model_removed)
+        self.router.observers.add(self._on_model_removed)
         self.app = App(self.router, self.logs, Forwarder(reactor), reactor,
                        make_logger(self.proxy_log, "llamaswap.http"))
         self.app.reload = self.reload
         self._observe(config)
-        extra = {"/metrics": MetricsPage(self.metrics.registry), "/api/events": EventsPage(self.events),
-                 "/ui": UiFiles()}
+        extra = {"/metrics": MetricsPage(self.metrics.registry), "/api/events": EventsPage(self.events)}
         self.site = AccessLogSite(build_root(self.app, extra), self.app, reactor,
                                   make_logger(self.proxy_log, "llamaswap.access"))
         self.logs.setServiceParent(self)
@@ -242,24 +246,23 @@ class LlamaSwapService(MultiService):
         self._stopping = False
         self._bound = False
 
-    def _observe(self, config: Any) -> None:
+    def _observe(self, config: Config) -> None:
         """Metrics (MET-*) and the event hub (EVT-*) follow the router, requests and logs."""
-        self.metrics = Metrics(config.models, clock=self.reactor)
-        self.metrics.watch_router(self.router)
+        self.metrics = Metrics(config.models)
+        self.router.observers.add(self.metrics.observe)
         self.logs.on_dropped = self.metrics.log_bytes_dropped
         self.on_reload = self.metrics.reload
-        self.events = EventHub(self.router, self.logs, self.reactor,
+        self.events = EventHub(config.models, self.logs, self.reactor,
                                log=make_logger(self.proxy_log, "llamaswap.events"))
+        self.router.observers.add(self.events.observe)
         self.app.response_observer_factory = response_parser
         self.app.request_listeners += [self.metrics.request_finished, self.events.request_finished]
 
-    def _make_process(self, model: Any) -> UpstreamProcess:
+    def _make_process(self, model: ModelConfig) -> UpstreamProcess:
         return UpstreamProcess(
             model=model, reactor=self.reactor, clock=self.reactor, logs=self.logs,
-            # the router holds the newest config; it does not exist yet for the first models
-            health_timeout=getattr(getattr(self, "router", None), "config", self.config).health_check_timeout,
             on_spawn=self.registry.spawned, on_reap=self.registry.reaped, ports=ports.SYSTEM,
-            log=make_logger(self.proxy_log, "llamaswap.process"))
+            http_factory=make_http_client, log=make_logger(self.proxy_log, "llamaswap.process"))
 
     # -- startup ----------------------------------------------------------------------------------
 
@@ -418,7 +421,7 @@ class LlamaSwapService(MultiService):
                 own |= ports.claimed_ports(proc.model)
         return port not in own and ports.port_in_use(port)
 
-    def _preload_after_reload(self, old: Any, new: Any, outcome: dict) -> None:
+    def _preload_after_reload(self, old: Config, new: Config, outcome: dict) -> None:
         """CFG-30: preload again when the list changed or a listed model was added/changed."""
         preload = getattr(self, "preload", None)
         if preload is None or not new.preload:
@@ -433,9 +436,10 @@ class LlamaSwapService(MultiService):
         if listener is not None:
             listener(result)
 
-    def _on_model_removed(self, event: str, payload: Any) -> None:
-        if event == "removed" and payload not in self.config.models:
-            self.logs.remove_source(payload)
+    def _on_model_removed(self, event: ModelEvent) -> None:
+        """``IModelObserver``: a model removed by a reload loses its log source."""
+        if isinstance(event, Removed) and event.model not in self.config.models:
+            self.logs.remove_source(event.model)
 
     def _safe_reload(self) -> None:
         from llamaswap.config import ConfigError

@@ -62,9 +62,10 @@ def check_not_in_use(path: str) -> None:
         return
     except PermissionError:
         pass
-    recorded = data.get("daemon_start_time")
-    if recorded is not None and process_start_time(pid) != recorded:
+    recorded, current = data.get("daemon_start_time"), process_start_time(pid)
+    if recorded is not None and current is not None and current != recorded:
         return  # the pid was reused by another process
+    # Either start time unknown (no /proc, e.g. macOS): the pid is alive, so assume it is the daemon.
     pidfile = data.get("pidfile")
     raise StateFileInUse(path, pid, pidfile if isinstance(pidfile, str) else None)
 

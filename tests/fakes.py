@@ -6,8 +6,6 @@
 * ``FakeProcess``: the transport handed to the ``ProcessProtocol``; tests drive it with
   ``output``, ``leader_exit`` (``processExited``), ``pipes_closed`` (``processEnded``) and
   ``exit`` (both).
-* ``ModelStub`` / ``ConfigStub``: the fields of ``ModelConfig`` / ``Config`` the code uses,
-  so these tests do not depend on ``config.py``.
 * ``HealthChecks``: a ``check=`` injection whose Deferreds the test fires.
 * ``UpstreamStub``: an in-memory fake llama-server resource (for ``RequestTraversalAgent``).
 """
@@ -20,7 +18,6 @@ import sys
 from typing import Any, Optional
 from urllib.parse import quote
 
-import attr
 from treq.client import HTTPClient
 from treq.testing import RequestTraversalAgent
 from twisted.internet import error as ierror
@@ -256,89 +253,6 @@ class HealthChecks:
         pending = self.pending()
         assert len(pending) == 1, f"expected one pending health check, found {len(pending)}"
         pending[0].errback(ierror.ConnectionRefusedError("refused"))
-
-
-@attr.s(eq=False, kw_only=True)
-class ModelStub:
-    """The ``ModelConfig`` fields llamaswap uses (docs/interfaces.rst)."""
-
-    id: str = attr.ib()
-    argv: tuple = attr.ib(default=None)
-    cmd: str = attr.ib(default="")
-    cmd_stop: str = attr.ib(default="")
-    cmd_stop_argv: tuple = attr.ib(default=())
-    proxy: str = attr.ib(default="http://127.0.0.1:5800")
-    env: tuple = attr.ib(default=())
-    check_endpoint: Optional[str] = attr.ib(default="/health")
-    aliases: tuple = attr.ib(default=())
-    ttl: int = attr.ib(default=0)
-    use_model_name: str = attr.ib(default="")
-    unlisted: bool = attr.ib(default=False)
-    name: str = attr.ib(default="")
-    description: str = attr.ib(default="")
-    metadata: Any = attr.ib(factory=dict)
-    concurrency_limit: int = attr.ib(default=10)
-    strip_params: tuple = attr.ib(default=())
-    set_params: Any = attr.ib(factory=dict)
-    set_params_by_id: Any = attr.ib(factory=dict)
-    send_loading_state: bool = attr.ib(default=False)
-    unload_timeout: int = attr.ib(default=10)
-    port: Optional[int] = attr.ib(default=None)
-
-    def __attrs_post_init__(self) -> None:
-        if self.argv is None:
-            self.argv = (EXE, "-c", "pass", "--model", self.id)
-        if not self.cmd:
-            self.cmd = " ".join(self.argv)
-        if self.cmd_stop_argv and not self.cmd_stop:
-            self.cmd_stop = " ".join(self.cmd_stop_argv)
-
-    def env_dict(self) -> dict[str, str]:
-        return dict(self.env)
-
-    def process_key(self) -> tuple:
-        return (self.argv, self.cmd_stop_argv, self.proxy, self.env, self.check_endpoint)
-
-
-@attr.s(frozen=True)
-class GroupStub:
-    id: str = attr.ib()
-    swap: bool = attr.ib(default=True)
-    exclusive: bool = attr.ib(default=True)
-    persistent: bool = attr.ib(default=False)
-    members: tuple = attr.ib(default=())
-
-
-DEFAULT_GROUP = GroupStub("(default)")
-
-
-class ConfigStub:
-    """The ``Config`` attributes the router, resources and service read."""
-
-    def __init__(self, models: list, profiles: Optional[dict] = None,
-                 groups: Optional[dict] = None, max_wait: float = 30.0, policy: str = "swap-aware",
-                 api_keys: tuple = (), max_request_body: int = 1 << 30,
-                 include_aliases_in_list: bool = False) -> None:
-        self.models = {m.id: m for m in models}
-        self.profiles = {k: tuple(v) for k, v in (profiles or {}).items()}
-        self.groups = groups or {}
-        self.aliases = {a: m.id for m in models for a in m.aliases}
-        self.max_wait = max_wait
-        self.policy = policy
-        self.api_keys = tuple(api_keys)
-        self.max_request_body = max_request_body
-        self.include_aliases_in_list = include_aliases_in_list
-
-    def resolve(self, name: str) -> Optional[str]:
-        if name in self.models:
-            return name
-        return self.aliases.get(name)
-
-    def group_of(self, model_id: str) -> GroupStub:
-        for group in self.groups.values():
-            if model_id in group.members:
-                return group
-        return DEFAULT_GROUP
 
 
 def capture_logger(events: list) -> Logger:

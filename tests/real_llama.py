@@ -1,6 +1,6 @@
 """Helpers for tests that run the real llama.cpp ``llama-server`` (issue 4).
 
-* :data:`LLAMA_SERVER`: the binary :func:`llamaswap.llama_server.find_binary` finds, or ``None``;
+* :data:`LLAMA_SERVER`: the binary :func:`llamaswap.demo.llama_server.find_binary` finds, or ``None``;
   :data:`requires_llama_server` skips a test (only) when there is none.
 * :class:`LlamaServer`: one ``llama-server`` on ``--port 0``; the port is read from its
   ``listening on http://127.0.0.1:<port>`` line on stderr.
@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from llamaswap.llama_server import LauncherError, find_binary
+from llamaswap.demo.llama_server import LauncherError, find_binary
 from tests.daemon import _Collector, pid_alive
 
 try:

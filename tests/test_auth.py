@@ -1,7 +1,7 @@
 """API keys, in memory (SEC-1..SEC-8, EP-17, ERR-2 ``invalid_api_key``).
 
 The daemon side is the real resource tree behind ``AccessLogSite`` (see test_resources);
-``self.config.api_keys`` is the live config, so changing it shows SEC-5.
+``change_config`` swaps in a changed config as a reload does, so SEC-5 shows.
 """
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import json
 from twisted.web.http_headers import Headers
 
 from llamaswap import auth
-from tests.fakes import ModelStub
+from tests.factories import make_model
 from tests.test_resources import HTTPCase
 
 KEY = "sk-good"
@@ -24,7 +24,7 @@ def basic(user: str, password: str) -> bytes:
 
 class AuthHTTPCase(HTTPCase):
     def setUp(self) -> None:
-        self.build([ModelStub(id="a")], api_keys=(KEY, OTHER))
+        self.build([make_model(id="a")], api_keys=(KEY, OTHER))
 
     def assertUnauthorized(self, response, data: bytes) -> str:
         message = self.assertError(response, data, 401, "invalid_api_key", "authentication_error")
@@ -178,7 +178,7 @@ class ParsingAfterAuthTests(AuthHTTPCase):
 class LiveConfigTests(HTTPCase):
     def test_no_keys_no_auth(self):
         """SEC-1: with apiKeys empty nothing requires auth, and client headers are forwarded."""
-        self.build([ModelStub(id="a")])
+        self.build([make_model(id="a")])
         for path in ("/v1/models", "/running", "/logs", "/api/version"):
             response, _ = self.call(b"GET", path)
             self.assertEqual(response.code, 200, path)
@@ -188,15 +188,15 @@ class LiveConfigTests(HTTPCase):
 
     def test_keys_read_on_every_request(self):
         """SEC-5: a changed apiKeys (reload) applies to the next request."""
-        self.build([ModelStub(id="a")])
+        self.build([make_model(id="a")])
         response, _ = self.call(b"GET", "/running")
         self.assertEqual(response.code, 200)
-        self.config.api_keys = ("new-key",)
+        self.change_config(api_keys=("new-key",))
         response, data = self.call(b"GET", "/running")
         self.assertEqual(response.code, 401)
         response, _ = self.call(b"GET", "/running", headers={b"authorization": b"Bearer new-key"})
         self.assertEqual(response.code, 200)
-        self.config.api_keys = ()
+        self.change_config(api_keys=())
         response, _ = self.call(b"GET", "/running")
         self.assertEqual(response.code, 200)
 
@@ -237,7 +237,7 @@ class UnitTests(HTTPCase):
 
     def test_error_shape(self):
         """ERR-1: the 401 body is exactly the OpenAI envelope."""
-        self.build([ModelStub(id="a")], api_keys=("k",))
+        self.build([make_model(id="a")], api_keys=("k",))
         response, data = self.call(b"GET", "/v1/models")
         self.assertEqual(json.loads(data), {"error": {
             "message": "unauthorized: invalid or missing API key", "type": "authentication_error",
@@ -247,7 +247,7 @@ class UnitTests(HTTPCase):
 class CorsOnEveryErrorTests(HTTPCase):
     def test_413_carries_cors_origin(self):
         """SEC-8: even the 413 written while the body arrives carries ACAO * with an Origin."""
-        self.build([ModelStub(id="a")], max_request_body=16)
+        self.build([make_model(id="a")], max_request_body=16)
         body = b'{"model":"a","pad":"' + b"x" * 100 + b'"}'
         response, data = self.call(b"POST", "/v1/chat/completions", body, {b"origin": b"http://ui"})
         self.assertError(response, data, 413, "request_too_large")
@@ -259,7 +259,7 @@ class CorsOnEveryErrorTests(HTTPCase):
     def test_errors_of_every_kind_carry_cors_origin(self):
         """SEC-8: 400/404/405/502 from llamaswap with an Origin get ACAO *; proxied ones keep
         the upstream's CORS headers (here: none)."""
-        self.build([ModelStub(id="a")])
+        self.build([make_model(id="a")])
         origin = {b"origin": b"http://ui"}
         for method, path, body in ((b"POST", "/v1/chat/completions", b"{"),
                                    (b"POST", "/v1/chat/completions", b'{"model":"zz"}'),

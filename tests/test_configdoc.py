@@ -1,4 +1,4 @@
-"""docs/configuration.rst and the config reader share one key table (llamaswap/configkeys.py).
+"""docs/configuration.rst and the config reader share one key table (llamaswap/config/keys.py).
 
 These tests keep the three in step: the committed page is the generated one, the reader reads
 exactly the keys the table lists, warns about any other key at every level the table documents,
@@ -15,10 +15,10 @@ from typing import Any
 import pytest
 import yaml
 
-from llamaswap import config as config_module
-from llamaswap import configkeys
+from llamaswap.config import keys as configkeys
 from llamaswap.config import parse_config
-from llamaswap.configkeys import KEYS, NOT_IMPLEMENTED, SUPPORTED, UNSUPPORTED, concrete, example_yaml
+from llamaswap.config.keys import KEYS, NOT_IMPLEMENTED, SUPPORTED, UNSUPPORTED, concrete, example_yaml
+from llamaswap.config.reader import Reader
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "configuration.rst"
 ENV = {"LLAMASWAP_KEY": "sk-doc", "OPENROUTER_KEY": "sk-peer"}
@@ -45,21 +45,21 @@ def config_of(rows: list) -> str:
 
 
 def test_committed_doc_is_generated():
-    """docs/configuration.rst is exactly what `python -m llamaswap.configkeys` prints."""
+    """docs/configuration.rst is exactly what `python -m llamaswap.config.keys` prints."""
     assert DOC.read_text(encoding="utf-8") == configkeys.render(), (
-        "docs/configuration.rst is stale: run `python -m llamaswap.configkeys > docs/configuration.rst`")
+        "docs/configuration.rst is stale: run `python -m llamaswap.config.keys > docs/configuration.rst`")
 
 
 def test_reader_reads_exactly_the_table(monkeypatch):
     """The keys the reader takes, nested ones included, are the table's (not-unsupported) rows."""
     seen: set[str] = set()
-    real = config_module._Reader.value
+    real = Reader.value
 
     def value(self, key):
         seen.add(configkeys.join(self.pattern, key))
         return real(self, key)
 
-    monkeypatch.setattr(config_module._Reader, "value", value)
+    monkeypatch.setattr(Reader, "value", value)
     parse_config(config_of([k for k in READ if k.path not in LEGACY]), "all.yaml", ENV)
     assert seen == {k.path for k in READ}
 
@@ -114,11 +114,11 @@ def test_table_is_well_formed():
 
 
 def test_reader_constants_come_from_the_table():
-    """The reader's key sets (used elsewhere, e.g. by the property tests) are the table's."""
-    assert config_module._TOP_KEYS == configkeys.children("")
-    assert config_module._MODEL_UNSUPPORTED == configkeys.unsupported_children("models.<id>")
-    assert "memory" in config_module._MODEL_KEYS and "timeouts" not in config_module._MODEL_KEYS
-    assert config_module._GROUP_KEYS == {"swap", "exclusive", "persistent", "members"}
+    """The key sets the reader (and the property tests) take from the table are what the page says."""
+    assert "timeouts" in configkeys.unsupported_children("models.<id>")
+    model_keys = configkeys.children("models.<id>")
+    assert "memory" in model_keys and "timeouts" not in model_keys
+    assert configkeys.children("groups.<groupId>") == {"swap", "exclusive", "persistent", "members"}
 
 
 def test_doc_is_valid_restructuredtext():

@@ -16,8 +16,12 @@ from twisted.internet.error import ConnectionDone
 from treq.testing import RequestTraversalAgent
 
 from llamaswap.events import KEEPALIVE_INTERVAL, MAX_UNSENT, EventHub, EventsPage, frame
-from llamaswap.resources import AccessLogSite, build_root
-from tests.fakes import ModelStub, capture_logger
+from llamaswap.observe import QueueChanged, StateChanged
+from llamaswap.web.app import RequestRecord
+from llamaswap.web.site import AccessLogSite
+from llamaswap.web.tree import build_root
+from tests.factories import make_config, make_model
+from tests.fakes import capture_logger
 from tests.test_resources import Collect, HTTPCase
 
 
@@ -87,9 +91,10 @@ class FakeEventRequest:
 
 class EventsCase(HTTPCase):
     def setUp(self) -> None:
-        self.build([ModelStub(id="b", unlisted=True, name="B", description="second"),
-                    ModelStub(id="a", aliases=("gpt",), name="Model A", description="first")])
-        self.hub = EventHub(self.router, self.logs, self.reactor, log=capture_logger(self.events))
+        self.build([make_model(id="b", unlisted=True, name="B", description="second"),
+                    make_model(id="a", aliases=("gpt",), name="Model A", description="first")])
+        self.hub = EventHub(self.config.models, self.logs, self.reactor, log=capture_logger(self.events))
+        self.router.observers.add(self.hub.observe)
         self.app.request_listeners.append(self.hub.request_finished)
 
     def tearDown(self) -> None:
@@ -167,8 +172,8 @@ class SnapshotTests(EventsCase):
     def test_snapshot_keeps_last_100_records(self):
         """EVT-1: at most the last 100 records, ids increasing."""
         for _ in range(105):
-            self.hub.request_finished({"model": "a", "endpoint": "/v1/completions", "status": 200,
-                                       "duration": 0.01, "ttfb": None, "usage": None})
+            self.hub.request_finished(RequestRecord(model="a", endpoint="/v1/completions", status=200,
+                                                    started=0.0, duration=0.01))
         records = self.connect().messages()[3][1]
         self.assertEqual(len(records), 100)
         ids = [r["id"] for r in records]
@@ -220,6 +225,29 @@ class LiveTests(EventsCase):
         statuses = [p for t, p in request.messages() if t == "modelStatus"]
         self.assertEqual(statuses[-1][0]["inflight"], 0)
 
+    def test_status_comes_from_the_events_alone(self):
+        """EVT-2: modelStatus is built from model events; the hub never asks the router."""
+        hub = EventHub(self.config.models, self.logs, self.reactor)
+        hub.observe(StateChanged("a", "stopped", "starting"))
+        hub.observe(QueueChanged("a", 0, 2))
+        request = FakeEventRequest()
+        hub.add_client(request)
+        [status] = [p for t, p in request.messages() if t == "modelStatus"]
+        self.assertEqual([(s["id"], s["state"], s["inflight"], s["waiting"]) for s in status],
+                         [("a", "starting", 0, 2), ("b", "stopped", 0, 0)])
+        hub.stopService()
+
+    def test_reload_brings_the_new_models(self):
+        """EVT-2: after a reload, modelStatus lists the new config's models with their new names."""
+        request = self.connect()
+        request.clear()
+        self.router.reconfigure(make_config([make_model(id="a", aliases=("gpt",), name="Renamed"),
+                                             make_model(id="c")]))
+        self.flush()
+        statuses = [p for t, p in request.messages() if t == "modelStatus"]
+        self.assertEqual([(s["id"], s["name"], s["state"]) for s in statuses[-1]],
+                         [("a", "Renamed", "stopped"), ("c", "", "stopped")])
+
     def test_log_data_coalesced_per_source(self):
         """EVT-2: new output becomes logData per source, one event per reactor turn."""
         request = self.connect()
@@ -265,10 +293,10 @@ class LiveTests(EventsCase):
 
     def test_metrics_record_with_tokens(self):
         """EVT-2: parsed tokens and tokens/s appear in the record."""
-        self.hub.request_finished({"model": "a", "endpoint": "/v1/chat/completions", "status": 200,
-                                   "duration": 1.2346, "ttfb": 0.1, "usage": {
-                                       "input": 25, "output": 10, "cached": 0, "prompt_per_second": 100.0,
-                                       "tokens_per_second": 10.0}})
+        self.hub.request_finished(RequestRecord(
+            model="a", endpoint="/v1/chat/completions", status=200, started=0.0, duration=1.2346, ttfb=0.1,
+            usage={"input": 25, "output": 10, "cached": 0, "prompt_per_second": 100.0,
+                   "tokens_per_second": 10.0}))
         [record] = self.connect().messages()[3][1]
         self.assertEqual((record["duration_ms"], record["ttfb_ms"]), (1235, 100))
         self.assertEqual((record["input_tokens"], record["output_tokens"], record["cached_tokens"]),

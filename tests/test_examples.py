@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from llamaswap.tinymodels import MODELS
+from llamaswap.demo.tinymodels import MODELS
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 CONFIGS = sorted(EXAMPLES.glob("*.yaml"))
@@ -68,7 +68,7 @@ def test_demo_commands():
 def test_demo_console_script_declared():
     """The launcher the demo names is a console script of the package (setup.cfg)."""
     setup_cfg = (EXAMPLES.parent / "setup.cfg").read_text()
-    assert "llamaswap-llama-server = llamaswap.llama_server:main" in setup_cfg
+    assert "llamaswap-llama-server = llamaswap.demo.llama_server:main" in setup_cfg
 
 
 def test_llama_swap_style_shape():

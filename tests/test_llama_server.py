@@ -1,4 +1,4 @@
-"""Tests for llamaswap.llama_server: finding llama-server, argument handling, exec and exit codes."""
+"""Tests for llamaswap.demo.llama_server: finding llama-server, argument handling, exec and exit codes."""
 
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ from pathlib import Path
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from llamaswap import llama_server
-from llamaswap.llama_server import ENV_BINARY, LauncherError, build_command, find_binary, main
+from llamaswap.demo import llama_server
+from llamaswap.demo.llama_server import ENV_BINARY, LauncherError, build_command, find_binary, main
 
 BIN = "/opt/llama/bin/llama-server"
 
@@ -217,7 +217,7 @@ class MainTests(SynchronousTestCase):
         script.chmod(0o755)
         proc = subprocess.run(
             [sys.executable, "-c", "import os; print('launcher', os.getpid(), flush=True);"
-             "from llamaswap.llama_server import main; main(['--port', '7', '--alias', 'a b'])"],
+             "from llamaswap.demo.llama_server import main; main(['--port', '7', '--alias', 'a b'])"],
             env={**os.environ, ENV_BINARY: str(script),
                  "PYTHONPATH": str(Path(__file__).resolve().parent.parent)},
             capture_output=True, text=True, timeout=30,

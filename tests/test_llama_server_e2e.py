@@ -1,7 +1,7 @@
 """End to end with the real llama.cpp llama-server (issue 4): the daemon as users run it, on examples/demo.yaml.
 
 Each test starts ``twistd -n llamaswap`` (tests/daemon.py) on the bundled demo config, with the
-launcher run as ``<this python> -m llamaswap.llama_server`` (the demo names the installed console
+launcher run as ``<this python> -m llamaswap.demo.llama_server`` (the demo names the installed console
 script) and ports from a free range. Children are real llama-server processes on the tiny models.
 Every process the daemon starts carries a marker in its environment; after each test none may be
 left (any that is gets killed and fails the test).
@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from llamaswap.tinymodels import ensure_models
+from llamaswap.demo.tinymodels import ensure_models
 from tests.daemon import Daemon, free_port_range, open_stream, pid_alive, wait_until
 from tests.real_llama import (
     ANSWER_A,
@@ -36,7 +36,7 @@ from tests.real_llama import (
 pytestmark = requires_llama_server
 
 DEMO = Path(__file__).resolve().parent.parent / "examples" / "demo.yaml"
-LAUNCHER = f"{shlex.quote(sys.executable)} -m llamaswap.llama_server"
+LAUNCHER = f"{shlex.quote(sys.executable)} -m llamaswap.demo.llama_server"
 CHAT_MODELS = ("chat-a", "chat-b")
 
 

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import json
 
+from twisted.internet.defer import CancelledError
 from twisted.web.client import ResponseDone
 
 from llamaswap.loading import loading_chunk
-from tests.fakes import HealthChecks, ModelStub
+from tests.factories import make_model
+from tests.fakes import HealthChecks
 from tests.test_resources import Collect, HTTPCase
 
 STREAM = b'{"model":"a","stream":true,"messages":[]}'
@@ -67,7 +69,7 @@ class LoadingCase(HTTPCase):
 
 class FormatTests(LoadingCase):
     def setUp(self) -> None:
-        self.build_loading([ModelStub(id="a", aliases=("gpt",), send_loading_state=True)])
+        self.build_loading([make_model(id="a", aliases=("gpt",), send_loading_state=True)])
         self.reactor.advance(1767225600)
 
     def test_exact_chunks_then_upstream_stream(self):
@@ -141,7 +143,7 @@ class FormatTests(LoadingCase):
         self.assertEqual(data, b'{"ok":1}')
 
     def test_other_routes_and_models_without_the_flag(self):
-        self.build_loading([ModelStub(id="a", send_loading_state=True), ModelStub(id="b")])
+        self.build_loading([make_model(id="a", send_loading_state=True), make_model(id="b")])
         d = self.request(b"POST", "/v1/completions", b'{"model":"a","stream":true}')
         self.assertNoResult(d)
         self.ready()
@@ -156,7 +158,7 @@ class FormatTests(LoadingCase):
 class QueueTests(LoadingCase):
     def test_queue_position_changes(self):
         """RT-12: 'waiting in queue (position N)' whenever the position changes."""
-        self.build_loading([ModelStub(id="x"), ModelStub(id="a", send_loading_state=True)])
+        self.build_loading([make_model(id="x"), make_model(id="a", send_loading_state=True)])
         self.upstream.hold = True
         x1 = self.request(b"POST", "/v1/chat/completions", b'{"model":"x"}')
         x2 = self.request(b"POST", "/v1/chat/completions", b'{"model":"x"}')
@@ -184,9 +186,32 @@ class QueueTests(LoadingCase):
         self.assertEqual(got[-1], "\nmodel ready (1.50s)\n\n")
         self.assertTrue(collect.data.endswith(b"\n\ndata: [DONE]\n\n"))
 
+    def test_position_follows_earlier_requests_only(self):
+        """RT-12: an earlier request leaving the queue moves us up; later ones never move us."""
+        self.build_loading([make_model(id="x"), make_model(id="a", send_loading_state=True)])
+        w1, w2 = self.router.acquire("x"), self.router.acquire("x")
+        _, collect = self.start_stream()
+        self.assertEqual(texts(collect.data)[-1], "waiting in queue (position 3)\n")
+        later = self.router.acquire("x")
+        w2.cancel()
+        self.flush()
+        self.assertEqual(texts(collect.data)[-1], "waiting in queue (position 2)\n")
+        later.cancel()
+        self.flush()
+        self.assertEqual(texts(collect.data).count("waiting in queue (position 2)\n"), 1)
+        w1.cancel()
+        self.flush()
+        self.assertEqual(texts(collect.data)[-1], "waiting in queue (position 1)\n")
+        for d in (w1, w2, later):
+            self.failureResultOf(d, CancelledError)
+        for pump in list(self.agent._pumps):
+            pump.clientIO.abortConnection()
+        self.flush()
+        self.assertEqual(len(self.router.observers), 0)
+
     def test_429_decided_before_any_loading_output(self):
         """RT-12/SCHED-1: a request over the limit gets a plain 429 JSON, never an event stream."""
-        self.build_loading([ModelStub(id="a", send_loading_state=True, concurrency_limit=1)])
+        self.build_loading([make_model(id="a", send_loading_state=True, concurrency_limit=1)])
         _, first = self.start_stream()
         self.assertEqual(len(texts(first.data)), 1)
         response, data = self.call(b"POST", "/v1/chat/completions", STREAM)
@@ -195,7 +220,7 @@ class QueueTests(LoadingCase):
 
     def test_client_leaving_while_loading(self):
         """SCHED-8: the waiter is removed; the dots stop; nothing is left scheduled for it."""
-        self.build_loading([ModelStub(id="a", send_loading_state=True)])
+        self.build_loading([make_model(id="a", send_loading_state=True)])
         self.start_stream()
         self.assertEqual(self.router.counts("a"), (0, 1))
         for pump in list(self.agent._pumps):
@@ -204,12 +229,12 @@ class QueueTests(LoadingCase):
         self.assertEqual(self.router.counts("a"), (0, 0))
         self.tick(3)
         self.assertFalse(any(getattr(l, "__self__", None).__class__.__name__ == "LoadingProgress"
-                             for l in self.router.listeners))
+                             for l in self.router.observers))
 
 
 class FailureTests(LoadingCase):
     def setUp(self) -> None:
-        self.build_loading([ModelStub(id="a", send_loading_state=True)])
+        self.build_loading([make_model(id="a", send_loading_state=True)])
 
     def error_event(self, collect: Collect) -> dict:
         self.successResultOf(collect.done)

@@ -614,6 +614,21 @@ class ProxyLogObserverTests(SynchronousTestCase):
         self.assertEqual(self.logs.history("proxy"), b"[DEBUG] shown\n[ERROR] kept\n")
         self.assertEqual(self.observer.level, "error")
 
+    def test_level_applies_to_every_namespace(self):
+        """One level for all llamaswap loggers, set again at reload; critical counts as ERROR."""
+        other = make_logger(self.observer, "llamaswap.router.deep")
+        self.observer.set_level("warn")
+        other.info("hidden")
+        other.critical("shown")
+        self.assertEqual(self.logs.history("proxy"), b"[ERROR] shown\n")
+        self.assertEqual(self.observer.level, "warn")
+
+    def test_events_without_level_or_namespace_dropped(self):
+        """Only a Logger's events are kept: one without log_level or log_namespace is dropped."""
+        self.observer({"log_format": "no level", "log_namespace": "llamaswap.test"})
+        self.observer({"log_format": "no namespace", "log_level": LogLevel.error})
+        self.assertEqual((self.logs.history("proxy"), self.forwarded), (b"", []))
+
     def test_bad_values_rejected(self):
         """Unknown levels and logToStdout values raise ValueError."""
         self.assertRaises(ValueError, self.observer.set_level, "verbose")

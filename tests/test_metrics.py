@@ -10,16 +10,20 @@ import gzip
 import json
 
 from prometheus_client.parser import text_string_to_metric_families
-from twisted.internet.task import Clock
+from twisted.internet.defer import Deferred
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.http_headers import Headers
 from twisted.web.test.requesthelper import DummyRequest
 
+from llamaswap.errors import ModelUnloaded, UpstreamStartFailed
 from llamaswap.metrics import (
     DURATION_BUCKETS, LOAD_BUCKETS, MAX_SSE_LINE, STATES, STOP_REASONS, TPS_BUCKETS,
     JSONUsageParser, Metrics, MetricsPage, SSEUsageParser, response_parser, usage_from)
-from llamaswap.process import State
-from tests.fakes import ModelStub, drop_clients
+from llamaswap.observe import (
+    QueueChanged, Reloaded, Removed, Replaced, StartFailed, Started, Starting, StateChanged, Stopping)
+from llamaswap.web.app import RequestRecord
+from tests.factories import make_model
+from tests.fakes import drop_clients
 from tests.test_resources import Collect, HTTPCase
 
 ALL_NAMES = {
@@ -245,8 +249,8 @@ class ExpositionTests(SynchronousTestCase):
     def test_buckets(self):
         """MET-2: the documented buckets."""
         m = Metrics(["a"])
-        m.request_finished({"model": "a", "endpoint": "/v1/completions", "status": 200, "duration": 1.0,
-                            "ttfb": 0.5, "queue_wait": 0.0, "usage": None})
+        m.request_finished(RequestRecord(model="a", endpoint="/v1/completions", status=200, started=0.0,
+                                         duration=1.0, ttfb=0.5, queue_wait=0.0))
         for name in ("llamaswap_request_duration_seconds", "llamaswap_time_to_first_byte_seconds",
                      "llamaswap_queue_wait_seconds"):
             self.assertEqual(buckets(m, name), list(DURATION_BUCKETS), name)
@@ -268,71 +272,56 @@ class ExpositionTests(SynchronousTestCase):
         self.assertEqual(value(m, "llamaswap_log_bytes_dropped_total", source="a"), 5)
 
 
-class FakeProc:
-    def __init__(self, model_id: str) -> None:
-        self.id = model_id
-        self.state = State.STOPPED
-
-
 class RouterFeedTests(SynchronousTestCase):
-    """MET-2 from router events (the payloads router.py emits)."""
+    """MET-2 from model events: every value comes from the event itself."""
 
     def setUp(self) -> None:
-        self.clock = Clock()
-        self.m = Metrics(["a", "b"], clock=self.clock)
-        self.procs = {"a": FakeProc("a"), "b": FakeProc("b")}
+        self.m = Metrics(["a", "b"])
+        self.states = {"a": "stopped", "b": "stopped"}
 
-    def move(self, model_id: str, new: State) -> None:
-        proc = self.procs[model_id]
-        old, proc.state = proc.state, new
-        self.m.router_event("state", (proc, old, new))
+    def move(self, model_id: str, new: str) -> None:
+        old, self.states[model_id] = self.states[model_id], new
+        self.m.observe(StateChanged(model_id, old, new))
 
     def test_state_gauge(self):
         """MET-2: model_state is 1 for the current state only."""
-        self.move("a", State.STARTING)
+        self.move("a", "starting")
         self.assertEqual(value(self.m, "llamaswap_model_state", model="a", state="starting"), 1)
         self.assertEqual(value(self.m, "llamaswap_model_state", model="a", state="stopped"), 0)
-        self.move("a", State.READY)
+        self.move("a", "ready")
         self.assertEqual(value(self.m, "llamaswap_model_state", model="a", state="ready"), 1)
         self.assertEqual(value(self.m, "llamaswap_model_state", model="a", state="starting"), 0)
 
     def test_load_duration_success(self):
-        """MET-2: load duration from spawn to ready, on the injected clock."""
-        self.move("a", State.STARTING)
-        self.clock.advance(3)
-        self.move("a", State.READY)
+        """MET-2: load duration from the start to ready, as Started says."""
+        self.m.observe(Started("a", 3.0))
         self.assertEqual(value(self.m, "llamaswap_model_load_duration_seconds_sum", model="a",
                                outcome="success"), 3)
         self.assertEqual(value(self.m, "llamaswap_model_load_duration_seconds_count", model="a",
                                outcome="failure"), 0)
 
     def test_failed_start(self):
-        """MET-2: a start that ends without ready and without a stop request is a failure."""
-        self.move("a", State.STARTING)
-        self.clock.advance(2)
-        self.move("a", State.STOPPING)  # health check timeout
-        self.clock.advance(1)
-        self.move("a", State.STOPPED)
+        """MET-2: each StartFailed is a failed_start stop and a failure load duration."""
+        self.m.observe(StartFailed("a", "health check did not pass within 2s", 2.0))
         self.assertEqual(value(self.m, "llamaswap_model_load_duration_seconds_sum", model="a",
                                outcome="failure"), 2)
         self.assertEqual(value(self.m, "llamaswap_model_stops_total", model="a", reason="failed_start"), 1)
-        self.move("a", State.STARTING)  # spawn failure / exit during start: straight to stopped
-        self.clock.advance(1)
-        self.move("a", State.STOPPED)
+        self.m.observe(StartFailed("a", "exited with code 1", 1.0))
         self.assertEqual(value(self.m, "llamaswap_model_stops_total", model="a", reason="failed_start"), 2)
         self.assertEqual(value(self.m, "llamaswap_model_load_duration_seconds_sum", model="a",
                                outcome="failure"), 3)
 
     def test_aborted_start_is_not_a_failure(self):
-        """MET-2: an unload during the start, or a swap evicting a starting model, is no failure."""
-        self.move("a", State.STARTING)
-        self.m.router_event("stop", ("a", "unload"))
-        self.move("a", State.STOPPING)
-        self.move("a", State.STOPPED)
-        self.move("a", State.STARTING)
-        self.move("a", State.STOPPING)  # the router emits a swap's stop right after proc.stop()
-        self.m.router_event("stop", ("a", "swap"))
-        self.move("a", State.STOPPED)
+        """MET-2: an unload during the start, or a swap evicting a starting model, is no failure
+        (the router publishes no StartFailed for them)."""
+        self.move("a", "starting")
+        self.m.observe(Stopping("a", "unload"))
+        self.move("a", "stopping")
+        self.move("a", "stopped")
+        self.move("a", "starting")
+        self.move("a", "stopping")
+        self.m.observe(Stopping("a", "swap"))
+        self.move("a", "stopped")
         self.assertEqual(value(self.m, "llamaswap_model_stops_total", model="a", reason="failed_start"), 0)
         self.assertEqual(value(self.m, "llamaswap_model_stops_total", model="a", reason="unload"), 1)
         self.assertEqual(value(self.m, "llamaswap_model_stops_total", model="a", reason="swap"), 1)
@@ -341,47 +330,41 @@ class RouterFeedTests(SynchronousTestCase):
 
     def test_swaps_and_stops(self):
         """MET-2: swaps count starts that evicted; stops count by reason."""
-        self.m.router_event("start", ("a", False))
-        self.m.router_event("start", ("b", True))
+        self.m.observe(Starting("a", False))
+        self.m.observe(Starting("b", True))
         for reason in ("ttl", "exited", "shutdown", "reload"):
-            self.m.router_event("stop", ("a", reason))
+            self.m.observe(Stopping("a", reason))
         self.assertEqual(value(self.m, "llamaswap_swaps_total", model="a"), 0)
         self.assertEqual(value(self.m, "llamaswap_swaps_total", model="b"), 1)
         for reason in ("ttl", "exited", "shutdown", "reload"):
             self.assertEqual(value(self.m, "llamaswap_model_stops_total", model="a", reason=reason), 1)
 
     def test_queue_gauges(self):
-        """MET-2: queue depth and in-flight follow router.counts on every queue event."""
-        counts = {"a": (2, 3), "b": (0, 0)}
-
-        class Router:
-            listeners: list = []
-
-            def counts(self, model_id):
-                return counts[model_id]
-
-            def process(self, model_id):
-                return self.procs[model_id]
-
-        router = Router()
-        router.procs = self.procs
-        self.m.watch_router(router)
-        for listener in router.listeners:
-            listener("queue", "a")
+        """MET-2: queue depth and in-flight are the counts QueueChanged carries."""
+        self.m.observe(QueueChanged("a", 2, 3))
         self.assertEqual(value(self.m, "llamaswap_inflight_requests", model="a"), 2)
         self.assertEqual(value(self.m, "llamaswap_queue_depth", model="a"), 3)
+        self.m.observe(QueueChanged("gone", 1, 1))  # not a model of ours: no series
+        self.assertNotIn('model="gone"', self.m.exposition().decode())
+
+    def test_replaced_model_takes_its_new_state(self):
+        """MET-2: a model replaced by a reload shows its new child's state."""
+        self.move("a", "ready")
+        self.m.observe(Replaced("a", "starting"))
+        self.assertEqual(value(self.m, "llamaswap_model_state", model="a", state="starting"), 1)
+        self.assertEqual(value(self.m, "llamaswap_model_state", model="a", state="ready"), 0)
 
     def test_reload_adds_and_removes_series(self):
         """MET-1/bounded labels: a reload adds the new model's series and drops a removed one's."""
-        self.m.router_event("reload", {"added": ["c"], "removed": [], "changed": []})
+        self.m.observe(Reloaded(("c",), (), (), {}))
         self.assertEqual(value(self.m, "llamaswap_model_state", model="c", state="stopped"), 1)
-        self.m.request_finished({"model": "b", "endpoint": "/v1/completions", "status": 200,
-                                 "duration": 0.1, "ttfb": 0.1, "queue_wait": 0, "usage": None})
-        self.m.router_event("removed", "b")
+        self.m.request_finished(RequestRecord(model="b", endpoint="/v1/completions", status=200, started=0.0,
+                                              duration=0.1, ttfb=0.1, queue_wait=0))
+        self.m.observe(Removed("b"))
         text = self.m.exposition().decode()
         self.assertNotIn('model="b"', text)
-        self.m.request_finished({"model": "b", "endpoint": "/v1/completions", "status": 404,
-                                 "duration": 0.1, "ttfb": 0.1, "queue_wait": None, "usage": None})
+        self.m.request_finished(RequestRecord(model="b", endpoint="/v1/completions", status=404, started=0.0,
+                                              duration=0.1, ttfb=0.1))
         self.assertNotIn('model="b"', self.m.exposition().decode())
 
 
@@ -389,14 +372,35 @@ class RouterFeedTests(SynchronousTestCase):
 
 class RequestMetricsTests(HTTPCase):
     def setUp(self) -> None:
-        self.build([ModelStub(id="a", aliases=("gpt",)), ModelStub(id="b")])
-        self.metrics = Metrics(self.config.models, clock=self.reactor)
-        self.metrics.watch_router(self.router)
+        self.build([make_model(id="a", aliases=("gpt",)), make_model(id="b")])
+        self.metrics = Metrics(self.config.models)
+        self.router.observers.add(self.metrics.observe)
         self.app.request_listeners.append(self.metrics.request_finished)
         self.app.response_observer_factory = response_parser
 
     def value(self, name: str, **labels: str) -> float:
         return value(self.metrics, name, **labels)
+
+    def test_failed_and_aborted_starts_through_the_router(self):
+        """MET-2: a child exiting during its start is one failed_start; an unload during a start is none."""
+        for proc in self.router.processes():
+            proc.check = lambda http, url: Deferred()  # never healthy
+        d = self.router.load("a")
+        self.reactor.advance(1.5)
+        self.reactor.spawned[-1].exit(code=1)
+        self.failureResultOf(d, UpstreamStartFailed)
+        self.assertEqual(self.value("llamaswap_model_stops_total", model="a", reason="failed_start"), 1)
+        self.assertEqual(self.value("llamaswap_model_load_duration_seconds_sum", model="a", outcome="failure"),
+                         1.5)
+        self.assertEqual(self.value("llamaswap_model_state", model="a", state="stopped"), 1)
+        d = self.router.load("a")
+        self.router.unload(["a"])
+        self.failureResultOf(d, ModelUnloaded)
+        self.reactor.advance(0)
+        self.assertEqual(self.value("llamaswap_model_stops_total", model="a", reason="failed_start"), 1)
+        self.assertEqual(self.value("llamaswap_model_stops_total", model="a", reason="unload"), 1)
+        self.assertEqual(self.value("llamaswap_model_load_duration_seconds_count", model="a",
+                                    outcome="failure"), 1)
 
     def test_counted_with_tokens(self):
         """MET-2/MET-3: a JSON completion counts once, with duration, TTFB, queue wait and tokens."""
@@ -499,7 +503,7 @@ class RequestMetricsTests(HTTPCase):
 
     def test_unauthorized_counted(self):
         """MET-2/SEC-2: a 401 on an inference or /upstream route counts, model "", nothing else does."""
-        self.config.api_keys = ("k",)
+        self.change_config(api_keys=("k",))
         for path in ("/v1/chat/completions", "/v1/messages/count_tokens/x", "/upstream/a/health"):
             response, _ = self.call(b"POST", path, b'{"model":"a"}')
             self.assertEqual(response.code, 401)
@@ -512,8 +516,8 @@ class RequestMetricsTests(HTTPCase):
 
     def test_concurrency_limit_counted_with_model(self):
         """MET-2: a 429 after resolution carries the model label."""
-        self.build([ModelStub(id="a", concurrency_limit=1)])
-        self.metrics = Metrics(self.config.models, clock=self.reactor)
+        self.build([make_model(id="a", concurrency_limit=1)])
+        self.metrics = Metrics(self.config.models)
         self.app.request_listeners.append(self.metrics.request_finished)
         self.upstream.hold = True
         self.request(b"POST", "/v1/completions", b'{"model":"a"}')
@@ -599,7 +603,7 @@ class RequestMetricsTests(HTTPCase):
         """EP-11/LOG-5: /metrics answers the exposition and writes no access-log line."""
         from tests.test_resources import build_root
         from treq.testing import RequestTraversalAgent
-        from llamaswap.resources import AccessLogSite
+        from llamaswap.web.site import AccessLogSite
         from tests.fakes import capture_logger
 
         root = build_root(self.app, {"/metrics": MetricsPage(self.metrics.registry)})

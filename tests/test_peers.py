@@ -12,14 +12,15 @@ from treq.client import HTTPClient
 from llamaswap.config import PeerConfig
 from llamaswap.peers import find_peer
 from llamaswap.errors import ModelNotFound
-from tests.fakes import ModelStub, UpstreamStub, flush_all, upstream_client
+from tests.factories import make_model
+from tests.fakes import UpstreamStub, flush_all, upstream_client
 from tests.test_resources import STARTED, Collect, HTTPCase, RefusingAgent
 
 
 class PeerCase(HTTPCase):
     def build_peers(self, peers: dict, models=None, refusing: bool = False, **kw) -> None:
-        self.build(models if models is not None else [ModelStub(id="local", aliases=("both",))], **kw)
-        self.config.peers = peers
+        self.build(models if models is not None else [make_model(id="local", aliases=("both",))], peers=peers,
+                   **kw)
         self.peer = UpstreamStub()
         self.peer.reply = (200, {b"content-type": b"application/json"}, b'{"from":"peer"}')
         if refusing:

@@ -16,7 +16,7 @@ from llamaswap.ports import (
     Holder, Listener, Ownership, SystemPorts, Watch, bind_in_use, claimed_ports, conflict_message,
     describe_command, is_local_host, listeners_on, ownership, parse_proc_net_tcp, socket_inode,
     stat_pgid, watch_for)
-from tests.fakes import ModelStub
+from tests.factories import make_model
 
 linux_only = pytest.mark.skipif(not os.path.exists("/proc/net/tcp"), reason="needs Linux /proc")
 
@@ -102,20 +102,20 @@ def test_is_local_host():
 
 def test_watch_for():
     local = lambda host: host in ("127.0.0.1", "localhost")  # noqa: E731
-    m = ModelStub(id="m", proxy="http://127.0.0.1:5800")
+    m = make_model(id="m", proxy="http://127.0.0.1:5800")
     assert watch_for(m, local) == Watch(5800, True)
-    assert watch_for(ModelStub(id="m", proxy="http://localhost"), local) == Watch(80, True)
-    assert watch_for(ModelStub(id="m", proxy="https://localhost/v1"), local) == Watch(443, True)
+    assert watch_for(make_model(id="m", proxy="http://localhost"), local) == Watch(80, True)
+    assert watch_for(make_model(id="m", proxy="https://localhost/v1"), local) == Watch(443, True)
     for runner in ("docker", "/usr/bin/podman", "nerdctl"):
-        assert watch_for(ModelStub(id="m", argv=(runner, "run")), local) == Watch(5800, False)
-    assert watch_for(ModelStub(id="m", cmd_stop_argv=("stop",)), local) == Watch(5800, False)
-    assert watch_for(ModelStub(id="m", proxy="http://gpu-box:9000"), local) is None
-    assert watch_for(ModelStub(id="m", proxy="http://gpu-box:5803", port=5803), local) == Watch(5803, False)
+        assert watch_for(make_model(id="m", argv=(runner, "run")), local) == Watch(5800, False)
+    assert watch_for(make_model(id="m", cmd_stop_argv=("stop",)), local) == Watch(5800, False)
+    assert watch_for(make_model(id="m", proxy="http://gpu-box:9000"), local) is None
+    assert watch_for(make_model(id="m", proxy="http://gpu-box:5803", port=5803), local) == Watch(5803, False)
 
 
 def test_claimed_ports():
-    assert claimed_ports(ModelStub(id="m", proxy="http://127.0.0.1:5800", port=5800)) == {5800}
-    assert claimed_ports(ModelStub(id="m", proxy="http://127.0.0.1:9000", port=5801)) == {9000, 5801}
+    assert claimed_ports(make_model(id="m", proxy="http://127.0.0.1:5800", port=5800)) == {5800}
+    assert claimed_ports(make_model(id="m", proxy="http://127.0.0.1:9000", port=5801)) == {9000, 5801}
 
 
 # -- SystemPorts on a fake /proc ----------------------------------------------------------------

@@ -18,9 +18,10 @@ from twisted.web.resource import Resource
 from llamaswap.errors import UpstreamStartFailed
 from llamaswap.ports import Holder, Ownership
 from llamaswap.process import (
-    HEALTH_INTERVAL, State, UpstreamProcess, _session_prefix)
+    HEALTH_INTERVAL, State, UpstreamProcess, _session_prefix, process_start_time)
+from tests.factories import make_model
 from tests.fakes import (
-    EXE, FakeLogs, FakePool, FakeProcessReactor, HealthChecks, ModelStub, capture_logger,
+    EXE, FakeLogs, FakePool, FakeProcessReactor, HealthChecks, capture_logger,
     exit_failure)
 
 TERM, KILL = signal.SIGTERM, signal.SIGKILL
@@ -40,9 +41,10 @@ class ProcessCase(SynchronousTestCase):
         self.pools: list = []
         self.http = object()
 
-    def make(self, health_timeout: float = 15, ports=None, **model_kw) -> UpstreamProcess:
+    def make(self, ports=None, **model_kw) -> UpstreamProcess:
         model_kw.setdefault("id", "m")
-        self.model = ModelStub(**model_kw)
+        model_kw.setdefault("health_check_timeout", 15)
+        self.model = make_model(**model_kw)
 
         def http_factory(reactor):
             pool = FakePool()
@@ -51,7 +53,6 @@ class ProcessCase(SynchronousTestCase):
 
         self.proc = UpstreamProcess(
             model=self.model, reactor=self.reactor, clock=self.reactor, logs=self.logs,
-            health_timeout=health_timeout,
             on_transition=lambda p, old, new: self.transitions.append((old.value, new.value)),
             on_spawn=lambda p: self.spawns.append(p.pid), on_reap=lambda p: self.reaps.append(p.pid),
             http_factory=http_factory, check=self.checks, kill=self.reactor.killpg,
@@ -237,7 +238,7 @@ class HealthCheckTests(ProcessCase):
                 return b"{}"
 
         client, agent = upstream_client(Health())
-        model = ModelStub(id="m")
+        model = make_model(id="m")
         proc = UpstreamProcess(
             model=model, reactor=self.reactor, clock=self.reactor, logs=self.logs,
             http_factory=lambda r: (client, FakePool()), kill=self.reactor.killpg,
@@ -257,7 +258,7 @@ class HealthCheckTests(ProcessCase):
 class StartFailureTests(ProcessCase):
     def test_health_timeout_fails_start_with_tail_then_stops(self):
         """PROC-6/7/9: timeout message + last output; group gets TERM, then KILL after the grace."""
-        proc = self.make(health_timeout=15, unload_timeout=7)
+        proc = self.make(health_check_timeout=15, unload_timeout=7)
         d = proc.start()
         self.child.output(b"line 1\nline 2\n")
         self.checks.answer(503)
@@ -864,3 +865,40 @@ class PortOwnershipTests(ProcessCase):
         del self.ports.holders[5800]
         self.successResultOf(self.make(ports=self.ports, check_endpoint=None).start())
 
+
+
+class StartTimeTests(SynchronousTestCase):
+    """process_start_time reads /proc; it never runs a program."""
+
+    def write_stat(self, pid: int, comm: bytes, fields: list[bytes]) -> str:
+        root = tempfile.mkdtemp(prefix="llamaswap-proc-")
+        self.addCleanup(shutil.rmtree, root, True)
+        os.mkdir(os.path.join(root, str(pid)))
+        with open(os.path.join(root, str(pid), "stat"), "wb") as f:
+            f.write(b"%d (%s) " % (pid, comm) + b" ".join(fields) + b"\n")
+        return root
+
+    def test_field_22_after_an_awkward_command_name(self):
+        """The raw starttime (field 22) is read past a command name with spaces and ')'."""
+        fields = [b"S"] + [b"%d" % n for n in range(4, 22)] + [b"987654", b"0", b"0"]
+        root = self.write_stat(42, b"llama ) server", fields)
+        self.assertEqual(process_start_time(42, proc=root), "987654")
+
+    def test_no_proc_gives_none(self):
+        """Without /proc (macOS) or without the pid, the start time is unknown: None."""
+        root = tempfile.mkdtemp(prefix="llamaswap-proc-")
+        self.addCleanup(shutil.rmtree, root, True)
+        self.assertIsNone(process_start_time(42, proc=root))
+        self.assertIsNone(process_start_time(42, proc=os.path.join(root, "missing")))
+
+    def test_short_stat_gives_none(self):
+        """A truncated stat line is not a start time."""
+        self.assertIsNone(process_start_time(7, proc=self.write_stat(7, b"x", [b"S", b"1"])))
+
+    def test_own_start_time_is_stable(self):
+        """For a live process the value is a decimal string that does not change."""
+        if not os.path.isdir("/proc/self"):
+            self.skipTest("no /proc")
+        first = process_start_time(os.getpid())
+        self.assertTrue(first.isdigit(), first)
+        self.assertEqual(process_start_time(os.getpid()), first)

@@ -22,11 +22,15 @@ from twisted.internet.testing import StringTransport
 from twisted.logger import LogLevel
 from twisted.python.failure import Failure
 
-from llamaswap.config import (
-    _GROUP_KEYS, _MODEL_KEYS, _MODEL_UNSUPPORTED, _TOP_KEYS, _TOP_UNSUPPORTED, Config, ConfigError,
-    parse_config)
-from tests.fakes import GroupStub, ModelStub
+from llamaswap.config import Config, ConfigError, GroupConfig, parse_config
+from llamaswap.config.keys import children, unsupported_children
+from tests.factories import make_model
 from tests.test_resources import Collect, HTTPCase
+
+# the keys the reader takes at each level, from the key table
+_TOP_KEYS, _TOP_UNSUPPORTED = children(""), unsupported_children("")
+_MODEL_KEYS, _MODEL_UNSUPPORTED = children("models.<id>"), unsupported_children("models.<id>")
+_GROUP_KEYS = children("groups.<groupId>")
 
 # -- configs -------------------------------------------------------------------------------------------
 
@@ -166,11 +170,11 @@ class _SiteCase(HTTPCase):
         pass
 
     def setup_site(self) -> None:
-        models = [ModelStub(id="a", aliases=("al",), concurrency_limit=3),
-                  ModelStub(id="b", use_model_name="up-b", proxy="http://127.0.0.1:5801/base"),
-                  ModelStub(id="c", unlisted=True)]
+        models = [make_model(id="a", aliases=("al",), concurrency_limit=3),
+                  make_model(id="b", use_model_name="up-b", proxy="http://127.0.0.1:5801/base"),
+                  make_model(id="c", unlisted=True)]
         self.build(models, profiles={"p": ("a", "b")}, max_request_body=4096,
-                   groups={"g": GroupStub("g", members=("a", "b"))})
+                   groups={"g": GroupConfig("g", members=("a", "b"))})
         # The in-memory upstream is a plain twisted.web Site, which would answer a multipart body
         # it cannot parse with its own 400 page before the stub sees it; llama-server does not.
         self.up_agent._serverFactory._parsePOSTFormSubmission = False

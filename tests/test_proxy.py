@@ -214,7 +214,7 @@ class ProducerTests(SynchronousTestCase):
 class RelayRequest(DummyRequest):
     """A DummyRequest with the bits of twisted.web's Request the relay reads."""
 
-    _disconnected = False
+    client_gone = False
     channel = None
     producer = None
 

@@ -3,7 +3,8 @@ drain and restart, removed ones stop, added ones appear."""
 from __future__ import annotations
 
 from llamaswap.errors import ModelNotFound
-from tests.fakes import ConfigStub
+from llamaswap.observe import Removed, Stopping
+from tests.factories import make_config
 from tests.test_router import RouterCase, m
 
 
@@ -13,7 +14,7 @@ class ReconfigureTests(RouterCase):
         self.build([m("a"), m("b")], groups=groups_free)
 
     def reload(self, models, **kw):
-        return self.router.reconfigure(ConfigStub(models, **kw))
+        return self.router.reconfigure(make_config(models, **kw))
 
     def test_outcome_lists(self):
         """RLD-5: added, removed, changed and unchanged are reported by id."""
@@ -52,7 +53,7 @@ class ReconfigureTests(RouterCase):
         self.assertNotEqual(proc.pid, old_pid)
         self.ready("a")
         self.successResultOf(waiting).release()
-        self.assertIn(("stop", ("a", "reload")), self.emitted)
+        self.assertIn(Stopping("a", "reload"), self.emitted)
 
     def test_changed_stopped_model_starts_on_next_request_only(self):
         """A changed model that was not running is not started by the reload."""
@@ -68,7 +69,7 @@ class ReconfigureTests(RouterCase):
         self.reload([m("a")])
         self.failureResultOf(waiting, ModelNotFound)
         self.settle()
-        self.assertIn(("removed", "b"), self.emitted)
+        self.assertIn(Removed("b"), self.emitted)
         self.assertNotIn("b", [p.id for p in self.router.processes()])
         self.failureResultOf(self.router.acquire("b"), ModelNotFound)
 
@@ -81,7 +82,7 @@ class ReconfigureTests(RouterCase):
         lease.release()
         self.settle()
         self.assertEqual(len(self.terms("a")), 1)
-        self.assertIn(("removed", "a"), self.emitted)
+        self.assertIn(Removed("a"), self.emitted)
 
     def test_added_model_is_requestable(self):
         """An added model starts stopped and serves its first request."""

@@ -9,7 +9,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from llamaswap.errors import InvalidJSON, InvalidMultipart
 from llamaswap.requestbody import (
     apply_filters, find_form_field, multipart_boundary, parse_json_body)
-from tests.fakes import ModelStub
+from tests.factories import make_model
 
 BOUNDARY = b"----llamaswapBoundary7MA4YWxk"
 
@@ -53,7 +53,7 @@ class ParseJSONTests(SynchronousTestCase):
 
 class FilterTests(SynchronousTestCase):
     def filt(self, raw: bytes, requested: str = "a", upstream_model=None, **model_kw) -> bytes:
-        model = ModelStub(id="a", **model_kw)
+        model = make_model(id="a", **model_kw)
         return apply_filters(parse_json_body(raw), model, requested, upstream_model)
 
     def test_unchanged_body_byte_for_byte(self):

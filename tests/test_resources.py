@@ -8,24 +8,31 @@ from __future__ import annotations
 
 import json
 
+import attr
 from treq.client import HTTPClient
 from treq.testing import RequestTraversalAgent, _SynchronousProducer
 from twisted.internet import error as ierror
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.protocol import Protocol
+from twisted.internet.task import Clock
 from twisted.logger import formatEvent
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.client import ResponseDone
 from twisted.web.http_headers import Headers
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET
 
 from llamaswap.logs import LogBroadcaster
 from llamaswap.process import State, UpstreamProcess
 from llamaswap.proxy import Forwarder
-from llamaswap.resources import AccessLogSite, App, build_root
 from llamaswap.router import ModelRouter
+from llamaswap.web.app import App
+from llamaswap.web.site import AccessLogSite
+from llamaswap.web.tree import build_root
 from tests.fakes import (
-    ConfigStub, FakeLogs, FakePool, FakeProcessReactor, ModelStub, UpstreamStub, capture_logger,
+    FakeLogs, FakePool, FakeProcessReactor, UpstreamStub, capture_logger, drop_clients,
     flush_all, upstream_client)
+from tests.factories import make_config, make_model
 from tests.test_requestbody import BOUNDARY, multipart
 
 STARTED = 1767225600
@@ -59,7 +66,7 @@ class HTTPCase(SynchronousTestCase):
         self.up_client, self.up_agent = upstream_client(self.upstream)
         self.events: list = []
         self.access: list = []
-        self.config = ConfigStub(models, **config_kw)
+        self.config = make_config(models, **config_kw)
 
         def http_factory(reactor):
             if upstream_agent_factory is not None:
@@ -82,6 +89,10 @@ class HTTPCase(SynchronousTestCase):
         self.site = AccessLogSite(self.root, self.app, reactor=self.agent._memoryReactor,
                                   log=capture_logger(self.access))
         self.agent._serverFactory = self.site
+
+    def change_config(self, **changes) -> None:
+        """Swap in the config with ``changes``, as a reload that keeps every model does."""
+        self.config = self.router.config = attr.evolve(self.config, **changes)
 
     def flush(self) -> None:
         flush_all(self.reactor, self.up_agent, self.agent)
@@ -128,7 +139,7 @@ class HTTPCase(SynchronousTestCase):
 
 class ForwardingTests(HTTPCase):
     def setUp(self) -> None:
-        self.build([ModelStub(id="a", aliases=("gpt",), proxy="http://127.0.0.1:5800/base/")])
+        self.build([make_model(id="a", aliases=("gpt",), proxy="http://127.0.0.1:5800/base/")])
 
     def test_json_request_forwarded_byte_for_byte(self):
         """EP-1/RT-10/PROXY-1: path unchanged under the base path; body unchanged; response relayed."""
@@ -161,7 +172,7 @@ class ForwardingTests(HTTPCase):
 
     def test_auth_headers_stripped_when_api_keys_set(self):
         """SEC-6/PROXY-2: with apiKeys, Authorization and x-api-key never reach the upstream."""
-        self.config.api_keys = ("k",)
+        self.change_config(api_keys=("k",))
         self.call(b"POST", "/v1/completions", b'{"model":"a"}',
                   {b"authorization": b"Bearer k", b"x-api-key": b"k", b"x-custom": b"c"})
         (up, _), = self.upstream.requests
@@ -278,9 +289,9 @@ class ForwardingTests(HTTPCase):
 class UseModelNameTests(HTTPCase):
     def setUp(self) -> None:
         self.build([
-            ModelStub(id="a", aliases=("gpt",), use_model_name="real-a",
+            make_model(id="a", aliases=("gpt",), use_model_name="real-a",
                       strip_params=("top_k",), set_params={"opts.think": False}),
-            ModelStub(id="b")], profiles={"P": ("a", "b")})
+            make_model(id="b")], profiles={"P": ("a", "b")})
 
     def test_filters_applied(self):
         """RT-8/RT-9/RT-10: useModelName, strip, set; compact JSON, key order kept."""
@@ -336,7 +347,7 @@ class UseModelNameTests(HTTPCase):
 
 class ErrorTests(HTTPCase):
     def setUp(self) -> None:
-        self.build([ModelStub(id="a", concurrency_limit=1)], profiles={"P": ("a",)})
+        self.build([make_model(id="a", concurrency_limit=1)], profiles={"P": ("a",)})
 
     def test_invalid_json(self):
         """RT-1/ERR-2: not JSON, or not an object -> 400 invalid_json."""
@@ -403,7 +414,7 @@ class ErrorTests(HTTPCase):
 
     def test_upstream_unreachable_502(self):
         """PROXY-8: a connect failure before headers -> 502 upstream_unreachable."""
-        self.build([ModelStub(id="a")], upstream_agent_factory=RefusingAgent)
+        self.build([make_model(id="a")], upstream_agent_factory=RefusingAgent)
         response, data = self.call(b"POST", "/v1/chat/completions", b'{"model":"a"}')
         message = self.assertError(response, data, 502, "upstream_unreachable", "server_error")
         self.assertTrue(message.startswith("upstream for model 'a' unreachable: "), message)
@@ -418,7 +429,7 @@ class ErrorTests(HTTPCase):
 
     def test_request_too_large_413(self):
         """CFG-28: a body over maxRequestBody -> 413 request_too_large; nothing starts."""
-        self.build([ModelStub(id="a")], max_request_body=64)
+        self.build([make_model(id="a")], max_request_body=64)
         body = b'{"model":"a","pad":"' + b"x" * 100 + b'"}'
         response, data = self.call(b"POST", "/v1/chat/completions", body)
         self.assertError(response, data, 413, "request_too_large")
@@ -430,7 +441,7 @@ class ErrorTests(HTTPCase):
 
 class CorsTests(HTTPCase):
     def setUp(self) -> None:
-        self.build([ModelStub(id="a")])
+        self.build([make_model(id="a")])
 
     def test_options_preflight(self):
         """SEC-8/EP-16: OPTIONS -> 204 with the CORS headers; never forwarded."""
@@ -459,10 +470,10 @@ class CorsTests(HTTPCase):
 class ManagementTests(HTTPCase):
     def setUp(self) -> None:
         self.build([
-            ModelStub(id="b", name="B model", description="second", aliases=("bee",),
+            make_model(id="b", name="B model", description="second", aliases=("bee",),
                       metadata={"family": "x", "port": 5801}, ttl=60),
-            ModelStub(id="a"),
-            ModelStub(id="hidden", unlisted=True)])
+            make_model(id="a"),
+            make_model(id="hidden", unlisted=True)])
 
     def test_models_list_shape(self):
         """EP-2: listed models sorted by id; unlisted hidden; empty fields left out."""
@@ -492,7 +503,7 @@ class ManagementTests(HTTPCase):
 
     def test_models_with_aliases_listed(self):
         """EP-2/CFG-17: includeAliasesInList adds alias entries pointing at the id."""
-        self.config.include_aliases_in_list = True
+        self.change_config(include_aliases_in_list=True)
         _, body = self.call_json(b"GET", "/v1/models")
         self.assertEqual([e["id"] for e in body["data"]], ["a", "b", "bee"])
         bee = body["data"][2]
@@ -559,7 +570,7 @@ class ManagementTests(HTTPCase):
 
 class AccessLogTests(HTTPCase):
     def setUp(self) -> None:
-        self.build([ModelStub(id="a")])
+        self.build([make_model(id="a")])
 
     def test_line_format(self):
         """LOG-5: Request <ip> "<METHOD> <path> <protocol>" <status> <bytes> "<UA>" <duration>."""
@@ -582,3 +593,84 @@ class AccessLogTests(HTTPCase):
         self.call(b"GET", "/nope")
         line, = self.access_lines()
         self.assertRegex(line, r'^Request 127\.0\.0\.1 "GET /nope HTTP/1\.1" 404 \d+ "" \d+\.\d{3}s$')
+
+
+class _Held(Resource):
+    """Keeps every request open until the test finishes it."""
+
+    isLeaf = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.requests: list = []
+
+    def render(self, request):
+        self.requests.append(request)
+        return NOT_DONE_YET
+
+
+class InjectedClockTests(HTTPCase):
+    """Every time the request layer reads comes from the App's clock."""
+
+    def setUp(self) -> None:
+        self.build([make_model(id="a")])
+
+    def test_access_log_duration_from_clock(self):
+        """The access log's duration is how far the injected Clock moved while the request was open."""
+        clock = Clock()
+        held = _Held()
+        app = App(self.router, self.logs, Forwarder(self.reactor), clock, log=capture_logger(self.events))
+        root = build_root(app, {"/held": held})
+        agent = RequestTraversalAgent(root)
+        agent._serverFactory = AccessLogSite(root, app, reactor=agent._memoryReactor,
+                                             log=capture_logger(self.access))
+        d = agent.request(b"GET", b"http://llamaswap/held")
+        agent.flush()
+        clock.advance(2.5)
+        request, = held.requests
+        request.write(b"ok")
+        request.finish()
+        agent.flush()
+        self.assertEqual(self.successResultOf(d).code, 200)
+        line, = self.access_lines()
+        self.assertTrue(line.endswith('"GET /held HTTP/1.1" 200 2 "" 2.500s'), line)
+
+    def test_record_times_from_clock(self):
+        """A model-dispatched request's record is emitted once, timed by the clock, when it ends."""
+        records: list = []
+        self.app.request_listeners.append(records.append)
+        self.upstream.hold = True
+        d = self.request(b"POST", "/v1/chat/completions", b'{"model":"a"}')
+        up, _ = self.upstream.requests[0]
+        self.reactor.advance(1.25)
+        up.setHeader(b"content-type", b"application/json")
+        up.write(b"{}")
+        self.flush()
+        self.reactor.advance(0.5)
+        up.finish()
+        self.flush()
+        self.successResultOf(d)
+        record, = records
+        self.assertEqual((record.model, record.endpoint, record.status), ("a", "/v1/chat/completions", 200))
+        self.assertEqual((record.ttfb, record.duration), (1.25, 1.75))
+        line, = self.access_lines()
+        self.assertTrue(line.endswith(" 1.750s"), line)
+
+    def test_client_gone_flag(self):
+        """A client that leaves sets the request's client_gone flag; its record says 499, once."""
+        records: list = []
+        self.app.request_listeners.append(records.append)
+        held = _Held()
+        self.root = build_root(self.app, {"/held": held})
+        self.agent = RequestTraversalAgent(self.root)
+        self.agent._serverFactory = AccessLogSite(self.root, self.app, reactor=self.agent._memoryReactor,
+                                                  log=capture_logger(self.access))
+        d = self.request(b"GET", "/held")
+        request, = held.requests
+        self.assertFalse(request.client_gone)
+        request.begin_record("/held")
+        drop_clients(self.agent)
+        self.failureResultOf(d)
+        self.assertTrue(request.client_gone)
+        record, = records
+        self.assertEqual((record.endpoint, record.status), ("/held", 499))

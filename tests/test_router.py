@@ -15,17 +15,22 @@ from llamaswap.errors import (
     ConcurrencyLimit, ModelNotFound, ModelUnloaded, ShuttingDown, UpstreamStartFailed,
     to_openai_error)
 from llamaswap.process import UpstreamProcess
-from llamaswap.router import ModelRouter, Resolved
+from llamaswap.config import GroupConfig, ModelConfig
+from llamaswap.observe import (
+    QueueChanged, Reloaded, Removed, Replaced, StartFailed, Started, Starting, StateChanged, Stopping)
+from llamaswap.router import ModelRouter, Place, Resolved
 from tests.fakes import (
-    ConfigStub, FakeLogs, FakePool, FakeProcessReactor, GroupStub, HealthChecks, ModelStub,
-    capture_logger)
+    FakeLogs, FakePool, FakeProcessReactor, HealthChecks, capture_logger)
+
+from tests.factories import make_config, make_model
 
 TERM, KILL = signal.SIGTERM, signal.SIGKILL
 
 
-def m(model_id: str, **kw) -> ModelStub:
+def m(model_id: str, **kw) -> ModelConfig:
     kw.setdefault("unload_timeout", 5)
-    return ModelStub(id=model_id, **kw)
+    kw.setdefault("health_check_timeout", 60)
+    return make_model(id=model_id, **kw)
 
 
 class RouterCase(SynchronousTestCase):
@@ -35,19 +40,19 @@ class RouterCase(SynchronousTestCase):
         self.checks: dict[str, HealthChecks] = {}
         self.events: list = []
         self.emitted: list = []
-        self.config = ConfigStub(models, **config_kw)
+        self.config = make_config(models, **config_kw)
 
         def make_process(model):
             checks = self.checks.setdefault(model.id, HealthChecks())
             return UpstreamProcess(
                 model=model, reactor=self.reactor, clock=self.reactor, logs=FakeLogs(),
-                health_timeout=60, http_factory=lambda r: (object(), FakePool()), check=checks,
+                http_factory=lambda r: (object(), FakePool()), check=checks,
                 kill=self.reactor.killpg, group_alive=self.reactor.group_alive,
                 log=capture_logger(self.events))
 
         self.router = ModelRouter(self.config, make_process, self.reactor,
                                   log=capture_logger(self.events))
-        self.router.listeners.append(lambda event, payload: self.emitted.append((event, payload)))
+        self.router.observers.add(self.emitted.append)
         return self.router
 
     # -- helpers --------------------------------------------------------------------------------
@@ -82,7 +87,7 @@ class RouterCase(SynchronousTestCase):
         return self.successResultOf(d)
 
     def stops(self) -> list:
-        return [p for e, p in self.emitted if e == "stop"]
+        return [(e.model, e.reason) for e in self.emitted if isinstance(e, Stopping)]
 
     def messages(self, level=None) -> list[str]:
         return [formatEvent(e) for e in self.events if level is None or e["log_level"] is level]
@@ -235,7 +240,7 @@ class SwapTests(RouterCase):
         self.ready("b")
         self.successResultOf(d).release()
         self.assertIn(("a", "swap"), self.stops())
-        self.assertIn(("start", ("b", True)), self.emitted)
+        self.assertIn(Starting("b", True), self.emitted)
         self.assertNoTimers()
 
     def test_busy_model_never_evicted(self):
@@ -299,7 +304,7 @@ class SwapTests(RouterCase):
 
     def test_persistent_group_not_evicted(self):
         """CFG-52: an exclusive start does not evict a persistent group."""
-        helpers = GroupStub("helpers", swap=False, exclusive=False, persistent=True, members=("e",))
+        helpers = GroupConfig("helpers", swap=False, exclusive=False, persistent=True, members=("e",))
         self.build([m("a"), m("e")], groups={"helpers": helpers})
         self.serve("e").release()
         self.serve("a").release()
@@ -506,3 +511,127 @@ class ShutdownTests(RouterCase):
         self.successResultOf(d)
         self.assertEqual(self.state("a"), "shutdown")
         self.assertNoTimers()
+
+
+class ObserverTests(RouterCase):
+    """The typed events of ``router.observers`` carry their own data (llamaswap.observe)."""
+
+    def of(self, kind: type) -> list:
+        return [e for e in self.emitted if isinstance(e, kind)]
+
+    def test_start_events_carry_the_load_time(self):
+        """Starting, then the states, then Started with the seconds from the start to ready."""
+        self.build([m("a")])
+        d = self.router.acquire("a")
+        self.reactor.advance(1.5)
+        self.ready("a")
+        self.successResultOf(d).release()
+        self.assertEqual(self.of(Starting), [Starting("a", False)])
+        self.assertEqual(self.of(Started), [Started("a", 1.5)])
+        self.assertEqual([(e.old, e.new) for e in self.of(StateChanged)],
+                         [("stopped", "starting"), ("starting", "ready")])
+        self.assertEqual(self.of(StartFailed), [])
+
+    def test_failed_start_is_published(self):
+        """PROC-6: a health check timeout is a StartFailed with the reason and the time taken."""
+        self.build([m("b")])
+        w = self.router.acquire("b")
+        self.checks["b"].answer(503)
+        self.router.process("b").check = lambda http, url: succeed(503)
+        self.reactor.advance(60)
+        self.failureResultOf(w, UpstreamStartFailed)
+        [failed] = self.of(StartFailed)
+        self.assertEqual((failed.model, failed.seconds), ("b", 60))
+        self.assertIn("health check did not pass within 60s", failed.reason)
+        self.assertEqual(self.of(Started), [])
+
+    def test_aborted_start_is_no_failure(self):
+        """PROC-13: a start the router stops itself (unload, swap, shutdown) is no StartFailed."""
+        self.build([m("a")])
+        w = self.router.acquire("a")
+        self.checks["a"].answer(503)
+        self.router.unload(["a"])
+        self.failureResultOf(w, ModelUnloaded)
+        self.settle()
+        self.assertEqual(self.of(StartFailed), [])
+        self.assertEqual(self.stops(), [("a", "unload")])
+
+    def test_queue_events_carry_counts_and_who_left(self):
+        """QueueChanged has the counts; ``left`` lists the admissions that stopped waiting."""
+        self.build([m("a")])
+        w1, w2 = self.router.acquire("a"), self.router.acquire("a")
+        first, second = self.router.place(w1), self.router.place(w2)
+        self.assertEqual((first.position, second.position), (1, 2))
+        self.assertIsInstance(first, Place)
+        self.assertEqual(self.of(QueueChanged)[-1], QueueChanged("a", 0, 2))
+        w2.cancel()
+        self.failureResultOf(w2, CancelledError)
+        self.assertEqual(self.of(QueueChanged)[-1], QueueChanged("a", 0, 1, (second.admission,)))
+        self.ready("a")
+        lease = self.successResultOf(w1)
+        self.assertEqual(self.of(QueueChanged)[-1], QueueChanged("a", 1, 0, (first.admission,)))
+        self.assertIsNone(self.router.place(w1))
+        lease.release()
+        self.assertEqual(self.of(QueueChanged)[-1], QueueChanged("a", 0, 0))
+
+    def test_loads_are_not_requests(self):
+        """A load (EP-7, preload) is neither counted nor listed in ``left``."""
+        self.build([m("a")])
+        self.router.load("a")
+        self.assertEqual(self.of(QueueChanged)[-1], QueueChanged("a", 0, 0))
+        self.ready("a")
+        self.assertEqual([e.left for e in self.of(QueueChanged)], [(), (), ()])
+
+    def test_failing_observer_is_logged_and_others_still_observe(self):
+        """An observer that raises is logged; delivery goes on."""
+        self.build([m("a")])
+
+        def broken(event):
+            raise RuntimeError("observer bug")
+
+        later: list = []
+        self.router.observers.remove(self.emitted.append)
+        self.router.observers.add(broken)
+        self.router.observers.add(later.append)
+        self.router.acquire("a")
+        self.assertTrue(later)
+        self.assertTrue(any(e.get("log_failure") and e["log_failure"].check(RuntimeError)
+                            for e in self.events))
+        self.flushLoggedErrors(RuntimeError)
+
+    def test_no_queue_event_built_without_observers(self):
+        """The per-request path builds no QueueChanged when nobody observes."""
+        import llamaswap.router as router_module
+
+        def refuse(*args, **kw):
+            raise AssertionError("QueueChanged built with no observer")
+
+        self.build([m("a")])
+        self.router.observers.remove(self.emitted.append)
+        self.patch(router_module, "QueueChanged", refuse)
+        d = self.router.acquire("a")
+        self.ready("a")
+        self.successResultOf(d).release()
+        self.assertEqual(len(self.router.observers), 0)
+
+    def test_reload_events(self):
+        """Reloaded carries the lists and the new models; a changed model is Replaced, a removed one Removed."""
+        self.build([m("a"), m("b"), m("d")])
+        config = make_config([m("a"), m("b", proxy="http://127.0.0.1:5999"), m("c")])
+        self.router.reconfigure(config)
+        self.settle()
+        [reloaded] = self.of(Reloaded)
+        self.assertEqual((reloaded.added, reloaded.changed, reloaded.removed), (("c",), ("b",), ("d",)))
+        self.assertIs(reloaded.models, config.models)
+        self.assertEqual(self.of(Replaced), [Replaced("b", "stopped")])
+        self.assertEqual(self.of(Removed), [Removed("d")])
+
+    def test_removed_model_added_back_before_it_is_gone(self):
+        """A model removed, then added back while its old child still stops, is not Removed."""
+        self.build([m("a"), m("b")])
+        self.serve("b").release()
+        self.router.reconfigure(make_config([m("a")]))
+        self.router.reconfigure(make_config([m("a"), m("b")]))
+        self.settle()
+        self.assertEqual(self.of(Removed), [])
+        self.assertEqual(self.state("b"), "stopped")

@@ -17,10 +17,12 @@ from twisted.internet.task import deferLater
 from twisted.trial.unittest import SynchronousTestCase
 
 from llamaswap.errors import ConcurrencyLimit
+from llamaswap.observe import StateChanged
 from llamaswap.process import State, UpstreamProcess
 from llamaswap.router import ModelRouter
-from tests.fakes import (
-    ConfigStub, FakeLogs, FakePool, FakeProcessReactor, GroupStub, ModelStub, capture_logger)
+from llamaswap.config import GroupConfig, ModelConfig
+from tests.factories import make_config, make_model
+from tests.fakes import FakeLogs, FakePool, FakeProcessReactor, capture_logger
 
 TERM, KILL = signal.SIGTERM, signal.SIGKILL
 STEP = 0.05
@@ -82,9 +84,9 @@ class Req:
 class Sim:
     """A router, its fake children and a clock; requests are scheduled, then ``run``."""
 
-    def __init__(self, models: list[ModelStub], load: float | dict = 2.0, **config_kw: Any) -> None:
+    def __init__(self, models: list[ModelConfig], load: float | dict = 2.0, **config_kw: Any) -> None:
         self.reactor = SimReactor()
-        self.config = ConfigStub(models, **config_kw)
+        self.config = make_config(models, **config_kw)
         self.events: list = []
         self.emitted: list = []
         self.grants: list = []
@@ -92,23 +94,23 @@ class Sim:
         self.violations: list[str] = []
         loads = load if isinstance(load, dict) else {m.id: load for m in models}
 
-        def make_process(model: ModelStub) -> UpstreamProcess:
+        def make_process(model: ModelConfig) -> UpstreamProcess:
             def check(http: Any, url: bytes):
                 return deferLater(self.reactor, loads[model.id], lambda: 200)
 
             return UpstreamProcess(
                 model=model, reactor=self.reactor, clock=self.reactor, logs=FakeLogs(),
-                health_timeout=600, http_factory=lambda r: (object(), FakePool()), check=check,
+                http_factory=lambda r: (object(), FakePool()), check=check,
                 kill=self.reactor.killpg, group_alive=self.reactor.group_alive,
                 log=capture_logger(self.events))
 
         self.router = ModelRouter(self.config, make_process, self.reactor, log=capture_logger(self.events))
-        self.router.listeners.append(lambda event, payload: self.emitted.append((event, payload)))
-        self.router.listeners.append(self._check_invariants)
+        self.router.observers.add(self.emitted.append)
+        self.router.observers.add(self._check_invariants)
 
-    def _check_invariants(self, event: str, payload: Any) -> None:
-        """Recorded, not raised: the router logs and swallows exceptions from listeners."""
-        if event != "state":
+    def _check_invariants(self, event: Any) -> None:
+        """Recorded, not raised: the router logs and swallows exceptions from observers."""
+        if not isinstance(event, StateChanged):
             return
         running = [p.id for p in self.router.processes() if p.state in (State.STARTING, State.READY)]
         for group in self.config.groups.values():
@@ -144,16 +146,17 @@ class Sim:
 
     def track(self) -> "Sim":
         self._transitions: list = []
-        self.router.listeners.append(
-            lambda event, payload: event == "state" and self._transitions.append(
-                (self.reactor.seconds(), (payload[0].id, payload[2].value))))
+        self.router.observers.add(
+            lambda event: isinstance(event, StateChanged) and self._transitions.append(
+                (self.reactor.seconds(), (event.model, event.new))))
         return self
 
 
-def m(model_id: str, **kw: Any) -> ModelStub:
+def m(model_id: str, **kw: Any) -> ModelConfig:
     kw.setdefault("unload_timeout", 5)
     kw.setdefault("concurrency_limit", 1000)
-    return ModelStub(id=model_id, **kw)
+    kw.setdefault("health_check_timeout", 600)
+    return make_model(id=model_id, **kw)
 
 
 # -- fairness and batching (SCHED-5, SCHED-7) ------------------------------------------------------------
@@ -237,7 +240,7 @@ class FairnessTests(SynchronousTestCase):
 class PriorityTests(SynchronousTestCase):
     def test_persistent_group_survives_swaps_of_others(self):
         """CFG-52: models in a persistent group keep running (busy or idle) while others swap."""
-        helpers = GroupStub("helpers", swap=False, exclusive=False, persistent=True, members=("e",))
+        helpers = GroupConfig("helpers", swap=False, exclusive=False, persistent=True, members=("e",))
         sim = Sim([m("a"), m("b"), m("e")], load=1.0, groups={"helpers": helpers}).track()
         e = [sim.request("e", t, duration=2.0) for t in range(0, 30, 3)]
         for i in range(10):
@@ -250,7 +253,7 @@ class PriorityTests(SynchronousTestCase):
 
     def test_swap_false_group_coexists_exclusive_default_evicts_it(self):
         """A swap:false group runs its members together; a default-group start evicts them (exclusive)."""
-        pair = GroupStub("pair", swap=False, exclusive=True, members=("x", "y"))
+        pair = GroupConfig("pair", swap=False, exclusive=True, members=("x", "y"))
         sim = Sim([m("x"), m("y"), m("z")], load=1.0, groups={"pair": pair})
         sim.request("x", 0)
         sim.request("y", 0.1)
@@ -265,7 +268,7 @@ class PriorityTests(SynchronousTestCase):
 
     def test_profile_request_keeps_members_and_persistent(self):
         """SCHED-4: P:M evicts non-members except persistent groups; members stay loaded together."""
-        keep = GroupStub("keep", swap=False, exclusive=False, persistent=True, members=("p",))
+        keep = GroupConfig("keep", swap=False, exclusive=False, persistent=True, members=("p",))
         sim = Sim([m("a"), m("b"), m("c"), m("p")], load=1.0, profiles={"P": ("a", "b")},
                   groups={"keep": keep})
         sim.request("p", 0)
@@ -472,7 +475,7 @@ class RandomOperationsTests(SynchronousTestCase):
         rng = random.Random(seed)
         models = [m(x, ttl=rng.choice([0, 0, 2, 5]), unload_timeout=rng.choice([1, 3]),
                     concurrency_limit=rng.choice([2, 5, 1000])) for x in "abce"]
-        helpers = GroupStub("helpers", swap=False, exclusive=False, persistent=True, members=("e",))
+        helpers = GroupConfig("helpers", swap=False, exclusive=False, persistent=True, members=("e",))
         sim = Sim(models, load={x: rng.uniform(0.2, 2.0) for x in "abce"}, max_wait=rng.choice([0, 1, 5]),
                   policy=policy, groups={"helpers": helpers}, profiles={"P": ("a", "e")})
         if rng.random() < 0.5:
@@ -481,14 +484,14 @@ class RandomOperationsTests(SynchronousTestCase):
 
         overlaps: list = []
 
-        def alive_check(event: str, payload: Any) -> None:   # (the router swallows listener errors)
-            if event == "state":
+        def alive_check(event: Any) -> None:   # (the router swallows observer errors)
+            if isinstance(event, StateChanged):
                 alive = [p.id for p in sim.router.processes() if p.id != "e"
                          and p.state in (State.STARTING, State.READY, State.STOPPING)]
                 if len(alive) > 1:
                     overlaps.append((sim.reactor.seconds(), alive))
 
-        sim.router.listeners.append(alive_check)
+        sim.router.observers.add(alive_check)
         rejected = 0
         for _ in range(120):
             op = rng.random()

@@ -158,6 +158,15 @@ class InUseTests(TempDirCase):
         self.write({"daemon_pid": pid, "daemon_start_time": "not-the-start-time", "children": []})
         check_not_in_use(self.path)
 
+    def test_unknown_start_time_counts_as_in_use(self):
+        """Without /proc no start time can be read: a live recorded daemon is assumed to be ours,
+        whatever start time the file holds (an earlier version wrote ps's lstart there)."""
+        self.patch(statefile, "process_start_time", lambda pid: None)
+        pid = os.getppid()
+        for recorded in (None, "Mon Jan  5 10:00:00 2026"):
+            self.write({"daemon_pid": pid, "daemon_start_time": recorded, "children": []})
+            self.assertRaises(StateFileInUse, check_not_in_use, self.path)
+
     def test_dead_daemon_is_free(self):
         child = subprocess.Popen(["true"])
         child.wait()

@@ -1,4 +1,4 @@
-"""Tests for llamaswap.tinymodels: deterministic generation, the cache, and loading in a real llama-server."""
+"""Tests for llamaswap.demo.tinymodels: deterministic generation, the cache, and loading in a real llama-server."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from llamaswap import tinymodels
-from llamaswap.tinymodels import MODELS, MissingDependency, default_cache_dir, ensure_models
+from llamaswap.demo import tinymodels
+from llamaswap.demo.tinymodels import MODELS, MissingDependency, default_cache_dir, ensure_models
 from tests.daemon import http_request
 from tests.real_llama import ANSWER_A, ANSWER_B, LlamaServer, requires_llama_server
 
@@ -135,7 +135,7 @@ def test_missing_dependency(monkeypatch, tmp_path, models):
 
 
 def test_command_line(models, capsys):
-    """python -m llamaswap.tinymodels DIR prints '<name> <path>' per model."""
+    """python -m llamaswap.demo.tinymodels DIR prints '<name> <path>' per model."""
     assert tinymodels.main([str(models["chat-a"].parent)]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines == [f"{n} {p}" for n, p in models.items()]

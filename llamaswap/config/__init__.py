@@ -1,0 +1,255 @@
+"""The llama-swap YAML config: its types, and :func:`load_config`/:func:`parse_config` to read one.
+
+Every key is documented in docs/configuration.rst, generated from the key table in
+:mod:`llamaswap.config.keys`. Reading follows CFG-6, one module per stage:
+
+1. :mod:`~llamaswap.config.envsubst`: ``${env.NAME}`` on the raw text (MAC-7);
+2. :mod:`~llamaswap.config.yaml12`: a strict YAML 1.2 parse (CFG-1, CFG-2);
+3. :mod:`~llamaswap.config.macros`: comment lines out of ``cmd``/``cmdStop``
+   (:mod:`~llamaswap.config.cmdline`, CMD-1), macro expansion (MAC-1..4, MAC-6) and ``${PORT}``
+   allocation (MAC-5);
+4. :mod:`~llamaswap.config.schema`: typed reading with defaults, through
+   :class:`~llamaswap.config.reader.Reader`, then the cross-checks (aliases, groups, profiles).
+
+Every problem is *collected* and reported together as ``<path>: <message>`` lines in one
+:class:`ConfigError` (CFG-3); warnings (CFG-4) are returned on the :class:`Config` for the daemon
+to log. The result is frozen, and every effective value is resolved in it: a model's ``ttl``,
+``unload_timeout``, ``send_loading_state`` and ``health_check_timeout`` already include the
+top-level defaults.
+
+This package imports nothing from llamaswap but :mod:`llamaswap.errors` (and
+:mod:`llamaswap.ports` when :func:`load_config` checks ports).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from typing import Any, Callable, Iterable, Mapping
+
+import attr
+
+from llamaswap.config.cmdline import split_cmd  # re-exported; it imports nothing from this package
+
+__all__ = [
+    "Config", "ConfigError", "GroupConfig", "ModelConfig", "PeerConfig", "load_config", "parse_config",
+    "parse_size", "split_cmd",
+]
+
+DEFAULT_GROUP = "(default)"
+DEFAULT_HEALTH_CHECK_TIMEOUT = 120
+MIN_HEALTH_CHECK_TIMEOUT = 15
+DEFAULT_UNLOAD_TIMEOUT = 10
+DEFAULT_CONCURRENCY_LIMIT = 10
+LOG_LEVELS = ("debug", "info", "warn", "error")
+LOG_TO_STDOUT = ("proxy", "upstream", "both", "none")
+POLICIES = ("swap-aware", "fifo")
+
+
+class ConfigError(Exception):
+    """The config is invalid; ``errors`` holds every problem as a ``<path>: <message>`` line (CFG-3)."""
+
+    def __init__(self, errors: Iterable[str]):
+        self.errors = list(errors)
+        super().__init__("\n".join(self.errors))
+
+
+# --------------------------------------------------------------------------------------------
+# The types
+
+
+@attr.s(frozen=True, auto_attribs=True)
+class GroupConfig:
+    id: str
+    swap: bool = True
+    exclusive: bool = True
+    persistent: bool = False
+    members: tuple[str, ...] = ()
+
+
+@attr.s(frozen=True, auto_attribs=True)
+class PeerConfig:
+    id: str
+    proxy: str
+    api_key: str = ""
+    models: tuple[str, ...] = ()
+    strip_params: tuple[str, ...] = ()
+    set_params: dict[str, Any] = attr.Factory(dict)
+
+
+@attr.s(frozen=True, auto_attribs=True)
+class ModelConfig:
+    """One model; every field holds the effective value (the top-level default already applied)."""
+
+    id: str
+    cmd: str
+    argv: tuple[str, ...]
+    cmd_stop: str = ""
+    cmd_stop_argv: tuple[str, ...] = ()
+    proxy: str = ""
+    env: tuple[tuple[str, str], ...] = ()
+    check_endpoint: str | None = "/health"
+    aliases: tuple[str, ...] = ()
+    ttl: int = 0
+    use_model_name: str = ""
+    unlisted: bool = False
+    name: str = ""
+    description: str = ""
+    metadata: dict[str, Any] = attr.Factory(dict)
+    concurrency_limit: int = DEFAULT_CONCURRENCY_LIMIT
+    strip_params: tuple[str, ...] = ()
+    set_params: dict[str, Any] = attr.Factory(dict)
+    set_params_by_id: dict[str, dict[str, Any]] = attr.Factory(dict)
+    send_loading_state: bool = False
+    unload_timeout: int = DEFAULT_UNLOAD_TIMEOUT
+    health_check_timeout: int = DEFAULT_HEALTH_CHECK_TIMEOUT
+    port: int | None = None
+    memory: int | None = None
+
+    def env_dict(self) -> dict[str, str]:
+        """The model's ``env`` as a dict; later entries win (CFG-34)."""
+        return dict(self.env)
+
+    def process_key(self) -> tuple:
+        """The effective process config: equal keys mean the running child can be kept on reload."""
+        return (self.argv, self.cmd_stop_argv, self.proxy, self.env, self.check_endpoint)
+
+
+_IMPLICIT_GROUP = GroupConfig(DEFAULT_GROUP, swap=True, exclusive=True, persistent=False, members=())
+
+
+@attr.s(frozen=True, auto_attribs=True)
+class Config:
+    source: str = "<config>"
+    models: dict[str, ModelConfig] = attr.Factory(dict)
+    groups: dict[str, GroupConfig] = attr.Factory(dict)
+    profiles: dict[str, tuple[str, ...]] = attr.Factory(dict)
+    aliases: dict[str, str] = attr.Factory(dict)
+    health_check_timeout: int = DEFAULT_HEALTH_CHECK_TIMEOUT
+    log_level: str = "info"
+    log_to_stdout: str = "proxy"
+    start_port: int = 5800
+    global_ttl: int = 0
+    unload_timeout: int = DEFAULT_UNLOAD_TIMEOUT
+    send_loading_state: bool = False
+    include_aliases_in_list: bool = False
+    api_keys: tuple[str, ...] = ()
+    preload: tuple[str, ...] = ()
+    max_wait: float = 30.0
+    policy: str = "swap-aware"
+    max_request_body: int = 2**30
+    peers: dict[str, PeerConfig] = attr.Factory(dict)
+    memory_budget: int | None = None
+    memory_overhead: int = 2**30
+    warnings: tuple[str, ...] = ()
+    later_keys: tuple[str, ...] = ()
+
+    def group_of(self, model_id: str) -> GroupConfig:
+        """The explicit group holding ``model_id``, else the implicit ``(default)`` group (CFG-51)."""
+        for group in self.groups.values():
+            if model_id in group.members:
+                return group
+        return _IMPLICIT_GROUP
+
+    def resolve(self, name: str) -> str | None:
+        """RT-2 steps 1-2: a configured id, else the id an alias names, else ``None``."""
+        if name in self.models:
+            return name
+        return self.aliases.get(name)
+
+
+# --------------------------------------------------------------------------------------------
+# Sizes
+
+_SIZE = re.compile(r"^\s*([0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*([kmgt]i?b|b)?\s*$", re.IGNORECASE)
+_SIZE_UNITS = {
+    None: 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+    "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_size(value: Any) -> int:
+    """A byte size: a non-negative int, or a string like ``"12GiB"``/``"512 MB"``/``"1024"``.
+
+    Units ``B, KB, MB, GB, TB`` (powers of 1000) and ``KiB, MiB, GiB, TiB`` (powers of 1024),
+    case-insensitive.
+
+    :raises ValueError: for anything else (floats, bools, negative numbers, unknown units).
+    """
+    if isinstance(value, bool):
+        raise ValueError(f"not a size: {value!r}")
+    if isinstance(value, int):
+        if value < 0:
+            raise ValueError(f"negative size: {value!r}")
+        return int(value)
+    if isinstance(value, str):
+        m = _SIZE.match(value)
+        if m:
+            unit = m.group(2).lower() if m.group(2) else None
+            number = m.group(1)
+            if "." in number:
+                return int(float(number) * _SIZE_UNITS[unit])
+            return int(number) * _SIZE_UNITS[unit]
+    raise ValueError(f"not a size: {value!r}")
+
+
+# --------------------------------------------------------------------------------------------
+# Reading a config
+
+
+def parse_config(text: str, source: str = "<config>", environ: Mapping[str, str] | None = None,
+                 port_in_use: Callable[[int], bool] | None = None) -> Config:
+    """Parse and validate a config (CFG-6 order).
+
+    :param text: the YAML text.
+    :param source: the file name used in YAML syntax errors and ``Config.source``.
+    :param environ: the environment for ``${env.NAME}`` (default ``os.environ``).
+    :param port_in_use: ``(port) -> bool``; ``${PORT}`` allocation skips ports it says are
+        taken (default: none is).
+    :raises ConfigError: listing every problem found.
+    """
+    # The stages are imported here: they import the types above, and schema loads the key table,
+    # which `python -m llamaswap.config.keys` must be the first to load (runpy warns otherwise).
+    from llamaswap.config import envsubst, schema, yaml12
+
+    environ = os.environ if environ is None else environ
+    text = envsubst.substitute_env(text, source, environ)
+    try:
+        node = yaml12.compose(text, source)
+    except RecursionError:
+        raise ConfigError([f"{source}: the YAML is nested too deeply"]) from None
+    errors: list[str] = []
+    warnings: list[str] = []
+    try:
+        data = yaml12.build(node, errors, source) if node is not None else None
+        if data is None:
+            data = {}
+        if not isinstance(data, dict):
+            raise ConfigError(errors + [f"{source}: the top level must be a mapping"])
+        return schema.read_config(data, source, errors, warnings, port_in_use)
+    except RecursionError:
+        raise ConfigError([f"{source}: the YAML is nested too deeply"]) from None
+
+
+def load_config(path: str, port_in_use: Callable[[int], bool] | None = None) -> Config:
+    """Read and parse the config file at ``path``.
+
+    ``${PORT}`` allocation skips ports ``port_in_use`` says are taken; by default, ports
+    something on this machine listens on.
+
+    :raises ConfigError: when the file cannot be read or is not valid UTF-8, or is invalid.
+    """
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except OSError as e:
+        raise ConfigError([f"{path}: cannot read config: {e.strerror or e}"]) from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError([f"{path}: cannot read config: not valid UTF-8 ({e.reason} at byte {e.start})"]) \
+            from None
+    if text.startswith("\ufeff"):
+        text = text[1:]
+    if port_in_use is None:
+        from llamaswap.ports import port_in_use
+    return parse_config(text, path, port_in_use=port_in_use)
