@@ -50,19 +50,22 @@ LISTENING = re.compile(rb"listening on tcp:127\.0\.0\.1:(\d+)")
 UP_LISTENING = re.compile(rb"listening on http://127\.0\.0\.1:(\d+)")
 
 SCENARIOS = ["loadgen_ceiling", "latency_c1", "throughput_c32", "stream_500", "readiness", "swap",
-             "mixed_load", "streams_1000", "idle_rss_10_models", "real_llama", "router_mode"]
+             "mixed_load", "memory_packing", "streams_1000", "idle_rss_10_models", "real_llama", "router_mode"]
 
 # name: (quick, full, smoke) parameters
 PROFILES = {
     "full": dict(lat_n=3000, tp_seconds=8, tp_conc=32, stream_n=20, stream_chunks=500, stream_delay=0.002,
                  ready_n=10, ready_delay=0.3, swap_n=10, mixed_load=2.0, mixed_per_client=5, mixed_wait=10.0,
-                 slow_n=1000, slow_chunks=20, slow_delay=0.25, real_n=10, own_n=7, warm_n=50, ramp=1.0, settle=1.0),
+                 slow_n=1000, slow_chunks=20, slow_delay=0.25, real_n=10, own_n=7, warm_n=50, ramp=1.0, settle=1.0,
+                 pack_n=400, pack_scale=1.0),
     "quick": dict(lat_n=1000, tp_seconds=4, tp_conc=32, stream_n=8, stream_chunks=500, stream_delay=0.002,
                   ready_n=5, ready_delay=0.3, swap_n=6, mixed_load=1.0, mixed_per_client=3, mixed_wait=5.0,
-                  slow_n=1000, slow_chunks=10, slow_delay=0.2, real_n=6, own_n=5, warm_n=20, ramp=1.0, settle=1.0),
+                  slow_n=1000, slow_chunks=10, slow_delay=0.2, real_n=6, own_n=5, warm_n=20, ramp=1.0, settle=1.0,
+                  pack_n=200, pack_scale=1.0),
     "smoke": dict(lat_n=30, tp_seconds=1, tp_conc=4, stream_n=2, stream_chunks=20, stream_delay=0.001,
                   ready_n=1, ready_delay=0.1, swap_n=2, mixed_load=0.1, mixed_per_client=1, mixed_wait=1.0,
-                  slow_n=20, slow_chunks=3, slow_delay=0.05, real_n=1, own_n=1, warm_n=2, ramp=0.05, settle=0.1),
+                  slow_n=20, slow_chunks=3, slow_delay=0.05, real_n=1, own_n=1, warm_n=2, ramp=0.05, settle=0.1,
+                  pack_n=12, pack_scale=0.1),
 }
 
 TARGETS = {
@@ -72,6 +75,7 @@ TARGETS = {
     "readiness": "<= 50 ms",
     "swap": "<= 100 ms",
     "mixed_load": "makespan <= 0.5 x FIFO, max wait bounded",
+    "memory_packing": "cost-policy loads <= 0.5 x one-at-a-time, load time <= 0.75 x lru, 0 errors",
     "streams_1000": "0 errors, RSS <= 100 MB",
     "idle_rss_10_models": "<= 50 MB",
     "real_llama": "<= 50 ms",
@@ -542,6 +546,80 @@ class Bench:
             out["max_wait_within_bound"] = aware["max_wait_s"] <= out["wait_bound_s"]
         return out
 
+    #: memory_packing: model -> (load delay s at pack_scale 1, share of the requests). The hot
+    #: model is the big one that loads slowest, as on a real box (the main chat model beside a
+    #: smaller second chat model and two rarely used helpers).
+    PACK_MODELS = {"A": (3.0, 0.60), "B": (1.5, 0.25), "C": (0.5, 0.075), "D": (1.0, 0.075)}
+    PACK_CLIENTS = 4
+    PACK_SEED = 20240
+
+    def s_memory_packing(self) -> dict:
+        """4 models of 7 GiB, a 16 GiB budget (2 fit), a skewed seeded request mix from 4 clients:
+        one-at-a-time swapping (no budget) vs ``memory.policy: lru`` vs the reload-cost policy."""
+        import random
+        p = self.p
+        delays = {m: round(d * p["pack_scale"], 3) for m, (d, _) in self.PACK_MODELS.items()}
+        rng = random.Random(self.PACK_SEED)
+        names = list(self.PACK_MODELS)
+        seq = rng.choices(names, weights=[w for _, w in self.PACK_MODELS.values()], k=p["pack_n"])
+        clients = self.PACK_CLIENTS
+        seqs = [seq[i::clients] for i in range(clients)]
+        out: dict = {"load_delay_s": delays, "clients": clients, "requests": len(seq), "seed": self.PACK_SEED,
+                     "mix": {m: seq.count(m) for m in names}, "budget": "16GiB", "model_memory": "7GiB"}
+        for target in self.proxies:
+            configs = ["one-at-a-time", "lru", "cost"] if target.is_llamaswap else ["one-at-a-time"]
+            for conf in configs:
+                wd = self.wd("packing", target.name, conf)
+                start_log = wd / "starts.log"
+                start_log.write_text("")
+                models = {}
+                for m in names:
+                    models[m] = {"cmd": upstream_cmd("--model", m, "--load-delay", str(delays[m]),
+                                                     "--start-log", str(start_log)),
+                                 "proxy": "http://127.0.0.1:${PORT}", "checkEndpoint": "/health",
+                                 "concurrencyLimit": 32}
+                    if target.is_llamaswap:
+                        models[m]["memory"] = "7GiB"
+                # own port range: other daemons on this machine (tests, benches) start at 5800
+                config: dict = {"healthCheckTimeout": 60, "startPort": _free_port_range(len(names)),
+                                "models": models}
+                if conf != "one-at-a-time":
+                    config["memory"] = {"budget": "16GiB", "policy": conf}
+                with target.start(config, wd) as proxy:
+                    r = asyncio.run(_packing(proxy.port, seqs))
+                    metrics = _prom(proxy.get("/metrics")[1]) if target.is_llamaswap else {}
+                starts = [line.split()[0] for line in start_log.read_text().splitlines() if line.strip()]
+                r["loads"] = len(starts)
+                r["loads_by_model"] = {m: starts.count(m) for m in names}
+                r["load_time_from_delays_s"] = round(sum(delays[m] for m in starts), 2)
+                if metrics:
+                    cnt = _prom_sum(metrics, "llamaswap_model_load_duration_seconds_count", outcome="success")
+                    r["loads_metrics"] = int(cnt)
+                    r["load_time_s"] = round(_prom_sum(metrics, "llamaswap_model_load_duration_seconds_sum",
+                                                       outcome="success"), 2)
+                    r["failed_starts"] = int(_prom_sum(metrics, "llamaswap_model_load_duration_seconds_count",
+                                                       outcome="failure"))
+                    ev: dict = {}
+                    for labels, v in metrics.get("llamaswap_evictions_total", []):
+                        if v:
+                            ev[labels.get("reason", "?")] = ev.get(labels.get("reason", "?"), 0) + int(v)
+                    r["evictions"] = ev
+                else:
+                    r["load_time_s"] = r["load_time_from_delays_s"]
+                out[f"{target.name}:{conf}"] = r
+        one, lru, cost = (out.get(f"llamaswap:{c}") for c in ("one-at-a-time", "lru", "cost"))
+        if one and lru and cost:
+            out["loads_ratio_vs_one_at_a_time"] = round(cost["loads"] / max(1, one["loads"]), 3)
+            out["load_time_ratio_vs_lru"] = round(cost["load_time_s"] / lru["load_time_s"], 3) \
+                if lru["load_time_s"] else None
+            out["targets"] = {
+                "loads_le_half_of_one_at_a_time": cost["loads"] <= 0.5 * one["loads"],
+                "load_time_ge_25pct_less_than_lru": lru["load_time_s"] > 0
+                and cost["load_time_s"] <= 0.75 * lru["load_time_s"],
+                "zero_errors": one["errors"] == lru["errors"] == cost["errors"] == 0}
+            out["targets_met"] = all(out["targets"].values())
+        return out
+
     def s_streams_1000(self) -> dict:
         p = self.p
         n = p["slow_n"]
@@ -697,6 +775,83 @@ def _alternate(port: int, names: tuple, n: int, warm_n: int) -> dict:
             "warm_p50_ms": ms(med(warm)), "warm_p99_ms": ms(percentile(warm, 99)), "n": len(cold)}
 
 
+async def _packing(port: int, seqs: list, timeout: float = 300.0) -> dict:
+    """One closed-loop client per sequence of model names: a short non-streamed chat each, one after another."""
+    waits: list = []
+    errors: list = []
+    raw_for = {m: chat_request(m) for s in seqs for m in s}
+
+    async def one(model: str) -> int:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        try:
+            writer.write(raw_for[model])
+            status, _ = await loadgen._read_response(reader)
+            return status
+        finally:
+            writer.close()
+
+    async def client(seq: list) -> None:
+        for model in seq:
+            t0 = time.monotonic()
+            try:
+                status = await asyncio.wait_for(one(model), timeout)
+                if status != 200:
+                    errors.append(f"{model}: HTTP {status}")
+            except (OSError, asyncio.IncompleteReadError, asyncio.TimeoutError, ValueError) as e:
+                errors.append(f"{model}: {type(e).__name__}")
+            waits.append(time.monotonic() - t0)
+
+    t0 = time.monotonic()
+    await asyncio.gather(*[client(s) for s in seqs])
+    makespan = time.monotonic() - t0
+    return {"makespan_s": round(makespan, 2), "requests": len(waits), "errors": len(errors),
+            "error_samples": errors[:5], "p50_wait_s": round(percentile(waits, 50), 3),
+            "p99_wait_s": round(percentile(waits, 99), 3), "max_wait_s": round(max(waits), 3)}
+
+
+def _free_port_range(n: int) -> int:
+    """A base port below the ephemeral range with ``n`` free ports from it."""
+    import random
+    for _ in range(200):
+        base = random.randrange(20000, 30000 - n)
+        try:
+            socks = []
+            for port in range(base, base + n):
+                s = socket.socket()
+                socks.append(s)
+                s.bind(("127.0.0.1", port))
+            return base
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+    raise RuntimeError(f"no {n} consecutive free ports found")
+
+
+_PROM_LINE = re.compile(r'^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})?\s+(\S+)$')
+_PROM_LABEL = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"')
+
+
+def _prom(text: bytes) -> dict:
+    """Prometheus text -> {name: [(labels, value), ...]}."""
+    out: dict = {}
+    for line in text.decode("utf-8", "replace").splitlines():
+        m = _PROM_LINE.match(line.strip())
+        if not m or line.startswith("#"):
+            continue
+        labels = dict(_PROM_LABEL.findall(m.group(2) or ""))
+        try:
+            out.setdefault(m.group(1), []).append((labels, float(m.group(3))))
+        except ValueError:
+            pass
+    return out
+
+
+def _prom_sum(metrics: dict, name: str, **match: str) -> float:
+    return sum(v for labels, v in metrics.get(name, []) if all(labels.get(k) == x for k, x in match.items()))
+
+
 async def _mixed(port: int, clients: int, per_client: int) -> dict:
     """``clients`` clients, client i asking A B C A B C ... starting at model i % 3."""
     models = "ABC"
@@ -791,6 +946,19 @@ def rows(results: dict, proxies: list[str]) -> list[tuple]:
         add("mixed 3 models x 6 clients", "makespan; swaps; p99/max wait", None, vals,
             f"<= 0.5x FIFO; max wait <= {g('mixed_load', 'wait_bound_s')} s",
             g("mixed_load", "makespan_ratio", default=9) <= 0.5 and g("mixed_load", "max_wait_within_bound"))
+    pk = g("memory_packing")
+    if pk and "error" not in pk:
+        for conf in ("one-at-a-time", "lru", "cost"):
+            vals = []
+            for t in proxies:
+                o = g("memory_packing", f"{t}:{conf}")
+                vals.append(None if not o else
+                            f"loads {o['loads']}; load {fmt(o['load_time_s'])} s; makespan {fmt(o['makespan_s'])} s; "
+                            f"p99 {fmt(o['p99_wait_s'])} s; errors {o['errors']}")
+            last = conf == "cost"
+            add(f"memory 4x7GiB/16GiB: {conf}", "loads; load time; makespan; p99 wait; errors", None, vals,
+                "loads <= 0.5x one-at-a-time; load <= 0.75x lru; 0 errors" if last else "-",
+                pk.get("targets_met") if last else None)
     er = per("streams_1000", "errors")
     rss = per("streams_1000", "rss_peak_mb")
     add(f"{g('streams_1000', 'streams')} slow streams", "errors; peak RSS MB", f"{g('streams_1000', 'direct', 'errors')}; -",

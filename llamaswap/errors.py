@@ -183,6 +183,12 @@ class ModelUnloaded(LlamaSwapError):
     status, kind, code = 503, "server_error", "model_unloaded"
 
 
+class InsufficientMemory(LlamaSwapError):
+    """The model needs more than the whole ``memory.budget``: refused at once, nothing evicted."""
+
+    status, kind, code = 503, "server_error", "insufficient_memory"
+
+
 class ShuttingDown(LlamaSwapError):
     status, kind, code = 503, "server_error", "shutting_down"
 

@@ -226,7 +226,7 @@ class EventHub(Service):
             self._schedule_flush()
 
     def request_finished(self, record: Any) -> None:
-        """``App.request_listeners``: keep the EVT-2 record of a ``RequestRecord`` and send it as
+        """``WebContext.request_listeners``: keep the EVT-2 record of a ``RequestRecord`` and send it as
         ``metrics``."""
         usage = record.usage or {}
 

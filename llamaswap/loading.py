@@ -73,7 +73,7 @@ class _Prefix(Protocol):
 class LoadingProgress:
     """The loading-state stream of one request.
 
-    :param app: the web layer's ``App`` (router, forwarder, clock).
+    :param app: the web layer's ``WebContext`` (router, forwarder, clock).
     :param request: the twisted.web request (nothing written to it yet).
     :param model_id: the resolved id (shown in ``loading model <id>…``).
     :param requested: the name the client asked for (the chunks' ``model``).

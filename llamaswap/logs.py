@@ -1,34 +1,24 @@
 """
-Log sources, their history rings and their live subscribers (LOG-1..LOG-7).
+Log sources, their history rings and their live subscribers (LOG-1..LOG-3, LOG-7).
 
-Two pieces live here:
+:class:`LogBroadcaster` keeps a 100 KiB byte ring per source (``proxy``, ``upstream``,
+``combined`` and one per model id) and fans new bytes out to live stream subscribers
+(EP-9, EP-10).  Each subscriber is a ``fanout.Subscriber`` (an ``IPushProducer``
+registered on its HTTP request, with the ``DropExcess`` policy), so a slow reader is
+paused by its own transport and never slows a child, the rings or other readers
+(LOG-3, LOG-7).
 
-* :class:`LogBroadcaster` keeps a 100 KiB byte ring per source (``proxy``, ``upstream``,
-  ``combined`` and one per model id) and fans new bytes out to live stream subscribers
-  (EP-9, EP-10).  Each subscriber is a ``fanout.Subscriber`` (an ``IPushProducer``
-  registered on its HTTP request, with the ``DropExcess`` policy), so a slow reader is
-  paused by its own transport and never slows a child, the rings or other readers
-  (LOG-3, LOG-7).
+A model's own source holds its child's output byte-for-byte, as llama-swap's does.
+``upstream`` and ``combined`` only ever receive whole lines, each child line prefixed
+with its model id (``[chat-a] I slot print_timing: ...``): a pipe read can end in the
+middle of a line, and copying such chunks raw would splice another child's output or a
+proxy line (the access log) into it; with several children resident, unprefixed lines
+could not be told apart either.  llama-swap's ``upstream`` is raw, so this is a
+deliberate difference.
 
-  A model's own source holds its child's output byte-for-byte, as llama-swap's does.
-  ``upstream`` and ``combined`` only ever receive whole lines, each child line prefixed
-  with its model id (``[chat-a] I slot print_timing: ...``): a pipe read can end in the
-  middle of a line, and copying such chunks raw would splice another child's output or a
-  proxy line (the access log) into it; with several children resident, unprefixed lines
-  could not be told apart either.  llama-swap's ``upstream`` is raw, so this is a
-  deliberate difference.
-* :class:`ProxyLogObserver` is the one ``ILogObserver`` behind every llamaswap
-  ``Logger``: it filters by ``logLevel`` (CFG-11), stores ``[LEVEL] message`` lines in the
-  ``proxy`` source (LOG-4) and forwards to the twistd log as ``logToStdout`` says
-  (CFG-12, LOG-6).
-
-Modules get a logger bound to the observer by constructor injection, never from a
-module-level global (pitfall 13)::
-
-    log = make_logger(proxy_observer, "llamaswap.router")
-    router = ModelRouter(..., log=log)
-
-This module imports only ``llamaswap.fanout`` (the subscribers' back-pressure).
+What writes the ``proxy`` source (the observer behind every llamaswap ``Logger``) is in
+``llamaswap.proxylog``.  This module imports only ``llamaswap.fanout`` (the subscribers'
+back-pressure).
 """
 
 from __future__ import annotations
@@ -38,33 +28,18 @@ from collections import Counter, deque
 from typing import Callable
 
 from twisted.application.service import Service
-from twisted.logger import (
-    FilteringLogObserver,
-    ILogObserver,
-    LogLevel,
-    LogLevelFilterPredicate,
-    Logger,
-    eventAsText,
-    globalLogPublisher,
-)
-from zope.interface import implementer
 
 from llamaswap.fanout import Consumer, DropExcess, Subscriber
 
 __all__ = [
     "COMBINED",
     "DEFAULT_HISTORY_BYTES",
-    "LEVELS",
     "LINE_BUFFER_LIMIT",
-    "LOG_TO_STDOUT_VALUES",
     "LogBroadcaster",
     "PROXY",
-    "ProxyLogObserver",
     "QUEUE_LIMIT",
     "UPSTREAM",
     "drop_marker",
-    "format_proxy_line",
-    "make_logger",
 ]
 
 PROXY = "proxy"
@@ -158,8 +133,7 @@ class LogBroadcaster(Service):
         for a slow subscriber; wire it to ``llamaswap_log_bytes_dropped_total``.
     :param upstream_line_observer: ``callable(model_id, line: str)`` receiving child output
         one complete line at a time (without its line ending, undecodable bytes replaced)
-        for the twistd log copy (LOG-6).  May be assigned later through the attribute of
-        the same name, e.g. ``ProxyLogObserver.upstream_line``.
+        for the twistd log copy (LOG-6): ``proxylog.TwistdLogCopy.upstream_line``.
     :ivar dropped_bytes: ``Counter`` source -> bytes discarded for slow subscribers.
     """
 
@@ -176,8 +150,8 @@ class LogBroadcaster(Service):
         self._subscribers: dict[str, list[Subscriber]] = {s: [] for s in _BUILTIN_SOURCES}
         self._partial_lines: dict[tuple[str, object], bytes] = {}
         self._stopped = False
-        self.on_dropped = on_dropped
-        self.upstream_line_observer = upstream_line_observer
+        self._on_dropped = on_dropped
+        self._upstream_line_observer = upstream_line_observer
         self.dropped_bytes: Counter[str] = Counter()
 
     # Sources
@@ -236,7 +210,7 @@ class LogBroadcaster(Service):
         The chunk goes byte-for-byte into the model's source (when :meth:`add_source` was
         called for it) and to its live subscribers (LOG-3).  The lines it completes go to
         ``upstream`` and ``combined`` as ``[<model_id>] <line>\\n``, and to
-        :attr:`upstream_line_observer` (LOG-6); an unfinished line is held back.
+        the ``upstream_line_observer`` (LOG-6); an unfinished line is held back.
         """
         if not data:
             return
@@ -312,7 +286,7 @@ class LogBroadcaster(Service):
         data = b"".join(prefix + line + b"\n" for line in lines)
         self._publish(UPSTREAM, data)
         self._publish(COMBINED, data)
-        observer = self.upstream_line_observer
+        observer = self._upstream_line_observer
         if observer is not None:
             for line in lines:
                 observer(model_id, line.decode("utf-8", errors="replace"))
@@ -365,8 +339,8 @@ class LogBroadcaster(Service):
 
     def _count_dropped(self, source: str, nbytes: int) -> None:
         self.dropped_bytes[source] += nbytes
-        if self.on_dropped is not None:
-            self.on_dropped(source, nbytes)
+        if self._on_dropped is not None:
+            self._on_dropped(source, nbytes)
 
     # Service
 
@@ -389,96 +363,6 @@ class LogBroadcaster(Service):
         self._stopped = False
 
 
-# Proxy log observer (LOG-4, LOG-6, CFG-11, CFG-12)
-
-LEVELS = ("debug", "info", "warn", "error")
-LOG_TO_STDOUT_VALUES = ("proxy", "upstream", "both", "none")
-
-_LABEL = {LogLevel.debug: "DEBUG", LogLevel.info: "INFO", LogLevel.warn: "WARN", LogLevel.error: "ERROR",
-          LogLevel.critical: "ERROR"}
-
-
-def _log_level(level: str) -> LogLevel:
-    """The ``LogLevel`` of a ``logLevel`` setting (any case); the names are Twisted's own."""
-    if level.lower() not in LEVELS:
-        raise ValueError(f"unknown log level {level!r}; use one of {', '.join(LEVELS)}")
-    return LogLevel.levelWithName(level.lower())
-
-
-def _check_to_stdout(value: str) -> str:
-    if value not in LOG_TO_STDOUT_VALUES:
-        raise ValueError(f"unknown logToStdout {value!r}; use one of {', '.join(LOG_TO_STDOUT_VALUES)}")
-    return value
-
-
-@implementer(ILogObserver)
-class ProxyLogObserver:
-    """
-    The observer behind every llamaswap ``Logger``.
-
-    Events below the level are dropped by a ``FilteringLogObserver`` with a
-    ``LogLevelFilterPredicate``: neither stored nor forwarded (LOG-4).  Like every such
-    predicate it also drops events without a level or namespace (a ``Logger`` always sets
-    both).  Other events are stored in the ``proxy`` source as ``[LEVEL] <formatted
-    message>\\n`` (with the traceback of ``log_failure`` on the following lines) and
-    forwarded unchanged to ``forward`` when ``to_stdout`` is ``proxy`` or ``both`` (LOG-6).
-
-    :param broadcaster: where the ``proxy`` lines go.
-    :param forward: the twistd log publisher (``globalLogPublisher`` in production).
-    :param level: ``debug``, ``info``, ``warn`` or ``error`` (any case; CFG-11).
-    :param to_stdout: ``proxy``, ``upstream``, ``both`` or ``none`` (CFG-12).
-    :raises ValueError: for any other ``level`` / ``to_stdout``.
-    """
-
-    def __init__(
-        self,
-        broadcaster: LogBroadcaster,
-        forward: ILogObserver = globalLogPublisher,
-        level: str = "info",
-        to_stdout: str = "proxy",
-    ) -> None:
-        self._broadcaster = broadcaster
-        self._forward = forward
-        self._predicate = LogLevelFilterPredicate(defaultLogLevel=_log_level(level))
-        self._filtered = FilteringLogObserver(self._emit, [self._predicate])
-        self._to_stdout = _check_to_stdout(to_stdout)
-        self._upstream_log = Logger(namespace="llamaswap.upstream", observer=forward)
-
-    @property
-    def level(self) -> str:
-        return self._predicate.logLevelForNamespace("").name
-
-    @property
-    def to_stdout(self) -> str:
-        return self._to_stdout
-
-    def set_level(self, level: str) -> None:
-        """Change the minimum level (config reload, CFG-11)."""
-        self._predicate.setLogLevelForNamespace("", _log_level(level))
-
-    def set_to_stdout(self, value: str) -> None:
-        """Change what goes to the twistd log (config reload, CFG-12)."""
-        self._to_stdout = _check_to_stdout(value)
-
-    def __call__(self, event: dict) -> None:
-        self._filtered(event)
-
-    def _emit(self, event: dict) -> None:
-        """Store and forward one event that passed the level filter."""
-        self._broadcaster.write_proxy(format_proxy_line(event, _LABEL[event["log_level"]]))
-        if self._to_stdout in ("proxy", "both"):
-            self._forward(event)
-
-    def upstream_line(self, model_id: str, line: str) -> None:
-        """
-        Send one line of child output to the twistd log as ``[<id>] <line>`` when
-        ``to_stdout`` is ``upstream`` or ``both`` (LOG-6).  Assign it to
-        ``LogBroadcaster.upstream_line_observer``.
-        """
-        if self._to_stdout in ("upstream", "both"):
-            self._upstream_log.info("[{model}] {line}", model=model_id, line=line)
-
-
 def _utf8_boundary(data: bytes) -> int:
     """``len(data)``, or less so that a UTF-8 sequence cut at the end is left out."""
     for back in range(1, min(4, len(data)) + 1):
@@ -489,14 +373,3 @@ def _utf8_boundary(data: bytes) -> int:
             need = 2 if byte < 0xE0 else 3 if byte < 0xF0 else 4
             return len(data) if back >= need else len(data) - back
     return len(data)  # only continuation bytes: not UTF-8 we could keep whole
-
-
-def format_proxy_line(event: dict, label: str) -> bytes:
-    """``[LABEL] message\\n`` in UTF-8, with a failure's traceback after the message (LOG-4)."""
-    text = eventAsText(event, includeTraceback=True, includeTimestamp=False, includeSystem=False)
-    return f"[{label}] {text.rstrip(chr(10))}\n".encode("utf-8", errors="replace")
-
-
-def make_logger(observer: ILogObserver, namespace: str) -> Logger:
-    """A ``Logger`` whose events go to ``observer`` (the daemon's :class:`ProxyLogObserver`)."""
-    return Logger(namespace=namespace, observer=observer)

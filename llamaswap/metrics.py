@@ -6,8 +6,10 @@ buckets. It learns what happens from three feeds, wired by the service:
 
 * model events (:meth:`Metrics.observe`, an ``IModelObserver`` added to
   ``router.observers``) -> model state, queue depth, in-flight, swaps, stops by reason,
-  load durations and failed starts, each straight from the event's own data;
-* finished requests (``App.request_listeners``): one record per model-dispatched request
+  evictions by reason, load durations and failed starts, each straight from the event's own
+  data; with ``memory.budget`` set, ``MemoryChanged`` -> the budget, the memory in use and each
+  model's need (these three gauges exist only once a budget is in force);
+* finished requests (``WebContext.request_listeners``): one record per model-dispatched request
   -> requests, durations, TTFB, queue wait, tokens, tokens/s, stream errors;
 * ``LogBroadcaster.on_dropped`` -> ``llamaswap_log_bytes_dropped_total``.
 
@@ -18,6 +20,9 @@ lines that mention ``usage`` or ``timings``) or a bounded :class:`JSONUsageParse
 so relaying it costs nothing per chunk.
 
 This module imports only the event classes of ``llamaswap.observe``.
+
+Size (~510 lines): the metric table and the feeds that fill it are one unit; the token parsers
+(from ``_usage_fields`` on) are the seam should it grow.
 """
 from __future__ import annotations
 
@@ -34,12 +39,12 @@ except ImportError:  # older clients: "latest" is 0.0.4
 from twisted.web.resource import Resource
 
 from llamaswap.observe import (
-    ModelEvent, QueueChanged, Reloaded, Removed, Replaced, StartFailed, Started, Starting, StateChanged,
-    Stopping)
+    MemoryChanged, ModelEvent, QueueChanged, Reloaded, Removed, Replaced, StartFailed, Started, Starting,
+    StateChanged, Stopping)
 
 __all__ = [
-    "CONTENT_TYPE", "DURATION_BUCKETS", "JSONUsageParser", "LOAD_BUCKETS", "MAX_JSON_BYTES", "MAX_SSE_LINE",
-    "Metrics", "MetricsPage", "SSEUsageParser", "STATES", "STOP_REASONS", "TPS_BUCKETS",
+    "CONTENT_TYPE", "DURATION_BUCKETS", "EVICTION_REASONS", "JSONUsageParser", "LOAD_BUCKETS", "MAX_JSON_BYTES",
+    "MAX_SSE_LINE", "Metrics", "MetricsPage", "SSEUsageParser", "STATES", "STOP_REASONS", "TPS_BUCKETS",
     "response_parser", "usage_from",
 ]
 
@@ -50,6 +55,9 @@ TPS_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000)
 #: llama-swap's state strings (process.State values).
 STATES = ("stopped", "starting", "ready", "stopping", "shutdown")
 STOP_REASONS = ("swap", "ttl", "unload", "reload", "failed_start", "shutdown", "exited")
+#: ``llamaswap_evictions_total`` reasons: a swap's eviction reason (``Stopping.cause``), or the
+#: stop's own reason for ttl, unload and reload.
+EVICTION_REASONS = ("memory", "group", "matrix", "profile", "ttl", "unload", "reload")
 TOKEN_TYPES = ("input", "output", "cached")
 LOG_SOURCES = ("proxy", "upstream", "combined")
 #: MET-3 limits.
@@ -109,6 +117,15 @@ class Metrics:
         self.log_dropped = Counter("llamaswap_log_bytes_dropped_total",
                                    "Log bytes discarded for log stream readers too slow to keep up.",
                                    ["source"], registry=r)
+        self.evictions = Counter("llamaswap_evictions_total",
+                                 "Running models stopped by the router, by reason: evicted for another "
+                                 "model (memory, group, matrix, profile), or ttl, unload, reload.",
+                                 ["model", "reason"], registry=r)
+        # memory.budget gauges: registered by the first MemoryChanged with a budget
+        self.memory_budget: Optional[Gauge] = None
+        self.memory_used: Optional[Gauge] = None
+        self.model_memory: Optional[Gauge] = None
+        self._memory_series: set[tuple[str, str]] = set()
         for result in ("success", "failure"):
             self.config_reloads.labels(result=result)
         for source in LOG_SOURCES:
@@ -136,6 +153,8 @@ class Metrics:
             self.tokens.labels(model=model_id, type=kind)
         for reason in STOP_REASONS:
             self.stops.labels(model=model_id, reason=reason)
+        for reason in EVICTION_REASONS:
+            self.evictions.labels(model=model_id, reason=reason)
         for outcome in ("success", "failure"):
             self.load_duration.labels(model=model_id, outcome=outcome)
 
@@ -151,6 +170,11 @@ class Metrics:
             _remove(self.tokens, model_id, kind)
         for reason in STOP_REASONS:
             _remove(self.stops, model_id, reason)
+        for reason in EVICTION_REASONS:
+            _remove(self.evictions, model_id, reason)
+        for key in [k for k in self._memory_series if k[0] == model_id]:
+            self._memory_series.discard(key)
+            _remove(self.model_memory, *key)
         for outcome in ("success", "failure"):
             _remove(self.load_duration, model_id, outcome)
         for metric in (self.requests, self.request_duration, self.ttfb):
@@ -176,6 +200,9 @@ class Metrics:
         elif isinstance(event, Stopping):
             if event.reason in STOP_REASONS:
                 self.stops.labels(model=event.model, reason=event.reason).inc()
+            reason = (event.cause or "group") if event.reason == "swap" else event.reason
+            if reason in EVICTION_REASONS and event.model in self._models:
+                self.evictions.labels(model=event.model, reason=reason).inc()
         elif isinstance(event, Starting):
             if event.evicted:
                 self.swaps.labels(model=event.model).inc()
@@ -194,9 +221,40 @@ class Metrics:
         elif isinstance(event, Replaced):
             if event.model in self._models:
                 self.set_state(event.model, event.state)
+        elif isinstance(event, MemoryChanged):
+            self._memory(event)
+
+    def _memory(self, event: MemoryChanged) -> None:
+        """The memory gauges follow ``MemoryChanged``; a reload removing the budget removes them."""
+        if event.budget is None:
+            for gauge in (self.memory_budget, self.memory_used, self.model_memory):
+                if gauge is not None:
+                    self.registry.unregister(gauge)
+            self.memory_budget = self.memory_used = self.model_memory = None
+            self._memory_series = set()
+            return
+        if self.memory_budget is None:
+            r = self.registry
+            self.memory_budget = Gauge("llamaswap_memory_budget_bytes", "memory.budget.", registry=r)
+            self.memory_used = Gauge("llamaswap_memory_used_bytes",
+                                     "The needs of the models starting, ready or stopping, summed.", registry=r)
+            self.model_memory = Gauge("llamaswap_model_memory_bytes",
+                                      "A model's memory need, by where it comes from "
+                                      "(declared, measured, estimated, unknown).",
+                                      ["model", "source"], registry=r)
+        self.memory_budget.set(event.budget)
+        self.memory_used.set(event.used)
+        series = set()
+        for model_id, need, source in event.needs:
+            if model_id in self._models:
+                series.add((model_id, source))
+                self.model_memory.labels(model=model_id, source=source).set(need)
+        for key in self._memory_series - series:
+            _remove(self.model_memory, *key)
+        self._memory_series = series
 
     def request_finished(self, record: Any) -> None:
-        """One ``App.request_listeners`` ``RequestRecord`` of a finished model-dispatched request."""
+        """One ``WebContext.request_listeners`` ``RequestRecord`` of a finished model-dispatched request."""
         model = record.model
         if model and model not in self._models:
             model = ""  # removed by a reload meanwhile: keep label sets bounded
@@ -245,6 +303,8 @@ def _label_sets(metric: Any) -> list[tuple]:
 
 
 def _remove(metric: Any, *labels: str) -> None:
+    if metric is None:
+        return
     try:
         metric.remove(*labels)
     except KeyError:

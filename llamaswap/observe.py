@@ -22,8 +22,10 @@ Event                                   Published when
 ``QueueChanged(model, inflight,         a request was admitted, granted, released, cancelled or
 waiting, left)``                        failed while waiting; ``left`` holds the admission numbers
                                         of the requests that stopped waiting (loads excluded).
-``Stopping(model, reason)``             the router stops the model: ``swap``, ``ttl``, ``unload``,
-                                        ``reload``, ``shutdown``; ``exited`` when it crashed.
+``Stopping(model, reason, cause)``      the router stops the model: ``swap``, ``ttl``, ``unload``,
+                                        ``reload``, ``shutdown``; ``exited`` when it crashed. For
+                                        ``swap``, ``cause`` says why it was evicted: ``group``,
+                                        ``profile``, ``matrix`` or ``memory``.
 ``Starting(model, evicted)``            the router starts the model; ``evicted`` when the start
                                         evicted at least one other model (a swap).
 ``Started(model, seconds)``             that start reached ``ready`` after ``seconds``.
@@ -36,6 +38,9 @@ models)``                               ``{id: ModelConfig}``.
 ``Removed(model)``                      a model removed by a reload is gone.
 ``Replaced(model, state)``              a model changed by a reload got its new child, now in
                                         ``state``.
+``MemoryChanged(budget, used, needs)``  with ``memory.budget`` set: a need, or the memory the
+                                        running models need, changed (once at startup, and once
+                                        with ``budget`` None when a reload removes the budget).
 ======================================  ===========================================================
 
 Events are delivered synchronously, in the order they happen, to the observers in the
@@ -54,7 +59,7 @@ from twisted.logger import Logger
 from zope.interface import Interface
 
 __all__ = [
-    "IModelObserver", "ModelEvent", "Observers", "QueueChanged", "Reloaded", "Removed", "Replaced",
+    "IModelObserver", "MemoryChanged", "ModelEvent", "Observers", "QueueChanged", "Reloaded", "Removed", "Replaced",
     "StartFailed", "Started", "Starting", "StateChanged", "Stopping",
 ]
 
@@ -86,10 +91,15 @@ class QueueChanged:
 
 @attr.frozen
 class Stopping:
-    """The router stops the model, for ``reason``; ``exited``: the child crashed."""
+    """The router stops the model, for ``reason``; ``exited``: the child crashed.
+
+    :ivar cause: for ``reason`` ``swap``, why this model was evicted: ``group``, ``profile``,
+        ``matrix`` or ``memory`` (``scheduler.Eviction.reason``); empty otherwise.
+    """
 
     model: str
     reason: str
+    cause: str = ""
 
 
 @attr.frozen
@@ -142,8 +152,23 @@ class Replaced:
     state: str
 
 
+@attr.frozen
+class MemoryChanged:
+    """Memory accounting under ``memory.budget`` changed.
+
+    :ivar budget: ``memory.budget`` in bytes; None once a reload removed it.
+    :ivar used: the needs of the models starting, ready or stopping, summed.
+    :ivar needs: ``((model, bytes, source), ...)`` for every model, sorted by id; ``source`` is
+        ``declared``, ``measured``, ``estimated`` or ``unknown``.
+    """
+
+    budget: Optional[int]
+    used: int
+    needs: tuple[tuple[str, int, str], ...] = ()
+
+
 ModelEvent = (StateChanged | QueueChanged | Stopping | Starting | Started | StartFailed | Reloaded
-              | Removed | Replaced)
+              | Removed | Replaced | MemoryChanged)
 
 
 class IModelObserver(Interface):

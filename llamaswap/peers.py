@@ -7,17 +7,19 @@ with ``model`` rewritten to the peer's own name and the peer's filters applied
 ``Authorization``/``x-api-key`` (which SEC-6 already stripped when ``apiKeys`` is set).
 There is no process, TTL, health check, swap or concurrency limit; a transport failure
 before response headers is 502 ``peer_unreachable``. The response is relayed by the same
-``Forwarder`` as local models (streaming, back-pressure, PROXY-9), through a treq client
-and connection pool of its own (``App.peer_http``, created on first use).
+``Forwarder`` as local models (streaming, back-pressure, PROXY-9), through the treq client
+and connection pool of :class:`PeerPool` (the web context's ``peer_http``).
 """
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Optional
 
 import attr
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred
 
 from llamaswap.errors import ModelNotFound, PeerUnreachable
-from llamaswap.proxy import RelayOutcome, make_http_client, upstream_headers
+from llamaswap.proxy import RelayOutcome, UsageTap, make_http_client, upstream_headers
 
 if TYPE_CHECKING:
     from llamaswap.config import Config, PeerConfig
@@ -74,13 +76,26 @@ def find_peer(config: Config, name: str) -> Optional[PeerTarget]:
     return None
 
 
-def peer_client(app: Any) -> Any:
-    """The treq client used for every peer (its own pool, kept on ``app``)."""
-    client = getattr(app, "peer_http", None)
-    if client is None:
-        client, app.peer_pool = make_http_client(app.clock)
-        app.peer_http = client
-    return client
+class PeerPool(Service):
+    """The one treq client, on a connection pool of its own, that every peer request uses.
+
+    Peers are remote and long-lived, so their connections are kept alive across requests
+    (unlike a child's, whose pool lives as long as the child). Stopping closes the idle
+    ones; the router has stopped by then, so no request still uses them.
+
+    :param clock: the reactor the client connects with.
+    :param make_client: ``(reactor) -> (client, pool)``; ``proxy.make_http_client``.
+    :ivar http: the client (the web context's ``peer_http``).
+    """
+
+    name = "peer-pool"
+
+    def __init__(self, clock: Any, make_client: Any = make_http_client) -> None:
+        self.http, self._pool = make_client(clock)
+
+    def stopService(self) -> Deferred:
+        super().stopService()
+        return self._pool.closeCachedConnections()
 
 
 def peer_headers(request: Any, peer: PeerConfig, strip_auth: bool, scheme: bytes) -> Any:
@@ -113,28 +128,17 @@ async def forward(app: Any, request: Any, record: Any, target: PeerTarget, url: 
     """
     scheme = b"https" if request.isSecure() else b"http"
     headers = peer_headers(request, target.peer, bool(app.config.api_keys), scheme)
-    parser = None
-
-    def on_headers(response: Any) -> None:
-        nonlocal parser
-        factory = getattr(app, "response_observer_factory", None)
-        if factory is not None:
-            parser = factory(response.code, response.headers)
-
-    def on_data(chunk: bytes) -> None:
-        if parser is not None:
-            parser.feed(chunk)
+    tap = UsageTap(app.response_observer_factory)
 
     def unreachable(reason: str) -> PeerUnreachable:
         return PeerUnreachable(f"peer '{target.peer.id}' unreachable for model '{target.label}': {reason}")
 
     try:
         outcome = await app.forwarder.forward(
-            request, http=peer_client(app), url=url, headers=headers, body=body,
-            model_id=target.label, still_ready=lambda: True, on_headers=on_headers, on_data=on_data,
+            request, http=app.peer_http, url=url, headers=headers, body=body,
+            model_id=target.label, still_ready=lambda: True, on_headers=tap.on_headers, on_data=tap.on_data,
             unreachable=unreachable)
     finally:
-        if parser is not None:
-            record.usage = parser.result()
+        record.usage = tap.usage()
     record.stream_error = outcome.error
     return outcome

@@ -9,6 +9,9 @@
 
 It knows nothing about groups, queues or HTTP requests: the router decides *when* to
 start and stop; this class decides *how* (process groups, health checks, TERM -> KILL).
+
+The module is longer than most (about 600 lines) on purpose: it is one state machine, and
+every transition, timer and exit path reads best next to the others.
 """
 from __future__ import annotations
 

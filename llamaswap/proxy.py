@@ -490,3 +490,31 @@ def file_size(fileobj: BinaryIO) -> int:
     size = fileobj.tell()
     fileobj.seek(0)
     return size
+
+
+class UsageTap:
+    """Feeds one forwarded response to a usage parser, when there is a factory for one.
+
+    :param factory: ``(status, upstream headers) -> parser | None`` (the web context's
+        ``response_observer_factory``), or None.
+
+    ``on_headers`` and ``on_data`` are the forwarder's hooks; ``usage()`` is the parsed result.
+    """
+
+    __slots__ = ("factory", "parser")
+
+    def __init__(self, factory: Optional[Callable[[int, Any], Any]]) -> None:
+        self.factory = factory
+        self.parser: Any = None
+
+    def on_headers(self, response: Any) -> None:
+        if self.factory is not None:
+            self.parser = self.factory(response.code, response.headers)
+
+    def on_data(self, chunk: bytes) -> None:
+        if self.parser is not None:
+            self.parser.feed(chunk)
+
+    def usage(self) -> Optional[dict]:
+        return self.parser.result() if self.parser is not None else None
+

@@ -7,6 +7,16 @@ the target), arms TTL timers, and fails waiters with the right error.
 
 What happens to the models is published as typed events (``llamaswap.observe``) to
 ``router.observers``; observers never call back into the router for state.
+
+Memory (``memory.budget``; docs/memory.rst): the router's ``MemoryAccounting``
+(``llamaswap.memory``) describes each model's need, expected load time and decayed demand to the
+scheduler, measures ready models and raises a need after an out-of-memory start; the router fails
+the waiters of a model that can never fit with 503 ``insufficient_memory``. Without a budget none
+of this runs.
+
+Size (~540 lines): admission, swaps, TTL, reload and shutdown all change the one slot table inside
+one re-entrant ``schedule()``; the values live in ``llamaswap.admission``, the memory in
+``llamaswap.memory``, and the rest is kept together so that each transition reads in one place.
 """
 from __future__ import annotations
 
@@ -14,16 +24,18 @@ import itertools
 from collections import deque
 from typing import TYPE_CHECKING, Callable, Optional
 
-import attr
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, DeferredList, fail
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from llamaswap import scheduler
+from llamaswap import procmem, scheduler
+from llamaswap.admission import Lease, Place, Resolved, Slot as _Slot, Ticket
 from llamaswap.errors import (
-    ConcurrencyLimit, LlamaSwapError, ModelNotFound, ModelUnloaded, ShuttingDown,
+    ConcurrencyLimit, InsufficientMemory, LlamaSwapError, ModelNotFound, ModelUnloaded, ShuttingDown,
     UpstreamStartFailed)
+from llamaswap.footprint import NeedBook
+from llamaswap.memory import MemoryAccounting
 from llamaswap.observe import (
     ModelEvent, Observers, QueueChanged, Reloaded, Removed, Replaced, StartFailed, Started, Starting,
     StateChanged, Stopping)
@@ -34,99 +46,29 @@ if TYPE_CHECKING:
 
     from llamaswap.config import Config, ModelConfig
 
-
-@attr.s(eq=False)
-class Ticket:
-    """An admitted request (or a load) waiting for its model."""
-
-    model_id: str = attr.ib()
-    seq: int = attr.ib()
-    admitted: float = attr.ib()
-    profile: Optional[str] = attr.ib(default=None)
-    counted: bool = attr.ib(default=True)  # loads (EP-7, preload) are not requests (SCHED-1)
-    d: Deferred = attr.ib(default=None)
-
-
-@attr.s(eq=False)
-class Lease:
-    """A granted request: in flight on ``proc`` until ``release()``."""
-
-    router: "ModelRouter" = attr.ib()
-    proc: UpstreamProcess = attr.ib()
-    counted: bool = attr.ib(default=True)
-    granted: float = attr.ib(default=0.0)
-    _released: bool = attr.ib(default=False)
-
-    @property
-    def model_id(self) -> str:
-        return self.proc.id
-
-    def release(self) -> None:
-        """End of the response to the client: in-flight -1, TTL re-armed. Idempotent."""
-        if not self._released:
-            self._released = True
-            self.router._release(self)
-
-
-@attr.s(frozen=True)
-class Resolved:
-    """RT-2/RT-4: what a requested name means."""
-
-    model_id: str = attr.ib()
-    profile: Optional[str] = attr.ib(default=None)
-    name: str = attr.ib(default="")  # the requested name after profile stripping
-
-
-@attr.s(frozen=True)
-class Place:
-    """RT-12: where a waiting request stands.
-
-    :ivar admission: its admission number, as in ``QueueChanged.left``; earlier admissions
-        have smaller numbers.
-    :ivar position: 1-based, among every waiting request of every model.
-    """
-
-    admission: int = attr.ib()
-    position: int = attr.ib()
-
-
-class _Slot:
-    """Router-side bookkeeping of one model."""
-
-    def __init__(self, proc: UpstreamProcess) -> None:
-        self.proc = proc
-        self.waiting: deque[Ticket] = deque()
-        self.inflight = 0
-        self.ttl_call = None
-        self.last_used: Optional[float] = None
-        # RLD-3: a changed model waits for its in-flight requests, then its child is
-        # replaced by one built from ``pending``; a removed model then disappears.
-        self.pending: Optional[ModelConfig] = None
-        self.removed = False
-        self.restart = False
-        self.retiring = False
-        # the start under way: when it began, and whether the router has since asked for
-        # a stop (then its failure is an abort, not a StartFailed)
-        self.start_began = 0.0
-        self.stop_asked = False
-
-    @property
-    def replacing(self) -> bool:
-        return self.removed or self.pending is not None
+__all__ = ["Lease", "ModelRouter", "Place", "Resolved"]
 
 
 class ModelRouter(Service):
     """Resolve, admit, queue and grant requests; swap models; unload after ttl.
 
     :param config: the ``Config``.
-    :param make_process: ``(model_config) -> UpstreamProcess``; the router installs its
-        own ``on_transition`` hook on each.
+    :param make_process: ``(model_config, on_transition) -> UpstreamProcess``; the router
+        passes its own ``on_transition`` hook for each.
     :param clock: ``IReactorTime`` for admission times, maxWait and TTL timers.
+    :param needs: the ``footprint.NeedBook`` of measured needs, keyed by a model's expanded
+        ``cmd`` (default: an empty one kept in memory only).
+    :param measure: ``(pgid) -> Deferred`` firing with the memory a process group holds (an
+        object with ``.total`` bytes, or an int); default ``procmem.measure_group`` on
+        ``clock`` (which must then be a reactor able to spawn nvidia-smi).
     :ivar observers: the ``llamaswap.observe.Observers`` that get every model event.
+    :ivar memory: the ``llamaswap.memory.MemoryAccounting`` of the models.
     """
 
-    def __init__(self, config: Config, make_process: Callable[[ModelConfig], UpstreamProcess],
-                 clock: IReactorTime, log: Optional[Logger] = None) -> None:
+    def __init__(self, config: Config,
+                 make_process: Callable[[ModelConfig, Callable], UpstreamProcess],
+                 clock: IReactorTime, log: Optional[Logger] = None, needs: Optional[NeedBook] = None,
+                 measure: Optional[Callable[[int], Deferred]] = None) -> None:
         self.config = config
         self._make_process = make_process
         self.clock = clock
@@ -140,15 +82,17 @@ class ModelRouter(Service):
         self._deciding = False
         self._again = False
         self.observers = Observers(self.log)
+        self.memory = MemoryAccounting(
+            lambda: self.config, clock, needs if needs is not None else NeedBook(None),
+            measure or (lambda pgid: procmem.measure_group(pgid, clock)), self.observers, self._slots,
+            self.schedule, self.log)
         for model in config.models.values():
             self._add(model)
 
     # -- model table ----------------------------------------------------------------------------
 
     def _add(self, model: ModelConfig) -> None:
-        proc = self._make_process(model)
-        proc.on_transition = self._on_transition
-        self._slots[model.id] = _Slot(proc)
+        self._slots[model.id] = _Slot(self._make_process(model, self._on_transition))
 
     def process(self, model_id: str) -> UpstreamProcess:
         return self._slots[model_id].proc
@@ -216,6 +160,7 @@ class ModelRouter(Service):
         limit = slot.proc.model.concurrency_limit
         if inflight + waiting >= limit:
             return fail(ConcurrencyLimit(f"too many requests for model '{model_id}' (limit {limit})"))
+        self.memory.requested(slot)
         return self._enqueue(model_id, profile, counted=True)
 
     def load(self, model_id: str) -> Deferred:
@@ -256,7 +201,7 @@ class ModelRouter(Service):
             if ticket.counted:
                 slot.inflight += 1
                 left.append(ticket.seq)
-            lease = Lease(self, slot.proc, ticket.counted, now)
+            lease = Lease(self._release, slot.proc, ticket.counted, now)
             ticket.d.callback(lease)
         self._queue_changed(slot, tuple(left))
 
@@ -286,20 +231,29 @@ class ModelRouter(Service):
             self._again = True
             while self._again:
                 self._again = False
-                self._apply(scheduler.decide(self._snapshot(), self._evict_for))
+                self._apply(scheduler.decide(self._snapshot(), self._evict_for, self._solver()))
         finally:
             self._deciding = False
 
     def _snapshot(self) -> scheduler.Snapshot:
+        budget, now = self.config.memory_budget, self.clock.seconds()
         views = {
             model_id: scheduler.ModelView(
                 # a model being replaced by reload takes no new work: to the scheduler it
                 # is stopping, so its waiters wait for the new child (RLD-3)
                 model_id, "stopping" if slot.replacing else slot.proc.state.value, slot.inflight,
-                tuple(scheduler.Waiter(t.seq, t.admitted, t.profile) for t in slot.waiting))
+                tuple(scheduler.Waiter(t.seq, t.admitted, t.profile) for t in slot.waiting),
+                **(self.memory.view(model_id, slot, now) if budget is not None else {}))
             for model_id, slot in self._slots.items()}
-        return scheduler.Snapshot(views, self.clock.seconds(), self.config.max_wait,
-                                  self.config.policy, frozenset(self._swapping))
+        memory = (budget, self.config.memory_policy) if budget is not None else ()
+        return scheduler.Snapshot(views, now, self.config.max_wait, self.config.policy,
+                                  frozenset(self._swapping), *memory)
+
+    def _solver(self) -> Optional[scheduler.EvictSolver]:
+        """The swap matrix when ``routing.router.use`` is ``matrix``, else None (group rules)."""
+        if self.config.router_use == "matrix":
+            return self.config.matrix
+        return None
 
     def _evict_for(self, target: str, profile: Optional[str], running: frozenset) -> frozenset:
         members = self.config.profiles.get(profile) if profile else None
@@ -308,7 +262,22 @@ class ModelRouter(Service):
             g = self.config.group_of(model_id)
             return scheduler.GroupRule(g.id, g.swap, g.exclusive, g.persistent)
 
-        return scheduler.evict_set(target, members, running, group_of)
+        return scheduler.evict_set(target, members, running, group_of,
+                                   memory_budget=self.config.memory_budget)
+
+    # -- memory (llamaswap.memory) -------------------------------------------------------------------
+
+    def memory_need(self, model_id: str) -> tuple[Optional[int], str]:
+        """``MemoryAccounting.need``: ``(bytes, source)`` of ``model_id``'s need."""
+        return self.memory.need(model_id)
+
+    def load_time(self, model_id: str) -> Optional[float]:
+        """``MemoryAccounting.load_time``: the average measured load of ``model_id``, or None."""
+        return self.memory.load_time(model_id)
+
+    def memory_used(self) -> int:
+        """``MemoryAccounting.used``: the needs of the models holding memory, summed."""
+        return self.memory.used()
 
     def _apply(self, decision: scheduler.Decision) -> None:
         if decision.draining != self._draining:
@@ -317,6 +286,11 @@ class ModelRouter(Service):
             self._draining = decision.draining
         for model_id, n in decision.grants:
             self._grant(model_id, n)
+        for model_id, message in decision.refused:
+            slot = self._slots.get(model_id)
+            if slot is not None and slot.waiting:
+                self.log.warn("{model}: refused: {why}", model=model_id, why=message)
+                self._fail_waiters(slot, InsufficientMemory(message))
         for swap in decision.swaps:
             self._begin_swap(swap)
         self._set_wake(decision.wake_at)
@@ -337,7 +311,12 @@ class ModelRouter(Service):
         if swap.evict:
             self.log.info("swapping: stopping {evicted} to start {model}",
                           evicted=", ".join(sorted(swap.evict)), model=swap.target)
-        stops = [self._stop(self._slots[x], "swap") for x in sorted(swap.evict)]
+        causes = {e.model: e.reason for e in swap.evictions}
+        if self.config.memory_budget is not None:
+            now = self.clock.seconds()
+            for eviction in swap.evictions:
+                self.log.info("{line}", line=scheduler.eviction_line(swap, eviction, now))
+        stops = [self._stop(self._slots[x], "swap", causes.get(x, scheduler.GROUP)) for x in sorted(swap.evict)]
         d = DeferredList(stops, consumeErrors=True)
         d.addCallback(lambda _: self._start(swap, bool(swap.evict)))
         d.addErrback(lambda f: self.log.failure("swap to {model} failed", f, model=swap.target))
@@ -353,8 +332,10 @@ class ModelRouter(Service):
         d.addCallbacks(lambda _: self._started(swap, slot), lambda f: self._start_failed(swap, slot, f))
 
     def _started(self, swap: scheduler.Swap, slot: _Slot) -> None:
+        seconds = self.clock.seconds() - slot.start_began
+        slot.memory.loads.append(seconds)
         if self.observers:
-            self.observers.publish(Started(swap.target, self.clock.seconds() - slot.start_began))
+            self.observers.publish(Started(swap.target, seconds))
         self._end_swap(swap)
 
     def _start_failed(self, swap: scheduler.Swap, started: _Slot, failure: Failure) -> None:
@@ -364,9 +345,11 @@ class ModelRouter(Service):
         model) is no ``StartFailed``: only a start that failed by itself is (PROC-6/7)."""
         error = failure.value if isinstance(failure.value, LlamaSwapError) else \
             UpstreamStartFailed(str(failure.value))
-        if not started.stop_asked and self.observers:
-            self.observers.publish(StartFailed(swap.target, error.message,
-                                               self.clock.seconds() - started.start_began))
+        if not started.stop_asked:
+            self.memory.out_of_memory(started, error.message)
+            if self.observers:
+                self.observers.publish(StartFailed(swap.target, error.message,
+                                                   self.clock.seconds() - started.start_began))
         slot = self._slots.get(swap.target)
         if slot is not None and not slot.replacing:
             self._fail_waiters(slot, error)
@@ -393,10 +376,15 @@ class ModelRouter(Service):
         if new is State.READY:
             slot.last_used = self.clock.seconds()
             self._maybe_arm_ttl(slot)
-        elif new is not State.STARTING:
-            self._cancel_ttl(slot)
+            self.memory.start_measuring(slot)
+        else:
+            self.memory.stop_measuring(slot)
+            if new is not State.STARTING:
+                self._cancel_ttl(slot)
         if old is State.READY and new is State.STOPPED:
             self._publish(Stopping(proc.id, "exited"))
+        if self.config.memory_budget is not None:
+            self.memory.changed()
         self.schedule()
 
     # -- TTL (PROC-11) --------------------------------------------------------------------------
@@ -454,6 +442,10 @@ class ModelRouter(Service):
             slot.pending = config.models[model_id]
             self._retire(slot)
         self._publish(Reloaded(tuple(added), tuple(changed), tuple(removed), config.models))
+        for slot in self._slots.values():
+            if slot.proc.state is State.READY and slot.memory.measure_call is None:
+                self.memory.start_measuring(slot)  # a budget set by this reload
+        self.memory.changed()
         self.schedule()
         return {"added": added, "removed": removed, "changed": changed, "unchanged": unchanged}
 
@@ -474,20 +466,23 @@ class ModelRouter(Service):
         if slot.removed:
             if self._slots.get(model_id) is slot:  # not re-added by a later reload meanwhile
                 del self._slots[model_id]
+                self.memory.forget(model_id)
                 self._publish(Removed(model_id))
+                self.memory.changed()
             self.schedule()
             return
         if slot.pending is None:
             return
         model, slot.pending = slot.pending, None
-        slot.proc = self._make_process(model)
-        slot.proc.on_transition = self._on_transition
+        slot.proc = self._make_process(model, self._on_transition)
         if slot.restart and not self._shutting_down:
             slot.restart = False
             self.load(model_id).addErrback(
                 lambda f: self.log.error("restart of {model} after reload failed: {why}",
                                          model=model_id, why=str(f.value)))
         self._publish(Replaced(model_id, slot.proc.state.value))
+        if self.config.memory_budget is not None:
+            self.memory.changed()
         self.schedule()
 
     # -- unload and shutdown ----------------------------------------------------------------------
@@ -508,6 +503,11 @@ class ModelRouter(Service):
         d.addCallback(lambda _: self.schedule())
         return d
 
+    def startService(self) -> None:
+        """Once every observer is in place: the first ``MemoryChanged`` (with a budget)."""
+        Service.startService(self)
+        self.memory.changed()
+
     def stopService(self) -> Deferred:
         """CLI-9: waiters get 503 shutting_down; every child stops in parallel; fire when all are gone."""
         Service.stopService(self)
@@ -515,6 +515,7 @@ class ModelRouter(Service):
         self._set_wake(None)
         for slot in self._slots.values():
             self._cancel_ttl(slot)
+            self.memory.stop_measuring(slot)
             self._fail_waiters(slot, ShuttingDown())
             if slot.proc.state in (State.STARTING, State.READY, State.STOPPING):
                 self._publish(Stopping(slot.proc.id, "shutdown"))
@@ -523,12 +524,12 @@ class ModelRouter(Service):
         d.addCallback(lambda _: None)
         return d
 
-    def _stop(self, slot: _Slot, reason: Optional[str]) -> Deferred:
-        """Stop ``slot``'s child, publishing ``Stopping(reason)`` first unless ``reason`` is
+    def _stop(self, slot: _Slot, reason: Optional[str], cause: str = "") -> Deferred:
+        """Stop ``slot``'s child, publishing ``Stopping(reason, cause)`` first unless ``reason`` is
         None; a start under way is then aborted, which is no ``StartFailed``."""
         slot.stop_asked = True
         if reason is not None:
-            self._publish(Stopping(slot.proc.id, reason))
+            self._publish(Stopping(slot.proc.id, reason, cause))
         return slot.proc.stop()
 
     # -- events (llamaswap.observe) -----------------------------------------------------------
@@ -542,5 +543,3 @@ class ModelRouter(Service):
         if self.observers:
             inflight, waiting = slot.inflight, sum(1 for t in slot.waiting if t.counted)
             self.observers.publish(QueueChanged(slot.proc.id, inflight, waiting, left))
-
-

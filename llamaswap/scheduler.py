@@ -243,8 +243,12 @@ def _plan(models: Mapping[str, ModelView], snap: Snapshot, evict_for: Callable,
             claimed | (head_claim if index > 0 else frozenset()))
         involved = evict | {cand.id}
         # A target that cannot fit within the memory budget whatever is evicted (persistent or
-        # starting models hold the room) waits: nothing is evicted or drained for it.
+        # starting models hold the room) waits: nothing is evicted or drained for it. Nor is
+        # anything evicted while the cheapest room holds a model that is still starting: the
+        # target waits for that start to end, then evicts it.
         blocked = not fits or bool(involved & claimed)
+        blocked = blocked or any(x in models and models[x].state == "starting"
+                                 for x in evict if _is_memory_pick(x, evictions))
         # SCHED-4: a starting model that others wait for is never evicted.
         blocked = blocked or any(x in models and models[x].state == "starting" and models[x].waiting
                                  for x in evict)
@@ -326,12 +330,16 @@ def _memory_picks(resident: frozenset, over: int, models: Mapping[str, ModelView
     and then to fewer models; policy ``lru`` evicts least recently used first until it fits.
     A set holding busy models is returned too: the swap then waits for them (they drain).
     """
+    cost_policy = snap.memory_policy != "lru"
     cands = []
     for x in sorted(resident):
         m = models.get(x)
-        if m is None or m.persistent or m.state == "starting" or not m.need:
+        if m is None or m.persistent or not m.need:
             continue
-        blocking = m.inflight > 0 or x in avoid
+        if m.state == "starting" and not cost_policy:
+            continue
+        # Busy, starting or claimed models block: picking one makes the target wait for it.
+        blocking = m.inflight > 0 or x in avoid or m.state == "starting"
         cost = 0.0 if m.state == "stopping" else m.load_time * m.demand
         used = -math.inf if m.last_used is None else m.last_used
         cands.append((x, m.need, blocking, cost, used))
@@ -344,6 +352,10 @@ def _memory_picks(resident: frozenset, over: int, models: Mapping[str, ModelView
         order = sorted(cands, key=lambda c: (c[2], c[3] / c[1], c[4], c[0]))
         return _prefix(order, over)
     return _cheapest(cands, over)
+
+
+def _is_memory_pick(model_id: str, evictions: tuple) -> bool:
+    return any(e.model == model_id and e.reason == MEMORY for e in evictions)
 
 
 def _prefix(order: list, over: int) -> frozenset:
@@ -359,8 +371,11 @@ def _prefix(order: list, over: int) -> frozenset:
 def _cheapest(cands: list, over: int) -> frozenset:
     """Exact search over the minimal sets freeing ``over`` bytes, best key first.
 
-    Key: (models that block, total cost, most recent last use, size, ids). A superset of a
-    sufficient set is never better, so the search stops growing a set once it suffices.
+    Key: (total cost, models that block, most recent last use, size, ids). The expected
+    reload cost comes first: waiting for a busy model to drain (bounded by maxWait) or for a
+    starting one to finish is cheaper than evicting an idle model that will be asked for
+    again soon. A superset of a sufficient set is never better, so the search stops growing
+    a set once it suffices.
     """
     best: list = [None, None]  # key, ids
     n = len(cands)
@@ -370,13 +385,13 @@ def _cheapest(cands: list, over: int) -> frozenset:
 
     def visit(i: int, ids: tuple, freed: int, blocking: int, cost: float, recent: float) -> None:
         if freed >= over:
-            key = (blocking, round(cost, 9), recent, len(ids), ids)  # rounded: ties are ties
+            key = (round(cost, 9), blocking, recent, len(ids), ids)  # rounded: ties are ties
             if best[0] is None or key < best[0]:
                 best[0], best[1] = key, ids
             return
         if i == n or freed + suffix[i] < over:
             return
-        if best[0] is not None and (blocking, round(cost, 9)) > best[0][:2]:
+        if best[0] is not None and round(cost, 9) > best[0][0]:
             return
         x, need, blocks, c, used = cands[i]
         visit(i + 1, ids + (x,), freed + need, blocking + blocks, cost + c, max(recent, used))

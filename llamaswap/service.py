@@ -1,47 +1,59 @@
-"""``LlamaSwapService``: wires the log broadcaster, the router and the HTTP site together,
-and owns the daemon's lifecycle (CLI-7 startup order, CLI-8/9 signals and shutdown).
+"""The composition root: ``LlamaSwapService`` builds every part of the daemon, each one
+complete through its constructor, and owns the daemon's lifecycle (CLI-7 startup order,
+CLI-8/9 signals and shutdown, RLD-* reloads, CFG-30 preload).
+
+The parts are built in dependency order (what reports comes before what it reports on),
+and the long-lived ones are child services, added in the order they must start::
+
+    LlamaSwapService (SequentialMultiService)
+    ├─ LogBroadcaster       log rings and /logs streams: first in, last out
+    ├─ StateFileService     children.json: written once the daemon runs, removed at the end
+    ├─ EventHub             /api/events clients, ended cleanly at shutdown
+    ├─ HTTPPools            per-child upstream pools: idle connections closed
+    ├─ PeerPool             the peers' client and pool: idle connections closed
+    ├─ ModelRouter          the models; its stop waits until every child is gone
+    ├─ ListenerService      the socket: the first to stop, so nothing new comes in
+    └─ ConfigWatcher        --watch-config only
+
+The web layer needs ``reload`` from this service, and the listener tells it when it
+listens: those two cycles are closed by handing bound methods to the constructors.
 """
 from __future__ import annotations
 
 import ipaddress
 import os
 import signal
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from twisted.application.service import MultiService, Service
-from twisted.internet import endpoints
 from twisted.internet.defer import Deferred, DeferredList, ensureDeferred, maybeDeferred
 from twisted.logger import Logger, globalLogPublisher
-from twisted.python.failure import Failure
 
 from llamaswap import __version__, ports
 from llamaswap.errors import ShuttingDown
 from llamaswap.events import EventHub, EventsPage
-from llamaswap.logs import LogBroadcaster, ProxyLogObserver, make_logger
+from llamaswap.footprint import NeedBook, needbook_path
+from llamaswap.listener import ListenerService, StartupError, describe_port
+from llamaswap.logs import LogBroadcaster
 from llamaswap.metrics import Metrics, MetricsPage, response_parser
 from llamaswap.observe import ModelEvent, Removed
+from llamaswap.peers import PeerPool
+from llamaswap.pools import HTTPPools
 from llamaswap.process import UpstreamProcess
-from llamaswap.proxy import Forwarder, make_http_client
+from llamaswap.proxy import Forwarder
+from llamaswap.proxylog import ProxyLogObserver, TwistdLogCopy, make_logger
 from llamaswap.router import ModelRouter
 from llamaswap.statefile import ChildRegistry, cleanup_leftovers
-from llamaswap.web.app import App
+from llamaswap.watch import ConfigWatcher
+from llamaswap.web.context import WebContext
 from llamaswap.web.site import AccessLogSite
 from llamaswap.web.tree import build_root
 
 if TYPE_CHECKING:
     from llamaswap.config import Config, ModelConfig
 
-#: CLI-4: how often --watch-config looks at the file.
-WATCH_INTERVAL = 2.0
-
-
-def _stat_key(path: str) -> Optional[tuple]:
-    """(mtime, size, inode) of the resolved target (symlinks followed), or None if missing."""
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    return (st.st_mtime_ns, st.st_size, st.st_ino, st.st_dev)
+__all__ = ["LlamaSwapService", "SequentialMultiService", "StartupError", "StateFileService",
+           "startup_warnings"]
 
 
 def _is_loopback(host: str) -> bool:
@@ -70,137 +82,68 @@ def startup_warnings(config: Config) -> list:
     return warnings
 
 
-def describe_port(port: Any) -> str:
-    """``tcp:127.0.0.1:41233`` / ``unix:/path`` for a listening port (CLI-7)."""
-    host = port.getHost()
-    kind = getattr(host, "type", "")
-    if kind in ("TCP", "TCP6"):
-        prefix = "tcp" if kind == "TCP" else "tcp6"
-        return f"{prefix}:{host.host}:{host.port}"
-    name = getattr(host, "name", None)
-    if name is not None:
-        return f"unix:{name.decode() if isinstance(name, bytes) else name}"
-    return str(host)
+class SequentialMultiService(MultiService):
+    """A ``MultiService`` whose children stop one at a time, the last added first.
 
-
-class StartupError(Exception):
-    """A startup failure; ``str`` is the one line the user sees (CLI-6)."""
-
-
-def _reason(error: BaseException, filename: bool = False) -> str:
-    """``address already in use`` / ``permission denied`` / the error's own text, on one line."""
-    inner = getattr(error, "socketError", None)  # CannotListenError wraps the OSError
-    if isinstance(inner, str) and "lock" in inner:  # a unix socket's lock held by a live process
-        path = getattr(error, "port", b"")
-        path = path.decode(errors="replace") if isinstance(path, bytes) else str(path)
-        return f"address already in use (locked by {path}.lock)"
-    error = inner or error
-    if isinstance(error, OSError) and error.strerror:
-        text = f"{error.strerror}: {error.filename}" if filename and error.filename else error.strerror
-    else:
-        text = str(error).strip()
-    text = " ".join(text.split()) or type(error).__name__
-    return text[:1].lower() + text[1:]
-
-
-class ListenerService(Service):
-    """Listens on a server endpoint description (CLI-3).
-
-    :meth:`bind` listens at once and raises :class:`StartupError`; ``make_service`` calls
-    it before twistd daemonizes, so a taken port is reported by the launching process.
-    Otherwise ``privilegedStartService`` binds. Either way ``on_listening(port)`` is
-    called from ``privilegedStartService``, once twistd's log is running.
-
-    :param label: ``--listen`` as the user wrote it, for error messages.
+    ``MultiService`` starts its children in order and stops them in reverse order, but all
+    at once: it asks every child to stop, then waits for all of them. The daemon needs
+    each stop to be over before the next begins: the listener must have stopped accepting
+    before the router stops the models, every child must be gone before the pools that
+    served it are closed, and the log must still record while all of that happens. So the
+    next child's ``stopService`` is called only once the previous one's Deferred fired.
+    A child whose stop fails is logged, and the others still stop.
     """
 
-    def __init__(self, description: str, factory: Any, reactor: Any, on_listening,
-                 label: Optional[str] = None) -> None:
-        self.description = description
-        self.label = label or description
-        self.factory = factory
-        self.reactor = reactor
-        self.on_listening = on_listening
-        self.port = None
-        self._pending: Optional[Deferred] = None
+    log = Logger(namespace="llamaswap")
 
-    def bind(self) -> None:
-        if self.port is not None or self._pending is not None:
-            return
-        try:
-            endpoint = endpoints.serverFromString(self.reactor, self.description)
-        except Exception as e:
-            raise StartupError(f"bad --listen endpoint '{self.label}': {_reason(e, filename=True)}") from None
-        result: list = []
-        d = endpoint.listen(self.factory)
-        d.addBoth(result.append)
-        if not result:  # an endpoint that binds later (rare): reported when it does
-            self._pending = Deferred()
-            d.addBoth(self._pending.callback)
-        elif isinstance(result[0], Failure):
-            raise StartupError(f"cannot listen on {self.label}: {_reason(result[0].value)}")
-        else:
-            self.port = result[0]
+    def stopService(self) -> Deferred:
+        Service.stopService(self)
+        return ensureDeferred(self._stop_children())
+
+    async def _stop_children(self) -> None:
+        for child in reversed(list(self)):
+            try:
+                await maybeDeferred(child.stopService)
+            except Exception:
+                self.log.failure("stopping {service} failed", service=type(child).__name__)
+
+
+class StateFileService(Service):
+    """The children state file (PROC-14) over the daemon's life.
+
+    Written in ``privilegedStartService``, that is after twistd daemonized (so it records
+    the daemon's own pid) and before the listener says where it listens. Removed when the
+    daemon stops: this child stops right before the log, after every model, connection and
+    stream is gone, so "llamaswap stopped" is logged here.
+    """
+
+    name = "state-file"
+
+    def __init__(self, registry: ChildRegistry, log: Logger) -> None:
+        self._registry = registry
+        self._log = log
 
     def privilegedStartService(self) -> None:
-        Service.privilegedStartService(self)
-        self.bind()
-        if self.port is not None:
-            self._own_lock(self.port)
-            self.on_listening(self.port)
-        elif self._pending is not None:
-            self._pending.addBoth(self._late)
+        super().privilegedStartService()
+        self._registry.write()
 
-    @staticmethod
-    def _own_lock(port: Any) -> None:
-        """A ``unix:`` endpoint locks ``<path>.lock`` (a symlink to the pid) by default. When
-        twistd has forked since the bind, that is the launcher's pid, which exits once the
-        daemon runs: point the lock at the daemon, or the next start would break it. The
-        launcher waits for us until startup ends, so the lock is never stale meanwhile."""
-        lock = getattr(port, "lockFile", None)
-        name = getattr(lock, "name", None)
-        if not getattr(lock, "locked", False) or name is None:
-            return
-        pid = os.getpid()
-        try:
-            if int(os.readlink(name)) == pid:
-                return
-            tmp = name + (b".%d" % pid if isinstance(name, bytes) else f".{pid}")
-            os.symlink(str(pid), tmp)
-            os.rename(tmp, name)
-        except (OSError, ValueError) as e:
-            Logger(namespace="llamaswap").warn("cannot take over the lock {lock}: {reason}",
-                                               lock=name, reason=_reason(e, filename=True))
-
-    def _late(self, result: Any) -> None:
-        self._pending = None
-        if isinstance(result, Failure):
-            Logger(namespace="llamaswap").error("cannot listen on {endpoint}: {reason}",
-                                                endpoint=self.label, reason=_reason(result.value))
-            return
-        self.port = result
-        self.on_listening(result)
-
-    def startService(self) -> None:
-        if self.port is None and self._pending is None and not self.running:
-            self.privilegedStartService()
-        Service.startService(self)
-
-    def stopService(self) -> Optional[Deferred]:
-        Service.stopService(self)
-        if self.port is not None:
-            port, self.port = self.port, None
-            return maybeDeferred(port.stopListening)
-        return None
+    def stopService(self) -> None:
+        super().stopService()
+        self._registry.remove()
+        self._log.info("llamaswap stopped")
 
 
-class LlamaSwapService(MultiService):
-    """The top service: logs first in / last out, router, then the listener.
+class LlamaSwapService(SequentialMultiService):
+    """The daemon: builds every part (see the module docstring for the tree) and runs it.
 
     :param config: the loaded ``Config``.
     :param reactor: the reactor (process spawning, TCP, time).
     :param listen: the endpoint description (already expanded from shorthands).
-    :param state_file: where children are recorded (PROC-14).
+    :param state_file: where children are recorded (PROC-14); measured memory needs are
+        kept beside it.
+    :param install_signals: take over SIGTERM, SIGINT and SIGHUP once the reactor runs.
+    :param config_path: the config file, for reloads (default: ``config.source``).
+    :param watch_config: reload when the file changes (CLI-4).
     :param listen_label: ``--listen`` as the user wrote it, for error messages.
     :param pidfile: twistd's pidfile, recorded in the state file.
     """
@@ -214,55 +157,58 @@ class LlamaSwapService(MultiService):
         self.config_path = config_path or config.source
         # for the startup line; taken now, before twistd may change directory
         self.config_label = _display_path(self.config_path) if config_path else self.config_path
-        self.watch_config = watch_config
-        self._watch = None
-        # taken now, close to when the file was read, so a change made before the
-        # watcher's first tick (or even before we listen) is still seen (CLI-4)
-        self._watched = _stat_key(self.config_path) if self.config_path else None
         self.reactor = reactor
         self.install_signals = install_signals
-        self.logs = LogBroadcaster()
-        self.proxy_log = ProxyLogObserver(self.logs, forward=globalLogPublisher,
-                                          level=config.log_level, to_stdout=config.log_to_stdout)
-        self.logs.upstream_line_observer = self.proxy_log.upstream_line
-        self.log = make_logger(self.proxy_log, "llamaswap")
-        self.registry = ChildRegistry(state_file, self.log, pidfile=pidfile)
-        for model_id in config.models:
-            self.logs.add_source(model_id)
-        self.router = ModelRouter(config, self._make_process, reactor,
-                                  make_logger(self.proxy_log, "llamaswap.router"))
-        self.router.observers.add(self._on_model_removed)
-        self.app = App(self.router, self.logs, Forwarder(reactor), reactor,
-                       make_logger(self.proxy_log, "llamaswap.http"))
-        self.app.reload = self.reload
-        self._observe(config)
-        extra = {"/metrics": MetricsPage(self.metrics.registry), "/api/events": EventsPage(self.events)}
-        self.site = AccessLogSite(build_root(self.app, extra), self.app, reactor,
-                                  make_logger(self.proxy_log, "llamaswap.access"))
-        self.logs.setServiceParent(self)
-        self.router.setServiceParent(self)
-        self.listener = ListenerService(listen, self.site, reactor, self._listening, label=listen_label)
-        self.listener.setServiceParent(self)
         self._stopping = False
         self._bound = False
 
-    def _observe(self, config: Config) -> None:
-        """Metrics (MET-*) and the event hub (EVT-*) follow the router, requests and logs."""
+        # what observes comes first: everything built below reports to it
         self.metrics = Metrics(config.models)
-        self.router.observers.add(self.metrics.observe)
-        self.logs.on_dropped = self.metrics.log_bytes_dropped
-        self.on_reload = self.metrics.reload
-        self.events = EventHub(config.models, self.logs, self.reactor,
+        stdout_copy = TwistdLogCopy(globalLogPublisher, to_stdout=config.log_to_stdout)
+        self.logs = LogBroadcaster(on_dropped=self.metrics.log_bytes_dropped,
+                                   upstream_line_observer=stdout_copy.upstream_line)
+        for model_id in config.models:
+            self.logs.add_source(model_id)
+        self.proxy_log = ProxyLogObserver(self.logs, level=config.log_level, copy=stdout_copy)
+        self.log = make_logger(self.proxy_log, "llamaswap")
+        self.events = EventHub(config.models, self.logs, reactor,
                                log=make_logger(self.proxy_log, "llamaswap.events"))
-        self.router.observers.add(self.events.observe)
-        self.app.response_observer_factory = response_parser
-        self.app.request_listeners += [self.metrics.request_finished, self.events.request_finished]
 
-    def _make_process(self, model: ModelConfig) -> UpstreamProcess:
+        # the models: what each child needs, then the router that builds them
+        self.registry = ChildRegistry(state_file, self.log, pidfile=pidfile)
+        # measured memory needs, beside the state file (children.json -> children.needs.json)
+        self.needs = NeedBook.load(needbook_path(state_file))
+        if self.needs.last_error:
+            self.log.warn("{error}; measured memory needs start afresh", error=self.needs.last_error)
+        self.pools = HTTPPools()
+        self.router = ModelRouter(config, self._make_process, reactor,
+                                  make_logger(self.proxy_log, "llamaswap.router"), needs=self.needs)
+        for observer in (self._on_model_removed, self.metrics.observe, self.events.observe):
+            self.router.observers.add(observer)
+
+        # the web side: one context for every resource, the site, the socket
+        self.peers = PeerPool(reactor)
+        web = WebContext(self.router, self.logs, Forwarder(reactor), reactor,
+                         log=make_logger(self.proxy_log, "llamaswap.http"), reload=self.reload,
+                         request_listeners=(self.metrics.request_finished, self.events.request_finished),
+                         response_observer_factory=response_parser, peer_http=self.peers.http)
+        extra = {"/metrics": MetricsPage(self.metrics.registry), "/api/events": EventsPage(self.events)}
+        self.site = AccessLogSite(build_root(web, extra), web, reactor,
+                                  make_logger(self.proxy_log, "llamaswap.access"))
+        self.listener = ListenerService(listen, self.site, reactor, self._listening, label=listen_label)
+
+        children = [self.logs, StateFileService(self.registry, self.log), self.events, self.pools,
+                    self.peers, self.router, self.listener]
+        if watch_config:
+            children.append(ConfigWatcher(self.config_path, reactor, self._safe_reload, self.log))
+        for child in children:
+            child.setServiceParent(self)
+
+    def _make_process(self, model: ModelConfig, on_transition: Callable) -> UpstreamProcess:
         return UpstreamProcess(
-            model=model, reactor=self.reactor, clock=self.reactor, logs=self.logs,
+            model=model, reactor=self.reactor, clock=self.reactor, logs=self.logs, on_transition=on_transition,
             on_spawn=self.registry.spawned, on_reap=self.registry.reaped, ports=ports.SYSTEM,
-            http_factory=make_http_client, log=make_logger(self.proxy_log, "llamaswap.process"))
+            http_factory=self.pools.for_child, log=make_logger(self.proxy_log, "llamaswap.process"))
 
     # -- startup ----------------------------------------------------------------------------------
 
@@ -283,10 +229,10 @@ class LlamaSwapService(MultiService):
 
     def privilegedStartService(self) -> None:
         self.bind()
-        # written after twistd daemonized (the daemon's own pid), before we say we listen
-        self.registry.write()
         self._log_config_warnings()
-        super().privilegedStartService()  # the listener reports where it listens
+        # children in order: the state file is written (after twistd daemonized: the
+        # daemon's own pid), then the listener reports where it listens
+        super().privilegedStartService()
 
     def _log_config_warnings(self) -> None:
         for warning in startup_warnings(self.config):
@@ -359,8 +305,6 @@ class LlamaSwapService(MultiService):
 
     def startService(self) -> None:
         super().startService()
-        if self.watch_config:
-            self._start_watching()
         if self.install_signals:
             self.reactor.callWhenRunning(self._install_signal_handlers)
 
@@ -393,7 +337,7 @@ class LlamaSwapService(MultiService):
         except ConfigError as e:
             self.log.error("config reload failed, keeping previous config:\n{errors}",
                            errors="\n".join(e.errors))
-            self._reload_observed("failure")
+            self.metrics.reload("failure")
             raise
         old = self.config
         for model_id in new.models.keys() - old.models.keys():
@@ -409,7 +353,7 @@ class LlamaSwapService(MultiService):
                       removed=", ".join(outcome["removed"]), changed=", ".join(outcome["changed"]),
                       unchanged=len(outcome["unchanged"]))
         self._preload_after_reload(old, new, outcome)
-        self._reload_observed("success")
+        self.metrics.reload("success")
         return outcome
 
     def _port_taken_by_others(self, port: int) -> bool:
@@ -423,18 +367,12 @@ class LlamaSwapService(MultiService):
 
     def _preload_after_reload(self, old: Config, new: Config, outcome: dict) -> None:
         """CFG-30: preload again when the list changed or a listed model was added/changed."""
-        preload = getattr(self, "preload", None)
-        if preload is None or not new.preload:
+        if not new.preload:
             return
         touched = set(outcome["added"]) | set(outcome["changed"])
         listed = {new.resolve(name) for name in new.preload}
         if tuple(old.preload) != tuple(new.preload) or listed & touched:
-            preload(list(new.preload))
-
-    def _reload_observed(self, result: str) -> None:
-        listener = getattr(self, "on_reload", None)
-        if listener is not None:
-            listener(result)
+            self.preload(list(new.preload))
 
     def _on_model_removed(self, event: ModelEvent) -> None:
         """``IModelObserver``: a model removed by a reload loses its log source."""
@@ -451,46 +389,9 @@ class LlamaSwapService(MultiService):
         except Exception:
             self.log.failure("config reload crashed")
 
-    # -- --watch-config (CLI-4) ---------------------------------------------------------------------
-
-    def _start_watching(self) -> None:
-        from twisted.internet.task import LoopingCall
-
-        self._missing_warned = False
-        self._watch = LoopingCall(self._check_config_file)
-        self._watch.clock = self.reactor
-        self._watch.start(WATCH_INTERVAL, now=False)
-
-    def _check_config_file(self) -> None:
-        key = _stat_key(self.config_path)
-        if key is None:
-            if not self._missing_warned:
-                self._missing_warned = True
-                self.log.warn("config file {path} is missing; keeping the current config",
-                              path=self.config_path)
-            self._watched = None
-            return
-        self._missing_warned = False
-        if key != self._watched:
-            self._watched = key
-            self._safe_reload()
-
     # -- shutdown (CLI-9) ---------------------------------------------------------------------------
 
     def stopService(self) -> Deferred:
+        """Stop the children one by one, the last added first (see the module docstring)."""
         self._stopping = True
-        return ensureDeferred(self._stop_in_order())
-
-    async def _stop_in_order(self) -> None:
-        Service.stopService(self)  # not MultiService's: that stops every child at once
-        if self._watch is not None and self._watch.running:
-            self._watch.stop()
-        await maybeDeferred(self.listener.stopService)
-        await maybeDeferred(self.router.stopService)  # fires once every child is gone
-        peer_pool = getattr(self.app, "peer_pool", None)
-        if peer_pool is not None:
-            await peer_pool.closeCachedConnections()  # idle keep-alives to peers
-        self.events.stopService()  # open /api/events streams end cleanly
-        self.registry.remove()
-        self.log.info("llamaswap stopped")
-        await maybeDeferred(self.logs.stopService)
+        return super().stopService()

@@ -125,6 +125,40 @@ def write_config(directory: str | os.PathLike, config: dict[str, Any] | str, nam
     return str(path)
 
 
+# -- configs of fake-upstream models, and reading their answers ------------------------------------
+
+HEALTH_TIMEOUT = 15          # CFG-10: the smallest value the daemon accepts
+
+
+def fake_model(model_id: str, *extra: str, respond: str | None = None, **keys: Any) -> dict[str, Any]:
+    """A model entry whose cmd runs the fake upstream answering ``from <id>`` (or ``respond``)."""
+    return {"cmd": fake_cmd(model_id, *extra, respond=respond or f"from {model_id}"), **keys}
+
+
+def fake_config(models: dict[str, Any], **top: Any) -> dict[str, Any]:
+    """A config with a fresh port range, a 15 s health timeout and a 2 s grace period."""
+    return {"healthCheckTimeout": HEALTH_TIMEOUT, "startPort": free_port_range(len(models) + 2),
+            "unloadTimeout": 2, "models": models, **top}
+
+
+def port_of(cfg: dict[str, Any], model_id: str) -> int:
+    """The ${PORT} of a model (MAC-5: ids in code-point order from startPort)."""
+    ids = sorted(m for m, v in cfg["models"].items() if "${PORT}" in v["cmd"])
+    return cfg["startPort"] + ids.index(model_id)
+
+
+def error_of(status_body: tuple[int, Any]) -> tuple[int, str]:
+    """(status, error code) of a (status, JSON body) answer, checking the error's shape."""
+    status, body = status_body
+    assert set(body["error"]) >= {"message", "type", "param", "code"}, body
+    return status, body["error"]["code"]
+
+
+def sse_data(raw: bytes) -> list[str]:
+    """The payloads of the ``data:`` lines of an SSE body."""
+    return [line[len(b"data: "):].decode() for line in raw.split(b"\n") if line.startswith(b"data: ")]
+
+
 class _Collector:
     """Reads a pipe in a thread, keeping everything; lets callers wait for a regex."""
 
@@ -389,53 +423,72 @@ class Daemon:
         return f"http://127.0.0.1:{self.port}{path}"
 
 
-# -- the fake upstream on its own -----------------------------------------------------------------------
+# -- one HTTP server as a child process: the fake upstream on its own, a real llama-server ------------
 
-class FakeServer:
-    """``fake_llama_server.py`` as a child process (for testing the fake itself)."""
+HTTP_LISTENING = re.compile(rb"listening on http://127\.0\.0\.1:(\d+)")
 
-    def __init__(self, *args: str, port: int = 0) -> None:
-        self.argv = [sys.executable, str(FAKE), "--port", str(port), *args]
+
+class ChildServer:
+    """``argv`` as a child process in a session of its own, its stdout and stderr collected; its
+    port is read from the ``listening on http://127.0.0.1:<port>`` line it prints on stderr."""
+
+    name = "server"                 # for failure messages
+    listen_timeout = 10.0
+
+    def __init__(self, argv: list[str]) -> None:
+        self.argv = argv
         self.proc = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                      stderr=subprocess.PIPE, start_new_session=True)
         self.stdout = _Collector(self.proc.stdout)
         self.stderr = _Collector(self.proc.stderr)
         self.port: int | None = None
 
-    def wait_listening(self, timeout: float = 10) -> int:
-        m = self.stderr.wait_for(re.compile(rb"listening on http://127\.0\.0\.1:(\d+)"), timeout)
-        assert m, f"fake did not start:\n{self.stderr.text()}"
+    def wait_listening(self, timeout: float | None = None) -> int:
+        """The port from the listening line (``listen_timeout`` unless given)."""
+        m = self.stderr.wait_for(HTTP_LISTENING, self.listen_timeout if timeout is None else timeout)
+        assert m, f"{self.name} did not start: rc={self.proc.poll()}\n{self.stderr.text()}"
         self.port = int(m.group(1))
         return self.port
 
     def wait(self, timeout: float = 10) -> int | None:
+        """Wait for exit; the exit code, or None if it is still running."""
         try:
             return self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
             return None
 
     def close(self) -> None:
-        for target in (lambda s: os.killpg(self.proc.pid, s),):
-            try:
-                target(signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
+        """Backstop: SIGKILL the process group."""
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
         self.wait(5)
+
+
+class FakeServer(ChildServer):
+    """``fake_llama_server.py`` as a child process (for testing the fake itself)."""
+
+    name = "fake"
+
+    def __init__(self, *args: str, port: int = 0) -> None:
+        super().__init__([sys.executable, str(FAKE), "--port", str(port), *args])
 
     def request(self, method: str, path: str, body: Any = None, **kw: Any) -> Response:
         assert self.port is not None
         return http_request(self.port, method, path, body, **kw)
 
 
-def stop_and_clean(d: "Daemon") -> list[str]:
+def stop_and_clean(d: "Daemon", strict: bool = False) -> list[str]:
     """SIGTERM the daemon (if it still runs), then SIGKILL whatever is left; return what went
-    wrong: an exit status other than 0, or children alive after it stopped (CLI-9).
+    wrong: an exit status other than 0, or children alive after it stopped (CLI-9). With
+    ``strict``, a daemon that had exited already must have exited with 0 too.
 
     The daemon's output is printed so that pytest shows it with any failure.
     """
     problems = []
     try:
-        if d.proc is not None and d.proc.poll() is None:
+        if d.proc is not None and (strict or d.proc.poll() is None):
             rc = d.stop()
             if rc != 0:
                 problems.append(f"daemon exit status after SIGTERM: {rc} (expected 0)")
@@ -446,6 +499,18 @@ def stop_and_clean(d: "Daemon") -> list[str]:
         d.kill()
         print(d.output())
     return problems
+
+
+def sigkill_leaving_children(d: "Daemon", model_id: str) -> tuple[int, int]:
+    """Load ``model_id`` (a fake run with ``--fork-child``), then SIGKILL the daemon, leaving its
+    child behind; return (the child's pid, the pid of the grandchild it forked)."""
+    assert d.chat(model_id)[0] == 200
+    [entry] = d.running()
+    grandchild = d.request("GET", f"/upstream/{model_id}/info").json()["grandchild_pid"]
+    d.child_pids.add(grandchild)
+    os.kill(d.proc.pid, signal.SIGKILL)
+    assert d.wait(10) == -signal.SIGKILL
+    return entry["pid"], grandchild
 
 
 def in_thread(fn, *args: Any, **kw: Any):

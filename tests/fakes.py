@@ -8,6 +8,7 @@
   ``exit`` (both).
 * ``HealthChecks``: a ``check=`` injection whose Deferreds the test fires.
 * ``UpstreamStub``: an in-memory fake llama-server resource (for ``RequestTraversalAgent``).
+* ``FakeStreamRequest``: the request a fan-out subscriber writes to.
 """
 from __future__ import annotations
 
@@ -317,3 +318,50 @@ def drop_clients(agent: RequestTraversalAgent) -> None:
 
 def quote_path(text: str) -> str:
     return quote(text, safe="/")
+
+
+class FakeTransport:
+    aborted = False
+
+    def abortConnection(self) -> None:
+        self.aborted = True
+
+
+class FakeChannel:
+    def __init__(self) -> None:
+        self.transport = FakeTransport()
+
+
+class FakeStreamRequest:
+    """What a fan-out subscriber (``llamaswap.fanout``: ``/logs/stream``, ``/api/events``) uses of a
+    twisted.web request: the bytes written (``data``), the registered ``producer`` and whether it
+    is ``streaming``, ``finished``, ``channel.transport.aborted``, and ``done``, the Deferred
+    ``notifyFinish`` returns, which :meth:`finish` fires and :meth:`lose` fails, as twisted.web does."""
+
+    def __init__(self) -> None:
+        self.data = b""
+        self.producer: Any = None
+        self.streaming: Optional[bool] = None
+        self.finished = False
+        self.channel = FakeChannel()
+        self.done: Deferred = Deferred()
+
+    def write(self, data: bytes) -> None:
+        self.data += data
+
+    def registerProducer(self, producer: Any, streaming: bool) -> None:
+        self.producer, self.streaming = producer, streaming
+
+    def unregisterProducer(self) -> None:
+        self.producer = None
+
+    def finish(self) -> None:
+        self.finished = True
+        self.done.callback(None)
+
+    def notifyFinish(self) -> Deferred:
+        return self.done
+
+    def lose(self) -> None:
+        """The client went away."""
+        self.done.errback(Failure(ierror.ConnectionDone()))

@@ -6,15 +6,14 @@
   ``listening on http://127.0.0.1:<port>`` line on stderr.
 * :func:`tagged_processes` / :func:`kill_tagged`: every process whose environment carries a marker
   variable. Tests put a fresh marker in the daemon's environment; its children inherit it, so after
-  the test no process with that marker may be left (and any that is, is killed).
+  the test no process with that marker may be left (and any that is, is killed);
+  :class:`TaggedDaemons` does that for the daemons a fixture starts.
 """
 
 from __future__ import annotations
 
 import os
-import re
 import signal
-import subprocess
 import time
 import uuid
 from pathlib import Path
@@ -22,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from llamaswap.demo.llama_server import LauncherError, find_binary
-from tests.daemon import _Collector, pid_alive
+from tests.daemon import ChildServer, Daemon, pid_alive
 
 try:
     LLAMA_SERVER = find_binary()
@@ -35,48 +34,25 @@ requires_llama_server = pytest.mark.skipif(LLAMA_SERVER is None, reason=SKIP_MES
 ANSWER_A = "Hello! I am tiny chat model A."
 ANSWER_B = "Hi there, this is model B speaking."
 
-LISTENING = re.compile(rb"listening on http://127\.0\.0\.1:(\d+)")
 MARKER_VAR = "LLAMASWAP_TEST_MARKER"
 
 
-class LlamaServer:
-    """``llama-server -m MODEL --host 127.0.0.1 --port 0 [args]`` as a child process."""
+class LlamaServer(ChildServer):
+    """``llama-server -m MODEL --host 127.0.0.1 --port 0 [args]`` as a child process; its listening
+    line is printed once the model is loaded, so /health is 200 by then."""
+
+    name = "llama-server"
+    listen_timeout = 20.0
 
     def __init__(self, model: str | os.PathLike[str], *args: str, binary: str | None = None) -> None:
         assert LLAMA_SERVER or binary, SKIP_MESSAGE
-        self.argv = [binary or LLAMA_SERVER, "-m", str(model), "--host", "127.0.0.1", "--port", "0", *args]
-        self.proc = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                     stderr=subprocess.PIPE, start_new_session=True)
-        self.stdout = _Collector(self.proc.stdout)
-        self.stderr = _Collector(self.proc.stderr)
-        self.port: int | None = None
-
-    def wait_listening(self, timeout: float = 20) -> int:
-        """The port from the readiness line (printed once the model is loaded, so /health is 200)."""
-        m = self.stderr.wait_for(LISTENING, timeout)
-        assert m, f"llama-server did not start: rc={self.proc.poll()}\n{self.stderr.text()}"
-        self.port = int(m.group(1))
-        return self.port
+        super().__init__([binary or LLAMA_SERVER, "-m", str(model), "--host", "127.0.0.1", "--port", "0", *args])
 
     def terminate(self, timeout: float = 10) -> int | None:
         """SIGTERM and wait; the exit code, or None if it is still running."""
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            return None
-
-    def close(self) -> None:
-        """Backstop: SIGKILL the process group."""
-        try:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
-        try:
-            self.proc.wait(5)
-        except subprocess.TimeoutExpired:
-            pass
+        return self.wait(timeout)
 
 
 def new_marker() -> dict[str, str]:
@@ -113,3 +89,26 @@ def kill_tagged(marker: dict[str, str]) -> list[int]:
     while time.monotonic() < deadline and tagged_processes(marker):
         time.sleep(0.05)
     return pids
+
+
+class TaggedDaemons:
+    """Daemons started with one fresh marker in their environment, for a test's fixture:
+    :meth:`close` stops them all, then kills (and fails on) any process left with the marker."""
+
+    def __init__(self) -> None:
+        self.marker = new_marker()
+        self.daemons: list[Daemon] = []
+
+    def start(self, config: dict | str, workdir: str | os.PathLike[str]) -> Daemon:
+        daemon = Daemon(config, workdir=workdir, env=self.marker)
+        self.daemons.append(daemon)
+        return daemon.start()
+
+    def close(self) -> None:
+        for daemon in self.daemons:
+            try:
+                daemon.stop()
+            finally:
+                daemon.kill()
+        left = kill_tagged(self.marker)
+        assert not left, f"processes left behind (killed now): {left}"

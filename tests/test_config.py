@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 from llamaswap.config import (
     Config, ConfigError, GroupConfig, load_config, parse_config, parse_size, split_cmd)
+from tests.test_matrix import EXAMPLE as MATRIX_EXAMPLE
 
 DATA = Path(__file__).resolve().parent / "data"
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
@@ -239,7 +240,7 @@ BAD = [
      ['models["my model"].ttl: must be a non-negative integer (got \'x\')']),
     ("peer without proxy", "peers:\n  p:\n    models: [m]\n", ["peers.p.proxy: is required"]),
     ("memory bigger than budget", f"memory: {{budget: 1GiB}}\nmodels:\n  a:\n    {P}\n    memory: 2GiB\n",
-     ["models.a.memory: larger than memory.budget (got '2GiB')"]),
+     ["models.a.memory: must not exceed memory.budget '1GiB' (got '2GiB')"]),
     ("several at once",
      "globalTTL: x\nlogToStdout: loud\nmodels:\n  a:\n    cmd: srv ${PORT}\n    ttl: '5'\n    unlisted: 3\n"
      "  b:\n    cmd: run\n  c:\n    cmd: c ${PORT}\n    aliases: [a]\ngroups:\n  g: {members: [zz]}\n",
@@ -405,16 +406,362 @@ def test_later_keys():
         memory: {{budget: 10GiB}}
         peers:
           p: {{proxy: "https://x.example/api", models: [m1]}}
+        routing:
+          scheduler: {{settings: {{fifo: {{priority: {{a: 1}}}}}}}}
         models:
           a:
             {P}
             sendLoadingState: false
             memory: 1GiB
         """)
-    assert c.later_keys == ("memory", "models.a.memory")  # peers, sendLoadingState: implemented
+    # peers, sendLoadingState, memory: implemented; fifo priorities are read but not used yet
+    assert c.later_keys == ("routing.scheduler.settings.fifo.priority",)
     assert c.memory_budget == 10 * 2**30 and c.models["a"].memory == 2**30
     assert c.peers["p"].proxy == "https://x.example/api" and c.peers["p"].models == ("m1",)
     assert c.send_loading_state is True and c.models["a"].send_loading_state is False
+
+
+# --------------------------------------------------------------------------------------------
+# Memory (memory.*, models.<id>.memory)
+
+
+def test_memory_defaults():
+    """No memory section: accounting off, 1GiB overhead, the cost policy, no declared needs."""
+    c = parse(f"models:\n  a:\n    {P}\n")
+    assert (c.memory_budget, c.memory_overhead, c.memory_policy) == (None, 2**30, "cost")
+    assert c.models["a"].memory is None
+
+
+@pytest.mark.parametrize("text,value", [("24GiB", 24 * 2**30), ("512MB", 512 * 10**6), ("1073741824", 2**30),
+                                        ("'2 gib'", 2 * 2**30), ("0", 0)])
+def test_memory_sizes(text, value):
+    """Sizes with a unit (powers of 1000 or 1024, any case) or plain bytes, for every memory key."""
+    c = parse(f"memory:\n  budget: {text}\n  overhead: {text}\nmodels:\n  a:\n    {P}\n    memory: {text}\n")
+    assert c.memory_budget == c.memory_overhead == c.models["a"].memory == value
+
+
+@pytest.mark.parametrize("policy", ["cost", "lru"])
+def test_memory_policy(policy):
+    assert parse(f"memory: {{policy: {policy}}}\n").memory_policy == policy
+
+
+def test_memory_without_budget_or_within_it():
+    """A declared memory is fine without a budget, and up to the budget itself."""
+    c = parse(f"models:\n  a:\n    {P}\n    memory: 64GiB\n")
+    assert c.memory_budget is None and c.models["a"].memory == 64 * 2**30
+    c = parse(f"memory: {{budget: 8GiB}}\nmodels:\n  a:\n    {P}\n    memory: 8192MiB\n")
+    assert c.models["a"].memory == c.memory_budget == 8 * 2**30
+    assert c.warnings == () and c.later_keys == ()
+
+
+SIZE = "must be a size (an integer number of bytes, or a string like '12GiB')"
+
+MEMORY_BAD = [
+    ("budget", "memory: {budget: lots}\n", [f"memory.budget: {SIZE} (got 'lots')"]),
+    ("budget negative", "memory: {budget: -1}\n", [f"memory.budget: {SIZE} (got -1)"]),
+    ("budget float", "memory: {budget: 1.5}\n", [f"memory.budget: {SIZE} (got 1.5)"]),
+    ("overhead", "memory: {overhead: 1XB}\n", [f"memory.overhead: {SIZE} (got '1XB')"]),
+    ("policy", "memory: {policy: fifo}\n", ["memory.policy: must be 'cost' or 'lru' (got 'fifo')"]),
+    ("policy case", "memory: {policy: LRU}\n", ["memory.policy: must be 'cost' or 'lru' (got 'LRU')"]),
+    ("section", "memory: 48GiB\n", ["memory: must be a mapping (got '48GiB')"]),
+    ("model memory", f"models:\n  a:\n    {P}\n    memory: [1]\n", [f"models.a.memory: {SIZE} (got a list)"]),
+    ("model above budget in bytes", f"memory: {{budget: 1000}}\nmodels:\n  a:\n    {P}\n    memory: 1001\n"
+     f"  b:\n    cmd: b ${{PORT}}\n    memory: 1KiB\n",
+     ["models.a.memory: must not exceed memory.budget 1000 (got 1001)",
+      "models.b.memory: must not exceed memory.budget 1000 (got '1KiB')"]),
+]
+
+
+@pytest.mark.parametrize("text,expected", [(t, e) for _, t, e in MEMORY_BAD], ids=[n for n, _, _ in MEMORY_BAD])
+def test_memory_errors(text, expected):
+    assert sorted(errors_of(text)) == sorted(expected)
+
+
+# --------------------------------------------------------------------------------------------
+# Routing (llama-swap's routing.router and routing.scheduler)
+
+MODELS = f"models:\n  a:\n    {P}\n    aliases: [al]\n  b:\n    cmd: b ${{PORT}}\n  c:\n    cmd: c ${{PORT}}\n"
+GROUPS = "  g1: {swap: false, members: [a, b]}\n  g2: {persistent: true, members: [c]}\n"
+
+
+def routed(body: str) -> str:
+    """``body`` (YAML under ``routing.router.settings``) after MODELS."""
+    return MODELS + "routing:\n  router:\n    settings:\n" + textwrap.indent(body, "      ")
+
+
+def test_routing_groups_equal_top_level_groups():
+    """routing.router.settings.groups gives exactly the Config.groups the top-level groups give."""
+    top = parse(MODELS + "groups:\n" + GROUPS)
+    for use in ("", "    use: group\n", "    use: ''\n"):
+        new = parse(MODELS + "routing:\n  router:\n" + use + "    settings:\n      groups:\n"
+                    + textwrap.indent(GROUPS, "      "))
+        assert new.groups == top.groups and new.router_use == top.router_use == "group"
+        assert new.matrix is None and new.warnings == ()
+    assert top.groups["g1"] == GroupConfig("g1", False, True, False, ("a", "b"))
+    assert parse(routed("groups:\n" + GROUPS)).group_of("c") == top.group_of("c") == top.groups["g2"]
+
+
+def test_routing_defaults():
+    """No routing section: the group router, no matrix, no priorities."""
+    c = parse(MODELS)
+    assert (c.router_use, c.matrix, c.scheduler_priority, c.groups) == ("group", None, {}, {})
+    c = parse(MODELS + "routing: {router: {use: group}, scheduler: {use: fifo}}\n")
+    assert (c.router_use, c.matrix, c.scheduler_priority, c.warnings) == ("group", None, {}, ())
+
+
+def test_routing_matrix():
+    """use: matrix compiles settings.matrix onto Config.matrix; its groups are checked but not used."""
+    c = parse(MODELS + "routing:\n  router:\n    use: matrix\n    settings:\n"
+              "      groups: {g: {members: [a]}}\n"
+              "      matrix:\n        vars: {x: a}\n        evict_costs: {x: 5}\n"
+              "        sets: {pair: 'x & b', solo: c}\n")
+    assert c.router_use == "matrix" and c.groups == {} and c.warnings == ()
+    assert [s.name for s in c.matrix.sets] == ["pair", "solo"] and c.matrix.evict_cost("a") == 5
+    assert c.matrix.solve("b", ["a"]) == frozenset() and c.matrix.solve("c", ["a", "b"]) == {"a", "b"}
+    assert c.group_of("a").id == "(default)"
+
+
+def test_top_level_matrix():
+    """llama-swap's older top-level matrix: the same keys, and it turns the matrix on."""
+    c = parse(MODELS + "matrix:\n  sets: {pair: 'a & b'}\n")
+    assert c.router_use == "matrix" and c.groups == {} and c.warnings == ()
+    assert c.matrix.solve("b", ["a"]) == frozenset()
+
+
+def test_inactive_router_settings_are_checked():
+    """use: group leaves Config.matrix unset, but a bad settings.matrix is still an error."""
+    c = parse(routed("groups: {g: {members: [a]}}\nmatrix: {sets: {s: 'a & c'}}\n"))
+    assert c.router_use == "group" and c.matrix is None and list(c.groups) == ["g"]
+    assert errors_of(routed("matrix: {sets: {s: 'a & zz'}}\n")) == [
+        "routing.router.settings.matrix.sets.s: unknown var or model 'zz' at position 4"]
+
+
+ROUTING_BAD = [
+    ("use matrix without settings", MODELS + "routing: {router: {use: matrix}}\n",
+     ["routing.router.settings.matrix: is required when routing.router.use is 'matrix'"]),
+    ("use matrix with groups only", routed("groups: {g: {members: [a]}}\n").replace(
+        "  router:\n", "  router:\n    use: matrix\n"),
+     ["routing.router.settings.matrix: is required when routing.router.use is 'matrix'"]),
+    ("unknown router", MODELS + "routing: {router: {use: matrix2}}\n",
+     ["routing.router.use: must be 'group' or 'matrix' (got 'matrix2')"]),
+    ("router use list", MODELS + "routing: {router: {use: [group]}}\n",
+     ["routing.router.use: must be a string (got a list)"]),
+    ("routing scalar", MODELS + "routing: fifo\n", ["routing: must be a mapping (got 'fifo')"]),
+    ("settings list", MODELS + "routing: {router: {settings: [groups]}}\n",
+     ["routing.router.settings: must be a mapping (got a list)"]),
+    ("top-level groups and matrix", MODELS + "groups: {g: {members: [a]}}\nmatrix: {sets: {s: a}}\n",
+     ["matrix: cannot be used together with groups"]),
+    ("top-level groups and routing.router", MODELS + "groups:\n" + GROUPS + "routing: {router: {use: group}}\n",
+     ["groups: cannot be used together with routing.router (move it to routing.router.settings.groups)"]),
+    ("top-level matrix and routing groups", routed("groups: {g: {members: [a]}}\n") + "matrix: {sets: {s: a}}\n",
+     ["matrix: cannot be used together with routing.router (move it to routing.router.settings.matrix)"]),
+    ("both legacy keys and routing.router",
+     MODELS + "groups: {g: {members: [a]}}\nmatrix: {sets: {s: a}}\nrouting: {router: {use: matrix}}\n",
+     ["groups: cannot be used together with routing.router (move it to routing.router.settings.groups)",
+      "matrix: cannot be used together with routing.router (move it to routing.router.settings.matrix)"]),
+    ("routing group errors name their path", routed("groups:\n  g: {swap: 2, members: [a, zz, al]}\n"
+                                                    "  h: {members: [a]}\n"),
+     ["routing.router.settings.groups.g.swap: must be a boolean (got 2)",
+      "routing.router.settings.groups.g.members[1]: unknown model 'zz'",
+      "routing.router.settings.groups.g.members[2]: unknown model 'al'",
+      "routing.router.settings.groups.h.members[0]: model 'a' is already in group 'g'"]),
+    ("matrix errors name their path", routed(
+        "matrix:\n  vars: {x: al, 'bad name': a}\n  evict_costs: {b: 0, zz: 1}\n"
+        "  sets: {s: 'a & (b', t: '+nope', u: '+v', v: '+u'}\n").replace("  router:\n", "  router:\n    use: matrix\n"),
+     ["routing.router.settings.matrix.vars.x: unknown model 'al'",
+      "routing.router.settings.matrix.vars[\"bad name\"]: a var name must be 1-32 letters, digits, '-' or '.'",
+      "routing.router.settings.matrix.evict_costs.b: must be a positive integer (got 0)",
+      "routing.router.settings.matrix.evict_costs.zz: unknown var or model 'zz'",
+      "routing.router.settings.matrix.sets.s: missing closing parenthesis for '(' at position 4",
+      "routing.router.settings.matrix.sets.t: reference to undefined set 'nope' at position 0",
+      "routing.router.settings.matrix.sets.u: circular reference u -> v -> u"]),
+    ("matrix without sets", routed("matrix: {vars: {x: a}}\n"),
+     ["routing.router.settings.matrix.sets: must define at least one set"]),
+    ("matrix not a mapping", routed("matrix: [a]\n"),
+     ["routing.router.settings.matrix: must be a mapping (got a list)"]),
+    ("top-level matrix errors", MODELS + "matrix:\n  sets: {s: 'a & zz'}\n",
+     ["matrix.sets.s: unknown var or model 'zz' at position 4"]),
+    ("unknown scheduler", MODELS + "routing: {scheduler: {use: lifo}}\n",
+     ["routing.scheduler.use: must be 'fifo' (got 'lifo')"]),
+    ("priorities", MODELS + "routing:\n  scheduler:\n    settings:\n      fifo:\n        priority:\n"
+     "          a: 1\n          al: 2\n          zz: 3\n          b: '4'\n          c: 1.5\n",
+     ["routing.scheduler.settings.fifo.priority.al: model 'a' already has a priority (as 'a')",
+      "routing.scheduler.settings.fifo.priority.zz: unknown model 'zz'",
+      "routing.scheduler.settings.fifo.priority.b: must be an integer (got '4')",
+      "routing.scheduler.settings.fifo.priority.c: must be an integer (got 1.5)"]),
+    ("priority not a mapping", MODELS + "routing: {scheduler: {settings: {fifo: {priority: [a]}}}}\n",
+     ["routing.scheduler.settings.fifo.priority: must be a mapping (got a list)"]),
+]
+
+
+@pytest.mark.parametrize("text,expected", [(t, e) for _, t, e in ROUTING_BAD], ids=[n for n, _, _ in ROUTING_BAD])
+def test_routing_errors(text, expected):
+    """llama-swap's load.go checks, as `<path>: <message>` lines."""
+    assert sorted(errors_of(text)) == sorted(expected)
+
+
+def test_scheduler_priority():
+    """Priorities are keyed by model id (aliases resolved); any integer; unlisted models are absent (0)."""
+    c = parse(MODELS + "routing:\n  scheduler:\n    use: fifo\n    settings:\n      fifo:\n"
+              "        priority: {al: 10, b: -3}\n")
+    assert c.scheduler_priority == {"a": 10, "b": -3}
+    assert c.later_keys == ("routing.scheduler.settings.fifo.priority",) and c.warnings == ()
+
+
+def test_routing_unknown_keys_warn():
+    """Every level of routing warns about keys it does not know; a matrix too."""
+    c = parse(MODELS + "routing:\n  zz: 1\n  router:\n    Use: group\n    settings:\n      group: {}\n"
+              "      matrix: {sets: {s: a}, var: {}}\n  scheduler:\n    settings:\n      lifo: {}\n"
+              "      fifo: {priorities: {}}\n")
+    assert sorted(c.warnings) == sorted([
+        "config: unknown key 'routing.zz' (ignored)",
+        "config: unknown key 'routing.router.Use' (ignored); did you mean 'use'?",
+        "config: unknown key 'routing.router.settings.group' (ignored); did you mean 'groups'?",
+        "config: unknown key 'routing.router.settings.matrix.var' (ignored); did you mean 'vars'?",
+        "config: unknown key 'routing.scheduler.settings.lifo' (ignored); did you mean 'fifo'?",
+        "config: unknown key 'routing.scheduler.settings.fifo.priorities' (ignored); did you mean 'priority'?"])
+
+
+# The routing block of llama-swap's config.example.yaml at the HEAD of github.com/mostlygeek/llama-swap,
+# copied unchanged (llama-swap is MIT-licensed, Copyright (c) 2024 Benson Wong). Its matrix settings
+# are tests/test_matrix.py's EXAMPLE (the same text, dedented there), indented back into place.
+LLAMA_SWAP_ROUTING = r"""
+# routing:
+# Controls how llama-swap decides which models can run at the same time and
+# which get swapped out. Choose one of two swap engines:
+#
+# - group:  the default engine. Simpler to configure. You define groups of
+#           models that run together, and loading one group typically unloads
+#           the others.
+#
+# - matrix: the newer engine. More involved to configure, but far more
+#           flexible. It uses a small expression language to describe which
+#           model combinations are allowed to run concurrently, enabling
+#           setups that groups cannot express.
+#
+# The routing section is optional.
+routing:
+  router:
+    # use: a string defining which engine to use
+    # - optional, default: "group"
+    # - valid values: group, matrix
+    use: group
+
+    # settings: a dictionary of settings for the specific engines
+    settings:
+      # groups: a dictionary of named groups
+      # - optional, default: empty dictionary
+      # - lets you keep some models loaded while others swap out
+      # - every member must be a model ID defined in the models section
+      # - a model can belong to only one group
+      # - behaviour is set per group with the `swap`, `exclusive` and
+      #   `persistent` fields
+      # - see issue #109 for details
+      #
+      # NOTE: the model names below are illustrative and are not defined above.
+      groups:
+        # group1 reproduces llama-swap's default behaviour: only one model
+        # runs at a time across the entire instance.
+        "group1":
+          # swap: how members of this group swap among themselves
+          # - optional, default: true
+          # - true:  only one member runs at a time
+          # - false: all members can run together, no swapping
+          swap: true
+
+          # exclusive: how this group affects other groups
+          # - optional, default: true
+          # - true:  running a member unloads every other group
+          # - false: running a member leaves other groups untouched
+          exclusive: true
+
+          # members: the model IDs in this group
+          # required
+          members:
+            - "llama"
+            - "qwen-unlisted"
+
+        # group2: members all run together, but loading any other group
+        # unloads them.
+        "group2":
+          # swap: false lets all members stay loaded at once
+          swap: false
+
+          # exclusive: false means requesting a member loads it without
+          # unloading any other group
+          exclusive: false
+          members:
+            - "docker-llama"
+            - "modelA"
+            - "modelB"
+
+        # forever: a persistent group that other groups can never unload.
+        "forever":
+          # persistent: other groups cannot unload this group's members
+          # - optional, default: false
+          # - has no effect on swapping within the group
+          persistent: true
+
+          # swap/exclusive: false keeps all members loaded and avoids
+          # unloading other groups
+          swap: false
+          exclusive: false
+          members:
+            - "forever-modelA"
+            - "forever-modelB"
+            - "forever-modelc"
+
+""" + textwrap.indent(MATRIX_EXAMPLE, " " * 6) + r"""
+  # scheduler: how queued requests are ordered.
+  # The default and only valid scheduler is "fifo"
+  scheduler:
+    use: fifo
+    settings:
+      fifo:
+        # priority: a dictionary of model ID -> priority
+        # - optional, default: empty dictionary
+        # - models default to priority 0
+        # - higher priority requests are serviced first in the queue
+        priority:
+          A: 10
+          B: 5
+          C: 5
+          D: 1
+"""
+
+#: the models its block names (it says they are illustrative; llama-swap checks them against models)
+LLAMA_SWAP_ROUTING_MODELS = [
+    "llama", "qwen-unlisted", "docker-llama", "modelA", "modelB", "forever-modelA", "forever-modelB",
+    "forever-modelc", "gemma-model", "qwen-model", "mistral-model", "voxtral-model", "reranker-model",
+    "stable-diffusion", "llama-70B", "A", "B", "C", "D"]
+
+
+def _llama_swap_routing(use: str = "group") -> Config:
+    models = "".join(f"  {m}:\n    cmd: srv --port ${{PORT}}\n" for m in LLAMA_SWAP_ROUTING_MODELS)
+    block = LLAMA_SWAP_ROUTING.replace("    use: group\n", f"    use: {use}\n", 1)
+    return parse_config("models:\n" + models + block, "llama-swap.yaml", {})
+
+
+def test_llama_swap_example_routing_block():
+    """llama-swap's example routing block loads with no warning: its groups, scheduler and priorities."""
+    c = _llama_swap_routing()
+    assert c.warnings == () and c.router_use == "group" and c.matrix is None
+    assert c.later_keys == ("routing.scheduler.settings.fifo.priority",)
+    assert c.groups == {
+        "group1": GroupConfig("group1", True, True, False, ("llama", "qwen-unlisted")),
+        "group2": GroupConfig("group2", False, False, False, ("docker-llama", "modelA", "modelB")),
+        "forever": GroupConfig("forever", False, False, True,
+                               ("forever-modelA", "forever-modelB", "forever-modelc"))}
+    assert c.scheduler_priority == {"A": 10, "B": 5, "C": 5, "D": 1}
+
+
+def test_llama_swap_example_routing_block_with_matrix():
+    """The same block with use: matrix gives its matrix (and no groups)."""
+    c = _llama_swap_routing("matrix")
+    assert c.warnings == () and c.router_use == "matrix" and c.groups == {}
+    assert [s.name for s in c.matrix.sets] == ["standard", "with_rerank", "creative", "full"]
+    assert c.matrix.solve("stable-diffusion", ["gemma-model", "voxtral-model"]) == {"voxtral-model"}
+    assert c.matrix.solve("llama-70B", ["qwen-model", "voxtral-model"]) == {"qwen-model", "voxtral-model"}
 
 
 # --------------------------------------------------------------------------------------------

@@ -25,6 +25,12 @@ ENV = {"LLAMASWAP_KEY": "sk-doc", "OPENROUTER_KEY": "sk-peer"}
 READ = [k for k in KEYS if k.status != UNSUPPORTED]
 #: setting both spellings is an error, so the legacy one is checked on its own
 LEGACY = {"models.<id>.filters.strip_params"}
+#: keys that exclude the top-level ``groups`` (and each other), each set checked in a config of its own
+ALTERNATIVES = (
+    {k.path for k in READ if k.path.startswith("routing.router")},
+    {"matrix"},
+)
+SEPARATE = LEGACY.union(*ALTERNATIVES)
 
 
 def merge(into: dict, extra: dict) -> dict:
@@ -50,6 +56,11 @@ def test_committed_doc_is_generated():
         "docs/configuration.rst is stale: run `python -m llamaswap.config.keys > docs/configuration.rst`")
 
 
+def alternative(paths: set) -> str:
+    """A config of the ``models`` example and the examples of ``paths`` (in table order)."""
+    return config_of([configkeys.find("models")] + [k for k in KEYS if k.path in paths])
+
+
 def test_reader_reads_exactly_the_table(monkeypatch):
     """The keys the reader takes, nested ones included, are the table's (not-unsupported) rows."""
     seen: set[str] = set()
@@ -60,19 +71,27 @@ def test_reader_reads_exactly_the_table(monkeypatch):
         return real(self, key)
 
     monkeypatch.setattr(Reader, "value", value)
-    parse_config(config_of([k for k in READ if k.path not in LEGACY]), "all.yaml", ENV)
+    parse_config(config_of([k for k in READ if k.path not in SEPARATE]), "all.yaml", ENV)
+    for paths in ALTERNATIVES:
+        parse_config(alternative(paths), "alternative.yaml", ENV)
     assert seen == {k.path for k in READ}
 
 
 def test_every_example_loads_without_warnings():
-    """All documented examples together form a valid config with no warning (the legacy one too)."""
-    everything = parse_config(config_of([k for k in READ if k.path not in LEGACY]), "all.yaml", ENV)
+    """All documented examples together form a valid config with no warning; so do the alternatives."""
+    everything = parse_config(config_of([k for k in READ if k.path not in SEPARATE]), "all.yaml", ENV)
     assert everything.warnings == ()
     assert everything.models["llama"].ttl == 600 and everything.peers["openrouter"].api_key == "sk-peer"
-    assert everything.later_keys == ("memory", "models.llama.memory")
-    legacy = parse_config(config_of([configkeys.find("models")] + [configkeys.find(p) for p in LEGACY]),
-                          "legacy.yaml", ENV)
+    assert everything.later_keys == ("routing.scheduler.settings.fifo.priority",)
+    assert everything.memory_budget == 48 * 2**30 and everything.memory_policy == "lru"
+    assert everything.scheduler_priority == {"llama": 10} and everything.router_use == "group"
+    legacy = parse_config(alternative(LEGACY), "legacy.yaml", ENV)
     assert legacy.warnings == () and legacy.models["llama"].strip_params == ("top_k",)
+    router = parse_config(alternative(ALTERNATIVES[0]), "router.yaml", ENV)
+    assert router.warnings == () and router.router_use == "matrix" and router.groups == {}
+    assert [s.name for s in router.matrix.sets] == ["solo", "again"]
+    top_matrix = parse_config(alternative(ALTERNATIVES[1]), "matrix.yaml", ENV)
+    assert top_matrix.warnings == () and top_matrix.router_use == "matrix"
 
 
 @pytest.mark.parametrize("row", [k for k in KEYS if k.status == UNSUPPORTED], ids=lambda k: k.path)
@@ -95,7 +114,11 @@ def _checked_levels() -> list[str]:
 def test_unknown_keys_warn_at_every_level(level):
     """At every documented level, a key the table does not list is reported as unknown."""
     stray = configkeys.KeyDoc(configkeys.join(level, "zzStray"), "", "", "1", "", "")
-    context = [configkeys.find("models"), configkeys.find("peers"), configkeys.find("groups")]
+    context = [configkeys.find("models"), configkeys.find("peers")]
+    if level.startswith("routing.router.settings.matrix"):
+        context.append(configkeys.find("routing.router.settings.matrix.sets"))    # a matrix needs a set
+    elif not level.startswith("routing.router"):
+        context.append(configkeys.find("groups"))          # top-level groups exclude routing.router
     config = parse_config(config_of(context + [stray]), "s.yaml", ENV)
     assert config.warnings == (f"config: unknown key '{concrete(stray.path)}' (ignored)",)
 
@@ -109,8 +132,11 @@ def test_table_is_well_formed():
     assert {k.path for k in KEYS if k.secret} == {
         "apiKeys", "models.<id>.env", "peers.<peerId>.apiKey"}
     memory = {k.path: k.status for k in KEYS if "memory" in k.path}
-    assert memory == dict.fromkeys(["models.<id>.memory", "memory", "memory.budget", "memory.overhead"],
-                                   NOT_IMPLEMENTED)
+    assert memory == dict.fromkeys(
+        ["models.<id>.memory", "memory", "memory.budget", "memory.overhead", "memory.policy"], SUPPORTED)
+    assert {k.path for k in KEYS if k.status == NOT_IMPLEMENTED} == {"routing.scheduler.settings.fifo.priority"}
+    routing = {k.path: k.since for k in KEYS if k.path.startswith("routing")}
+    assert set(routing.values()) == {"v225"} and configkeys.find("matrix").status == SUPPORTED
 
 
 def test_reader_constants_come_from_the_table():

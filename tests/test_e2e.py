@@ -25,36 +25,9 @@ from typing import Any
 
 import pytest
 
-from tests.daemon import (
-    Daemon,
-    fake_cmd,
-    free_port_range,
-    multipart,
-    open_stream,
-    pid_alive,
-    in_thread,
-    stop_and_clean,
-    wait_until,
-)
-
-HEALTH_TIMEOUT = 15
-
-
-def model(model_id: str, *extra: str, respond: str | None = None, **keys: Any) -> dict[str, Any]:
-    """A model entry whose cmd runs the fake upstream answering ``from <id>``."""
-    return {"cmd": fake_cmd(model_id, *extra, respond=respond or f"from {model_id}"), **keys}
-
-
-def config(models: dict[str, Any], **top: Any) -> dict[str, Any]:
-    """A config with a fresh port range, a 15 s health timeout and a 2 s grace period."""
-    return {"healthCheckTimeout": HEALTH_TIMEOUT, "startPort": free_port_range(len(models) + 2),
-            "unloadTimeout": 2, "models": models, **top}
-
-
-def port_of(cfg: dict[str, Any], model_id: str) -> int:
-    """The ${PORT} of a model (MAC-5: ids in code-point order from startPort)."""
-    ids = sorted(m for m, v in cfg["models"].items() if "${PORT}" in v["cmd"])
-    return cfg["startPort"] + ids.index(model_id)
+from tests.daemon import Daemon, error_of, fake_cmd, fake_config as config, fake_model as model, \
+    in_thread, multipart, open_stream, pid_alive, port_of, sigkill_leaving_children, sse_data, stop_and_clean, \
+    wait_until
 
 
 SHARED = {
@@ -81,17 +54,23 @@ def shared(tmp_path_factory):
     assert not problems, problems
 
 
-def error_of(status_body: tuple[int, Any]) -> tuple[int, str]:
-    status, body = status_body
-    assert set(body["error"]) >= {"message", "type", "param", "code"}, body
-    return status, body["error"]["code"]
-
-
-def sse_data(raw: bytes) -> list[str]:
-    return [line[len(b"data: "):].decode() for line in raw.split(b"\n") if line.startswith(b"data: ")]
-
-
 # -- routing and answers ----------------------------------------------------------------------------
+
+def chat_stream(port: int, model_id: str,
+                query: str) -> tuple[http.client.HTTPConnection, http.client.HTTPResponse]:
+    """A streaming chat completion for a fake model, told how to answer by ``query``; returns
+    (connection, response) with the body unread."""
+    return open_stream(port, "POST", f"/v1/chat/completions?{query}",
+                       {"model": model_id, "stream": True, "messages": []})
+
+
+def first_event(resp: http.client.HTTPResponse) -> bytes:
+    """The first line of a 200 SSE response, which must be a ``data:`` line."""
+    assert resp.status == 200
+    line = resp.readline()
+    assert line.startswith(b"data: "), line
+    return line
+
 
 def test_swap_a_to_b(start_daemon):
     """A request for A is answered by A, then one for B by B; only B runs afterwards and A's child is gone."""
@@ -110,8 +89,7 @@ def test_swap_a_to_b(start_daemon):
 
 def test_streaming_arrives_incrementally(shared):
     """SSE chunks are relayed as the upstream writes them, not once it has finished."""
-    conn, resp = open_stream(shared.port, "POST", "/v1/chat/completions?wait=0.25&chunks=6",
-                             {"model": "a", "stream": True, "messages": []})
+    conn, resp = chat_stream(shared.port, "a", "wait=0.25&chunks=6")
     try:
         assert resp.status == 200
         assert resp.getheader("Content-Type", "").startswith("text/event-stream")
@@ -138,8 +116,7 @@ def test_streaming_arrives_incrementally(shared):
 
 def test_stream_upstream_dies_gives_error_event(shared):
     """An upstream that dies mid-stream yields an upstream_error SSE event and no [DONE] (PROXY-9)."""
-    conn, resp = open_stream(shared.port, "POST", "/v1/chat/completions?die_after=3",
-                             {"model": "crashy", "stream": True, "messages": []})
+    conn, resp = chat_stream(shared.port, "crashy", "die_after=3")
     try:
         assert resp.status == 200
         raw = resp.read()          # PROXY-9: the response is ended cleanly, so no IncompleteRead
@@ -290,11 +267,9 @@ def test_transcription_use_model_name_rewrites_field(shared):
 
 def test_concurrency_limit_429(shared):
     """With concurrencyLimit 1, a second request while one is in flight gets 429 with Retry-After: 1."""
-    conn, resp = open_stream(shared.port, "POST", "/v1/chat/completions?wait=0.3&chunks=4",
-                             {"model": "one", "stream": True, "messages": []})
+    conn, resp = chat_stream(shared.port, "one", "wait=0.3&chunks=4")
     try:
-        assert resp.status == 200
-        assert resp.readline().startswith(b"data: ")
+        first_event(resp)
         r = shared.request("POST", "/v1/chat/completions", {"model": "one", "messages": []})
         assert r.status == 429, r
         assert r.headers["Retry-After"] == "1"
@@ -384,11 +359,9 @@ def test_upstream_model_id_with_slash(shared):
 
 def test_client_disconnect_mid_stream_frees_the_model(shared):
     """A client that leaves during a stream is no longer in flight, and the model serves the next request."""
-    conn, resp = open_stream(shared.port, "POST", "/v1/chat/completions?wait=0.5&chunks=40",
-                             {"model": "a", "stream": True, "messages": []})
+    conn, resp = chat_stream(shared.port, "a", "wait=0.5&chunks=40")
     try:
-        assert resp.status == 200
-        assert resp.readline().startswith(b"data: ")
+        first_event(resp)
         assert [m["inflight"] for m in shared.running() if m["model"] == "a"] == [1]
     finally:
         conn.sock.shutdown(socket.SHUT_RDWR)
@@ -401,12 +374,9 @@ def test_client_disconnect_mid_stream_frees_the_model(shared):
 def test_unload_during_stream_ends_it_with_error_event(start_daemon):
     """Unloading a busy model ends its in-flight SSE response with an upstream_error event (EP-6, PROXY-9)."""
     d = start_daemon(config({"a": model("a")}))
-    conn, resp = open_stream(d.port, "POST", "/v1/chat/completions?wait=0.5&chunks=40",
-                             {"model": "a", "stream": True, "messages": []})
+    conn, resp = chat_stream(d.port, "a", "wait=0.5&chunks=40")
     try:
-        assert resp.status == 200
-        first = resp.readline()
-        assert first.startswith(b"data: ")
+        first = first_event(resp)
         assert d.json("POST", "/api/models/unload/a") == (200, {"msg": "ok"})
         raw = first + resp.read()
     finally:
@@ -1083,20 +1053,14 @@ def test_leftover_children_killed_at_next_startup(tmp_path):
     second.state_file = first.state_file
     try:
         first.start()
-        assert first.chat("a")[0] == 200
-        [entry] = first.running()
-        grandchild = first.request("GET", "/upstream/a/info").json()["grandchild_pid"]
-        first.child_pids.add(grandchild)
-        os.kill(first.proc.pid, signal.SIGKILL)
-        assert first.wait(10) == -signal.SIGKILL
+        child, grandchild = sigkill_leaving_children(first, "a")
         assert pid_alive(grandchild), "nothing killed the grandchild yet: the test would prove nothing"
 
         second.start()                  # CLI-7: the cleanup runs before the listener binds
         # The SIGKILL has been sent by now; give the kernel a moment to finish the processes off.
-        assert wait_until(lambda: not pid_alive(entry["pid"]) and not pid_alive(grandchild), 2), \
-            second.output()
+        assert wait_until(lambda: not pid_alive(child) and not pid_alive(grandchild), 2), second.output()
         logged = second.stdout.text() + second.request("GET", "/logs").text
-        assert any(str(entry["pid"]) in line and "warn" in line.lower() for line in logged.splitlines()), \
+        assert any(str(child) in line and "warn" in line.lower() for line in logged.splitlines()), \
             second.output()
         assert second.stop() == 0, second.output()
     finally:

@@ -8,65 +8,21 @@ through the in-memory site for the HTTP headers.
 from __future__ import annotations
 
 import json
-from typing import Any
 
-from twisted.internet.defer import Deferred
-from twisted.python.failure import Failure
-from twisted.internet.error import ConnectionDone
 from treq.testing import RequestTraversalAgent
 
 from llamaswap.events import KEEPALIVE_INTERVAL, MAX_UNSENT, EventHub, EventsPage, frame
 from llamaswap.observe import QueueChanged, StateChanged
-from llamaswap.web.app import RequestRecord
+from llamaswap.web.context import RequestRecord
 from llamaswap.web.site import AccessLogSite
 from llamaswap.web.tree import build_root
 from tests.factories import make_config, make_model
-from tests.fakes import capture_logger
-from tests.test_resources import Collect, HTTPCase
+from tests.fakes import FakeStreamRequest, capture_logger
+from tests.test_resources import HTTPCase
 
 
-class FakeTransport:
-    def __init__(self) -> None:
-        self.aborted = False
-
-    def abortConnection(self) -> None:
-        self.aborted = True
-
-
-class FakeChannel:
-    def __init__(self) -> None:
-        self.transport = FakeTransport()
-
-
-class FakeEventRequest:
-    """What the hub uses of a twisted.web request."""
-
-    def __init__(self) -> None:
-        self.data = b""
-        self.producer = None
-        self.finished = False
-        self.channel = FakeChannel()
-        self._finish: Deferred = Deferred()
-
-    def write(self, data: bytes) -> None:
-        self.data += data
-
-    def registerProducer(self, producer: Any, streaming: bool) -> None:
-        self.producer = producer
-
-    def unregisterProducer(self) -> None:
-        self.producer = None
-
-    def finish(self) -> None:
-        self.finished = True
-        self._finish.callback(None)
-
-    def notifyFinish(self) -> Deferred:
-        return self._finish
-
-    def lose(self) -> None:
-        """The client went away."""
-        self._finish.errback(Failure(ConnectionDone()))
+class FakeEventRequest(FakeStreamRequest):
+    """What the hub uses of a twisted.web request, and the events it was sent."""
 
     def messages(self) -> list:
         """[(type, payload)] and ("keepalive", None) for every complete message so far."""
@@ -95,7 +51,7 @@ class EventsCase(HTTPCase):
                     make_model(id="a", aliases=("gpt",), name="Model A", description="first")])
         self.hub = EventHub(self.config.models, self.logs, self.reactor, log=capture_logger(self.events))
         self.router.observers.add(self.hub.observe)
-        self.app.request_listeners.append(self.hub.request_finished)
+        self.rewire(request_listeners=[self.hub.request_finished])
 
     def tearDown(self) -> None:
         self.hub.stopService()
@@ -128,9 +84,7 @@ class FramingTests(EventsCase):
         self.assertEqual(self.header(response, b"content-type"), b"text/event-stream")
         self.assertEqual(self.header(response, b"cache-control"), b"no-cache")
         self.assertEqual(self.header(response, b"x-accel-buffering"), b"no")
-        collect = Collect()
-        response.deliverBody(collect)
-        self.flush()
+        collect = self.collect(response)
         fake = FakeEventRequest()
         fake.data = collect.data
         self.assertEqual([t for t, _ in fake.messages()], ["logData", "logData", "modelStatus", "metrics"])

@@ -1,50 +1,12 @@
 """llamaswap.fanout: one back-pressured subscriber, two overflow policies (LOG-7, EVT-3)."""
 from __future__ import annotations
 
-from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IPushProducer
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
 from llamaswap.fanout import Disconnect, DropExcess, Subscriber
-
-
-class Transport:
-    aborted = False
-
-    def abortConnection(self) -> None:
-        self.aborted = True
-
-
-class Channel:
-    def __init__(self) -> None:
-        self.transport = Transport()
-
-
-class Request:
-    """What a subscriber uses of a twisted.web request."""
-
-    def __init__(self) -> None:
-        self.data = b""
-        self.producer = None
-        self.finished = False
-        self.channel = Channel()
-        self.done: Deferred = Deferred()
-
-    def write(self, data: bytes) -> None:
-        self.data += data
-
-    def registerProducer(self, producer, streaming) -> None:
-        self.producer = (producer, streaming)
-
-    def unregisterProducer(self) -> None:
-        self.producer = None
-
-    def finish(self) -> None:
-        self.finished = True
-
-    def notifyFinish(self) -> Deferred:
-        return self.done
+from tests.fakes import FakeStreamRequest
 
 
 def marker(n: int) -> bytes:
@@ -53,7 +15,7 @@ def marker(n: int) -> bytes:
 
 class SubscriberTests(SynchronousTestCase):
     def make(self, overflow) -> Subscriber:
-        self.request = Request()
+        self.request = FakeStreamRequest()
         self.closed: list = []
         sub = Subscriber(self.request, overflow, on_close=self.closed.append)
         sub.attach()
@@ -62,7 +24,7 @@ class SubscriberTests(SynchronousTestCase):
     def test_registers_as_streaming_push_producer(self):
         """attach() registers the subscriber on its request, streaming."""
         sub = self.make(DropExcess(10, marker))
-        self.assertEqual(self.request.producer, (sub, True))
+        self.assertEqual((self.request.producer, self.request.streaming), (sub, True))
         self.assertTrue(IPushProducer.providedBy(sub))
 
     def test_drop_excess_keeps_limit_then_marks(self):

@@ -22,46 +22,12 @@ from typing import Any
 
 import pytest
 
-from tests.daemon import (
-    Daemon,
-    fake_cmd,
-    free_port_range,
-    http_request,
-    open_stream,
-    pid_alive,
-    in_thread,
-    stop_and_clean,
-    wait_until,
-)
-
-HEALTH_TIMEOUT = 15          # CFG-10: the smallest value the daemon accepts
+from tests.daemon import HEALTH_TIMEOUT, Daemon, error_of, fake_cmd, fake_config as config, \
+    fake_model as model, http_request, in_thread, open_stream, pid_alive, port_of, sigkill_leaving_children, \
+    sse_data, stop_and_clean, wait_until
 
 
 # -- helpers ----------------------------------------------------------------------------------------
-
-def model(model_id: str, *extra: str, **keys: Any) -> dict[str, Any]:
-    return {"cmd": fake_cmd(model_id, *extra, respond=f"from {model_id}"), **keys}
-
-
-def config(models: dict[str, Any], **top: Any) -> dict[str, Any]:
-    return {"healthCheckTimeout": HEALTH_TIMEOUT, "startPort": free_port_range(len(models) + 2),
-            "unloadTimeout": 2, "models": models, **top}
-
-
-def port_of(cfg: dict[str, Any], model_id: str) -> int:
-    ids = sorted(m for m, v in cfg["models"].items() if "${PORT}" in v["cmd"])
-    return cfg["startPort"] + ids.index(model_id)
-
-
-def error_of(status_body: tuple[int, Any]) -> tuple[int, str]:
-    status, body = status_body
-    assert set(body["error"]) >= {"message", "type", "param", "code"}, body
-    return status, body["error"]["code"]
-
-
-def sse_data(raw: bytes) -> list[str]:
-    return [line[len(b"data: "):].decode() for line in raw.split(b"\n") if line.startswith(b"data: ")]
-
 
 def assert_healthy(d: Daemon, model_id: str | None = None) -> None:
     """The daemon answers /health, and (if given) a request for model_id succeeds."""
@@ -443,14 +409,9 @@ def test_fault12_sigkilled_daemon_leftovers_killed_at_next_start(start_daemon, t
     """PROC-14: the next daemon on the same state file kills the recorded groups, then serves."""
     cfg = config({"a": model("a", "--fork-child", "--ignore-sigterm")})
     first = start_daemon(cfg)
-    assert first.chat("a")[0] == 200
-    [entry] = first.running()
-    grandchild = first.request("GET", "/upstream/a/info").json()["grandchild_pid"]
-    first.child_pids.add(grandchild)
-    os.kill(first.proc.pid, signal.SIGKILL)
-    assert first.wait(10) == -signal.SIGKILL
-    assert pid_alive(entry["pid"]) or pid_alive(grandchild), "nothing left: the test would prove nothing"
-    assert json.loads(Path(first.state_file).read_text())["children"][0]["pid"] == entry["pid"]
+    child, grandchild = sigkill_leaving_children(first, "a")
+    assert pid_alive(child) or pid_alive(grandchild), "nothing left: the test would prove nothing"
+    assert json.loads(Path(first.state_file).read_text())["children"][0]["pid"] == child
 
     workdir = tmp_path / "second"
     workdir.mkdir()
@@ -458,11 +419,10 @@ def test_fault12_sigkilled_daemon_leftovers_killed_at_next_start(start_daemon, t
     second.state_file = first.state_file
     try:
         second.start()
-        assert wait_until(lambda: not pid_alive(entry["pid"]) and not pid_alive(grandchild), 2), \
-            second.output()
-        assert f"killing leftover process group {entry['pid']}" in second.stdout.text(), second.output()
+        assert wait_until(lambda: not pid_alive(child) and not pid_alive(grandchild), 2), second.output()
+        assert f"killing leftover process group {child}" in second.stdout.text(), second.output()
         assert_healthy(second, "a")
-        assert second.running()[0]["pid"] != entry["pid"]
+        assert second.running()[0]["pid"] != child
     finally:
         problems = stop_and_clean(second)
     assert not problems, problems

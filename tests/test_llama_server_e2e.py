@@ -27,8 +27,7 @@ from tests.real_llama import (
     ANSWER_A,
     ANSWER_B,
     MARKER_VAR,
-    kill_tagged,
-    new_marker,
+    TaggedDaemons,
     requires_llama_server,
     tagged_processes,
 )
@@ -62,25 +61,15 @@ def tiny_models():
 @pytest.fixture
 def start_daemon(tmp_path):
     """Start daemons; afterwards stop them and check that no process they started is left."""
-    marker = new_marker()
-    daemons: list[Daemon] = []
+    tagged = TaggedDaemons()
 
     def start(config: str | dict | None = None, **kw) -> Daemon:
-        workdir = tmp_path / f"daemon{len(daemons)}"
+        workdir = tmp_path / f"daemon{len(tagged.daemons)}"
         workdir.mkdir()
-        daemon = Daemon(config if config is not None else demo_config(free_port_range(4), **kw),
-                        workdir=workdir, env=marker)
-        daemons.append(daemon)
-        return daemon.start()
+        return tagged.start(config if config is not None else demo_config(free_port_range(4), **kw), workdir)
 
     yield start
-    for daemon in daemons:
-        try:
-            daemon.stop()
-        finally:
-            daemon.kill()
-    left = kill_tagged(marker)
-    assert not left, f"processes left behind (killed now): {left}"
+    tagged.close()
 
 
 def chat_body(model: str, **extra) -> dict:

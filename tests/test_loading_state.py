@@ -51,12 +51,8 @@ class LoadingCase(HTTPCase):
 
     def start_stream(self, body: bytes = STREAM, path: str = "/v1/chat/completions"):
         """Send a request and return (response, Collect) once headers arrived."""
-        d = self.request(b"POST", path, body)
-        response = self.successResultOf(d)
-        collect = Collect()
-        response.deliverBody(collect)
-        self.flush()
-        return response, collect
+        response = self.successResultOf(self.request(b"POST", path, body))
+        return response, self.collect(response)
 
     def tick(self, seconds: float = 1.0) -> None:
         self.reactor.advance(seconds)

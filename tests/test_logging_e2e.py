@@ -15,9 +15,7 @@ import sys
 
 import pytest
 
-from tests.daemon import Daemon, open_stream, wait_until
-from tests.daemon import stop_and_clean
-from tests.test_e2e import config, model
+from tests.daemon import Daemon, fake_config as config, fake_model as model, open_stream, stop_and_clean, wait_until
 
 PROXY_LINE = re.compile(r"alpha: stopped -> starting")
 CHILD_LINE = re.compile(r"\[alpha\] main: server is listening on http://127\.0\.0\.1:\d+")

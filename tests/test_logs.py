@@ -10,14 +10,8 @@ from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.http import Request
 from twisted.web.test.requesthelper import DummyChannel
 
-from llamaswap.logs import (
-    LINE_BUFFER_LIMIT,
-    QUEUE_LIMIT,
-    LogBroadcaster,
-    ProxyLogObserver,
-    drop_marker,
-    make_logger,
-)
+from llamaswap.logs import LINE_BUFFER_LIMIT, QUEUE_LIMIT, LogBroadcaster, drop_marker
+from llamaswap.proxylog import ProxyLogObserver, make_logger
 
 
 class FakeConsumer:
@@ -659,7 +653,7 @@ class ProxyLogObserverTests(SynchronousTestCase):
 
     def test_upstream_lines_per_to_stdout(self):
         """LOG-6: child lines go to the twistd log as '[<id>] <line>' for 'upstream' and 'both'."""
-        self.logs.upstream_line_observer = self.observer.upstream_line
+        self.logs = LogBroadcaster(upstream_line_observer=self.observer.upstream_line)
         self.logs.add_source("qwen")
         for value, forwarded in (("proxy", False), ("none", False), ("both", True), ("upstream", True)):
             self.forwarded.clear()

@@ -21,7 +21,7 @@ from llamaswap.metrics import (
     JSONUsageParser, Metrics, MetricsPage, SSEUsageParser, response_parser, usage_from)
 from llamaswap.observe import (
     QueueChanged, Reloaded, Removed, Replaced, StartFailed, Started, Starting, StateChanged, Stopping)
-from llamaswap.web.app import RequestRecord
+from llamaswap.web.context import RequestRecord
 from tests.factories import make_model
 from tests.fakes import drop_clients
 from tests.test_resources import Collect, HTTPCase
@@ -375,8 +375,7 @@ class RequestMetricsTests(HTTPCase):
         self.build([make_model(id="a", aliases=("gpt",)), make_model(id="b")])
         self.metrics = Metrics(self.config.models)
         self.router.observers.add(self.metrics.observe)
-        self.app.request_listeners.append(self.metrics.request_finished)
-        self.app.response_observer_factory = response_parser
+        self.rewire(request_listeners=[self.metrics.request_finished], response_observer_factory=response_parser)
 
     def value(self, name: str, **labels: str) -> float:
         return value(self.metrics, name, **labels)
@@ -426,18 +425,12 @@ class RequestMetricsTests(HTTPCase):
 
     def test_sse_tokens_across_chunks(self):
         """MET-3: SSE usage split over several upstream writes is parsed as it passes."""
-        self.upstream.hold = True
-        d = self.request(b"POST", "/v1/chat/completions", b'{"model":"a","stream":true}')
-        up, _ = self.upstream.requests[0]
-        up.setHeader(b"content-type", b"text/event-stream")
+        d, up = self.open_stream(first=None)
         body = b'data: {"x":1}\n\ndata: {"usage":{"prompt_tokens":8,"completion_tokens":3}}\n\ndata: [DONE]\n\n'
         for i in range(0, len(body), 9):
             up.write(body[i:i + 9])
             self.flush()
-        response = self.successResultOf(d)
-        collect = Collect()
-        response.deliverBody(collect)
-        self.flush()
+        collect = self.collect(self.successResultOf(d))
         self.assertEqual(self.value("llamaswap_inflight_requests", model="a"), 1)
         up.finish()
         self.flush()
@@ -450,10 +443,7 @@ class RequestMetricsTests(HTTPCase):
 
     def test_ttfb_and_duration_on_the_clock(self):
         """MET-2: TTFB to the first body byte, duration to the last, from receipt (injected clock)."""
-        self.upstream.hold = True
-        d = self.request(b"POST", "/v1/chat/completions", b'{"model":"a","stream":true}')
-        up, _ = self.upstream.requests[0]
-        up.setHeader(b"content-type", b"text/event-stream")
+        d, up = self.open_stream(first=None)
         self.reactor.advance(2)
         up.write(b"data: 1\n\n")
         self.flush()
@@ -518,7 +508,7 @@ class RequestMetricsTests(HTTPCase):
         """MET-2: a 429 after resolution carries the model label."""
         self.build([make_model(id="a", concurrency_limit=1)])
         self.metrics = Metrics(self.config.models)
-        self.app.request_listeners.append(self.metrics.request_finished)
+        self.rewire(request_listeners=[self.metrics.request_finished])
         self.upstream.hold = True
         self.request(b"POST", "/v1/completions", b'{"model":"a"}')
         response, _ = self.call(b"POST", "/v1/completions", b'{"model":"a"}')
@@ -535,12 +525,7 @@ class RequestMetricsTests(HTTPCase):
 
     def test_client_disconnect_is_499(self):
         """MET-2/ERR-3: a client that leaves mid-stream is counted as 499."""
-        self.upstream.hold = True
-        d = self.request(b"POST", "/v1/chat/completions", b'{"model":"a","stream":true}')
-        up, _ = self.upstream.requests[0]
-        up.setHeader(b"content-type", b"text/event-stream")
-        up.write(b"data: 1\n\n")
-        self.flush()
+        d, _ = self.open_stream()
         self.successResultOf(d)
         drop_clients(self.agent)
         self.flush()
@@ -549,15 +534,8 @@ class RequestMetricsTests(HTTPCase):
 
     def test_stream_error_counted(self):
         """MET-2: a PROXY-9 stream loss counts as an upstream stream error."""
-        self.upstream.hold = True
-        d = self.request(b"POST", "/v1/chat/completions", b'{"model":"a","stream":true}')
-        up, _ = self.upstream.requests[0]
-        up.setHeader(b"content-type", b"text/event-stream")
-        up.write(b"data: 1\n")
-        self.flush()
-        response = self.successResultOf(d)
-        response.deliverBody(Collect())
-        self.flush()
+        d, up = self.open_stream(b"data: 1\n")
+        self.collect(self.successResultOf(d))
         up.channel.transport.abortConnection()
         self.flush()
         self.assertEqual(self.value("llamaswap_upstream_stream_errors_total", model="a"), 1)

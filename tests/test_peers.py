@@ -1,7 +1,7 @@
 """Peers in memory (RT-13, CFG-55, RT-2 step 4, EP-2, ERR-2 ``peer_unreachable``).
 
 The peer is another ``UpstreamStub`` behind its own ``RequestTraversalAgent``, installed as
-``App.peer_http`` (the client llamaswap uses for every peer).
+the web context's ``peer_http`` (the client llamaswap uses for every peer).
 """
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from llamaswap.peers import find_peer
 from llamaswap.errors import ModelNotFound
 from tests.factories import make_model
 from tests.fakes import UpstreamStub, flush_all, upstream_client
-from tests.test_resources import STARTED, Collect, HTTPCase, RefusingAgent
+from tests.test_resources import STARTED, HTTPCase, RefusingAgent
 
 
 class PeerCase(HTTPCase):
@@ -24,10 +24,11 @@ class PeerCase(HTTPCase):
         self.peer = UpstreamStub()
         self.peer.reply = (200, {b"content-type": b"application/json"}, b'{"from":"peer"}')
         if refusing:
-            self.app.peer_http = HTTPClient(RefusingAgent())
+            self.rewire(peer_http=HTTPClient(RefusingAgent()))
             self.peer_agent = None
         else:
-            self.app.peer_http, self.peer_agent = upstream_client(self.peer)
+            peer_http, self.peer_agent = upstream_client(self.peer)
+            self.rewire(peer_http=peer_http)
 
     def flush(self) -> None:
         agents = [self.up_agent, self.agent] + ([self.peer_agent] if getattr(self, "peer_agent", None) else [])
@@ -117,17 +118,10 @@ class RoutingTests(PeerCase):
 
     def test_streaming_relayed(self):
         """PROXY-6 for peers: chunks reach the client before the peer finishes."""
-        self.peer.hold = True
-        d = self.request(b"POST", "/v1/chat/completions", b'{"model":"p1/m1","stream":true}')
-        up, _ = self.peer.requests[0]
-        up.setHeader(b"content-type", b"text/event-stream")
-        up.write(b"data: 1\n\n")
-        self.flush()
+        d, up = self.open_stream(model=b"p1/m1", upstream=self.peer)
         response = self.successResultOf(d)
         self.assertEqual(self.header(response, b"x-accel-buffering"), b"no")
-        collect = Collect()
-        response.deliverBody(collect)
-        self.flush()
+        collect = self.collect(response)
         self.assertEqual(collect.data, b"data: 1\n\n")
         self.assertNoResult(collect.done)
         up.write(b"data: [DONE]\n\n")

@@ -26,8 +26,9 @@ def write_config(tmp_path, text):
     return str(path)
 
 
-def parse(argv):
-    options = tap.Options()
+def parse(argv, options=None):
+    """Parse llamaswap's own options (or ``options``): (the parsed options, exit code, stderr)."""
+    options = tap.Options() if options is None else options
     err = io.StringIO()
     with redirect_stderr(err):
         try:
@@ -130,14 +131,8 @@ def parse_twistd(argv):
     """Parse a whole twistd command line, as twistd does; (llamaswap's options, exit code, stderr)."""
     from twisted.scripts.twistd import ServerOptions
 
-    config = ServerOptions()
-    err = io.StringIO()
-    with redirect_stderr(err):
-        try:
-            config.parseOptions(argv)
-        except SystemExit as e:
-            return None, e.code, err.getvalue()
-    return config.subOptions, 0, err.getvalue()
+    config, code, err = parse(argv, ServerOptions())
+    return (None if config is None else config.subOptions), code, err
 
 
 WARN_CFG = f"bogusKey: 1\nmodels:\n  a:\n    cmd: {FAKE_CMD}\n"
@@ -350,7 +345,8 @@ def test_make_service_builds_tree_on_injected_reactor(tmp_path):
     reactor = MemoryReactorClock()
     service = tap.make_service(options, reactor=reactor)
     names = [type(s).__name__ for s in service]
-    assert names == ["LogBroadcaster", "ModelRouter", "ListenerService"]
+    assert names == ["LogBroadcaster", "StateFileService", "EventHub", "HTTPPools", "PeerPool", "ModelRouter",
+                     "ListenerService"]
     service.privilegedStartService()
     service.startService()
     assert reactor.tcpServers and reactor.tcpServers[0][0] == 0

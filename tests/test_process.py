@@ -79,6 +79,27 @@ class ProcessCase(SynchronousTestCase):
     def assertNoTimers(self) -> None:
         self.assertEqual(self.reactor.getDelayedCalls(), [])
 
+    def assertStarted(self, d, proc: UpstreamProcess, checks: int | None = None) -> None:
+        """The start ``d`` has fired with ``proc`` ready, after ``checks`` health probes (when
+        given), and no timer is left."""
+        self.successResultOf(d)
+        self.assertIs(proc.state, State.READY)
+        if checks is not None:
+            self.assertEqual(self.checks.count, checks)
+        self.assertNoTimers()
+
+    def assertStartFailed(self, d, message: str | None = None) -> UpstreamStartFailed:
+        """The start ``d`` has failed with UpstreamStartFailed (saying ``message``, when given)."""
+        error = self.failureResultOf(d, UpstreamStartFailed).value
+        if message is not None:
+            self.assertEqual(error.message, message)
+        return error
+
+    def assertStopped(self, proc: UpstreamProcess) -> None:
+        """``proc`` is stopped and no timer is left."""
+        self.assertIs(proc.state, State.STOPPED)
+        self.assertNoTimers()
+
     def messages(self, level=None) -> list[str]:
         return [formatEvent(e) for e in self.events if level is None or e["log_level"] is level]
 
@@ -175,10 +196,7 @@ class HealthCheckTests(ProcessCase):
         self.reactor.advance(0.1)
         self.assertNoResult(d)
         self.checks.answer(200)
-        self.successResultOf(d)
-        self.assertIs(proc.state, State.READY)
-        self.assertEqual(self.checks.count, 5)
-        self.assertNoTimers()
+        self.assertStarted(d, proc, checks=5)
 
     def test_ready_since_and_transitions(self):
         """PROC-1: stopped -> starting -> ready, ready_since is the time of readiness."""
@@ -210,11 +228,7 @@ class HealthCheckTests(ProcessCase):
     def test_check_endpoint_none_ready_at_spawn(self):
         """PROC-4: with checkEndpoint none the model is ready as soon as the spawn succeeds."""
         proc = self.make(check_endpoint=None)
-        d = proc.start()
-        self.successResultOf(d)
-        self.assertIs(proc.state, State.READY)
-        self.assertEqual(self.checks.count, 0)
-        self.assertNoTimers()
+        self.assertStarted(proc.start(), proc, checks=0)
 
     def test_start_when_ready_succeeds_at_once(self):
         """A start on a ready model fires at once and spawns nothing."""
@@ -250,9 +264,7 @@ class HealthCheckTests(ProcessCase):
         self.reactor.advance(0.1)
         agent.flush()
         self.assertEqual(seen, [b"/health", b"/health"])
-        self.successResultOf(d)
-        self.assertIs(proc.state, State.READY)
-        self.assertNoTimers()
+        self.assertStarted(d, proc)
 
 
 class StartFailureTests(ProcessCase):
@@ -293,22 +305,18 @@ class StartFailureTests(ProcessCase):
         d = proc.start()
         self.child.output(b"error loading model\n")
         self.child.leader_exit(code=1)
-        f = self.failureResultOf(d, UpstreamStartFailed)
-        self.assertEqual(f.value.message,
-                         "failed to start model 'm': exited with code 1; last output:\nerror loading model")
+        self.assertStartFailed(
+            d, "failed to start model 'm': exited with code 1; last output:\nerror loading model")
         self.child.pipes_closed(code=1)
-        self.assertIs(proc.state, State.STOPPED)
-        self.assertNoTimers()
+        self.assertStopped(proc)
 
     def test_killed_during_start_names_the_signal(self):
         """PROC-5: a signal death reads 'killed by signal SIGKILL'; no output, no suffix (PROC-7)."""
         proc = self.make()
         d = proc.start()
         self.child.exit(sig=KILL)
-        f = self.failureResultOf(d, UpstreamStartFailed)
-        self.assertEqual(f.value.message, "failed to start model 'm': killed by signal SIGKILL")
-        self.assertIs(proc.state, State.STOPPED)
-        self.assertNoTimers()
+        self.assertStartFailed(d, "failed to start model 'm': killed by signal SIGKILL")
+        self.assertStopped(proc)
 
     def test_exit_during_start_kills_rest_of_group(self):
         """PROC-5: members left in the group get SIGKILL; the stop completes once it is empty."""
@@ -317,10 +325,9 @@ class StartFailureTests(ProcessCase):
         pid = self.child.pid
         self.reactor.lingering[pid] = 1
         self.child.exit(code=2)
-        self.failureResultOf(d, UpstreamStartFailed)
+        self.assertStartFailed(d)
         self.assertIn(KILL, self.reactor.signals_to(pid))
-        self.assertIs(proc.state, State.STOPPED)
-        self.assertNoTimers()
+        self.assertStopped(proc)
 
     def test_tail_is_last_10_lines_of_this_attempt(self):
         """PROC-7: at most the last 10 lines, only from this attempt."""
@@ -373,10 +380,8 @@ class StartFailureTests(ProcessCase):
         """PROC-3: spawnProcess raising OSError (fork path) is a failed start too."""
         proc = self.make()
         self.reactor.spawn_error = PermissionError(13, "Permission denied")
-        f = self.failureResultOf(proc.start(), UpstreamStartFailed)
-        self.assertEqual(f.value.message, "failed to start model 'm': Permission denied")
-        self.assertIs(proc.state, State.STOPPED)
-        self.assertNoTimers()
+        self.assertStartFailed(proc.start(), "failed to start model 'm': Permission denied")
+        self.assertStopped(proc)
 
     def test_failed_start_then_fresh_start(self):
         """PROC-8: after an exit during start, the next start spawns a new child."""
@@ -445,8 +450,7 @@ class StopTests(ProcessCase):
         self.reactor.sticky.discard(pid)
         self.reactor.advance(0.05)
         self.successResultOf(d)
-        self.assertIs(proc.state, State.STOPPED)
-        self.assertNoTimers()
+        self.assertStopped(proc)
 
     def test_leader_exit_kills_lingering_members(self):
         """PROC-9 (3): once the leader exits, the rest of the group gets SIGKILL."""
@@ -465,8 +469,7 @@ class StopTests(ProcessCase):
         d = proc.stop()
         self.child.pipes_closed(code=0)
         self.successResultOf(d)
-        self.assertIs(proc.state, State.STOPPED)
-        self.assertNoTimers()
+        self.assertStopped(proc)
 
     def test_concurrent_stops_share_one(self):
         """PROC-9: concurrent stop requests share one stop (one SIGTERM)."""
@@ -554,8 +557,7 @@ class StopTests(ProcessCase):
         self.assertIs(proc.state, State.STOPPING)
         self.child.exit()
         self.successResultOf(stop)
-        self.assertIs(proc.state, State.STOPPED)
-        self.assertNoTimers()
+        self.assertStopped(proc)
 
     def test_restart_after_stop_with_probe_still_pending(self):
         """PROC-4/PROC-8: a new start probes at once even if the last attempt's probe never answered."""
@@ -780,8 +782,7 @@ class PortOwnershipTests(ProcessCase):
         self.assertIs(proc.state, State.STARTING)
         self.assertNoResult(d)
         self.child.exit(code=1)
-        f = self.failureResultOf(d, UpstreamStartFailed)
-        self.assertEqual(f.value.message, "failed to start model 'm': exited with code 1")
+        self.assertStartFailed(d, "failed to start model 'm': exited with code 1")
         self.assertNotIn(("starting", "ready"), self.transitions)
 
     def test_200_after_exit_in_same_turn_is_ignored(self):
@@ -790,11 +791,10 @@ class PortOwnershipTests(ProcessCase):
         d = proc.start()
         self.child.leader_exit(code=1)
         self.checks.answer(200)
-        self.failureResultOf(d, UpstreamStartFailed)
+        self.assertStartFailed(d)
         self.assertIsNot(proc.state, State.READY)
         self.child.pipes_closed(code=1)
-        self.assertIs(proc.state, State.STOPPED)
-        self.assertNoTimers()
+        self.assertStopped(proc)
 
     def test_listener_outside_group_fails_and_stops_child(self):
         """/proc shows another process listening: the start fails and our child is stopped."""
@@ -802,25 +802,19 @@ class PortOwnershipTests(ProcessCase):
         proc = self.make(ports=self.ports, unload_timeout=3)
         d = proc.start()
         self.checks.answer(200)
-        f = self.failureResultOf(d, UpstreamStartFailed)
-        self.assertEqual(f.value.message, "failed to start model 'm': port 5800 is already in use "
-                                          "by pid 77 (python fake_llama_server.py)")
+        self.assertStartFailed(d, "failed to start model 'm': port 5800 is already in use "
+                                  "by pid 77 (python fake_llama_server.py)")
         self.assertIn(("owner", 5800, self.child.pid), self.ports.calls)
         self.assertIs(proc.state, State.STOPPING)
         self.assertEqual(self.reactor.signals_to(self.child.pid), [TERM])
         self.child.exit(sig=TERM)
-        self.assertIs(proc.state, State.STOPPED)
-        self.assertNoTimers()
+        self.assertStopped(proc)
 
     def test_listener_in_group_or_unknown_is_ready(self):
         """OWN, or UNKNOWN (no /proc), lets the 200 through."""
         for verdict in (Ownership.OWN, Ownership.UNKNOWN):
             self.ports.owners[5800] = (verdict, None)
-            proc = self.make(ports=self.ports)
-            d = proc.start()
-            self.checks.answer(200)
-            self.successResultOf(d)
-            self.assertIs(proc.state, State.READY)
+            self.start_ready(ports=self.ports)
 
     def test_docker_fallback_checks_only_that_port_was_free(self):
         """docker/podman: the listener is dockerd's, so only the free-port check applies."""

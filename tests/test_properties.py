@@ -56,13 +56,40 @@ _MODEL = st.one_of(_keyed(_MODEL_KEYS | _MODEL_UNSUPPORTED, _VALUES),
                    st.fixed_dictionaries({"cmd": st.sampled_from(["srv --port ${PORT}", "srv ${m}", "x"])},
                                          optional={k: _VALUES for k in sorted(_MODEL_KEYS - {"cmd"})}),
                    _VALUES)
+def _optional(**keys) -> st.SearchStrategy:
+    """A mapping with any of these keys (the strategy of each value given), or any other value."""
+    return st.one_of(st.fixed_dictionaries({}, optional=keys), _VALUES)
+
+
+_GROUPS = st.one_of(st.dictionaries(st.sampled_from(["g", "h"]), _keyed(_GROUP_KEYS, _VALUES), max_size=2),
+                    _VALUES)
+_MATRIX = _optional(
+    vars=st.one_of(st.dictionaries(st.sampled_from(["x", "y", "bad name"]), st.sampled_from(["a", "b", "zz"]),
+                                   max_size=2), _VALUES),
+    evict_costs=st.one_of(st.dictionaries(st.sampled_from(["a", "x", "zz"]), st.integers(-1, 5), max_size=2),
+                          _VALUES),
+    sets=st.one_of(st.dictionaries(st.sampled_from(["s", "t"]),
+                                   st.sampled_from(["a", "a & b", "(a | x) & b", "+s", "+t", "a & (", "zz", ""]),
+                                   max_size=2), _VALUES))
+_ROUTING = _optional(
+    router=_optional(use=st.one_of(st.sampled_from(["group", "matrix", ""]), _VALUES),
+                     settings=_optional(groups=_GROUPS, matrix=_MATRIX)),
+    scheduler=_optional(use=st.one_of(st.just("fifo"), _VALUES),
+                        settings=_optional(fifo=_optional(priority=st.one_of(
+                            st.dictionaries(st.sampled_from(["a", "al", "zz"]), st.integers(-3, 3), max_size=3),
+                            _VALUES)))))
+_MEMORY = _optional(budget=st.one_of(st.sampled_from(["1GiB", "512MB", 10**9]), _VALUES),
+                    overhead=_VALUES, policy=st.one_of(st.sampled_from(["cost", "lru"]), _VALUES))
+
 _TOP = st.fixed_dictionaries(
     {},
     optional={
         "models": st.one_of(st.dictionaries(st.sampled_from(["a", "b", "c/d", "p:a", "", "x y"]), _MODEL,
                                             max_size=3), _VALUES),
-        "groups": st.one_of(st.dictionaries(st.sampled_from(["g", "h"]), _keyed(_GROUP_KEYS, _VALUES),
-                                            max_size=2), _VALUES),
+        "groups": _GROUPS,
+        "matrix": _MATRIX,
+        "routing": _ROUTING,
+        "memory": _MEMORY,
         "profiles": st.one_of(st.dictionaries(st.sampled_from(["p", "q"]),
                                               st.lists(st.sampled_from(["a", "b", "zz"]), max_size=3)),
                               _VALUES),
@@ -70,7 +97,7 @@ _TOP = st.fixed_dictionaries(
                                             max_size=3), _VALUES),
         "scheduler": st.one_of(_keyed(frozenset({"maxWait", "policy"}), _VALUES), _VALUES),
         **{k: _VALUES for k in sorted(_TOP_KEYS | _TOP_UNSUPPORTED)
-           if k not in ("models", "groups", "profiles", "macros", "scheduler")},
+           if k not in ("models", "groups", "profiles", "macros", "scheduler", "matrix", "routing", "memory")},
     })
 
 

@@ -6,8 +6,7 @@ import os
 import signal
 import threading
 
-from tests.daemon import pid_alive, wait_until, write_config
-from tests.test_e2e import config, model
+from tests.daemon import fake_config as config, fake_model as model, pid_alive, wait_until, write_config
 
 
 def rewrite(d, cfg) -> None:

@@ -26,7 +26,7 @@ from llamaswap.logs import LogBroadcaster
 from llamaswap.process import State, UpstreamProcess
 from llamaswap.proxy import Forwarder
 from llamaswap.router import ModelRouter
-from llamaswap.web.app import App
+from llamaswap.web.context import WebContext
 from llamaswap.web.site import AccessLogSite
 from llamaswap.web.tree import build_root
 from tests.fakes import (
@@ -73,17 +73,24 @@ class HTTPCase(SynchronousTestCase):
                 return HTTPClient(upstream_agent_factory()), FakePool()
             return self.up_client, FakePool()
 
-        def make_process(model):
+        def make_process(model, on_transition):
             return UpstreamProcess(
                 model=model, reactor=self.reactor, clock=self.reactor, logs=FakeLogs(),
+                on_transition=on_transition,
                 http_factory=http_factory, check=lambda http, url: succeed(200),
                 kill=self.reactor.killpg, group_alive=self.reactor.group_alive,
                 log=capture_logger(self.events))
 
         self.router = ModelRouter(self.config, make_process, self.reactor, log=capture_logger(self.events))
         self.logs = LogBroadcaster()
-        self.app = App(self.router, self.logs, Forwarder(self.reactor), self.reactor,
-                       log=capture_logger(self.events), started=STARTED)
+        self.app = WebContext(self.router, self.logs, Forwarder(self.reactor), self.reactor,
+                              log=capture_logger(self.events), started=STARTED)
+        self.rewire()
+
+    def rewire(self, **changes) -> None:
+        """Serve a web context like the current one but for ``changes`` (request listeners,
+        response parsers, the peer client): it is frozen, so a new one is built."""
+        self.app = attr.evolve(self.app, **changes)
         self.root = build_root(self.app)
         self.agent = RequestTraversalAgent(self.root)
         self.site = AccessLogSite(self.root, self.app, reactor=self.agent._memoryReactor,
@@ -107,13 +114,31 @@ class HTTPCase(SynchronousTestCase):
         self.flush()
         return d
 
-    def call(self, method: bytes, path: str, body: bytes = b"", headers=None):
-        """Send a request and return (response, body bytes)."""
-        response = self.successResultOf(self.request(method, path, body, headers))
+    def collect(self, response) -> "Collect":
+        """Read ``response``'s body; what has arrived so far is in the returned ``Collect``."""
         collect = Collect()
         response.deliverBody(collect)
         self.flush()
-        return response, collect.data
+        return collect
+
+    def call(self, method: bytes, path: str, body: bytes = b"", headers=None):
+        """Send a request and return (response, body bytes)."""
+        response = self.successResultOf(self.request(method, path, body, headers))
+        return response, self.collect(response).data
+
+    def open_stream(self, first: bytes | None = b"data: 1\n\n", model: bytes = b"a", upstream=None):
+        """A streaming chat completion for ``model`` that ``upstream`` (the model's stub unless
+        given) holds, its SSE content type set and ``first`` (unless None) written and flushed.
+        Returns (the client's response Deferred, the upstream's request)."""
+        upstream = self.upstream if upstream is None else upstream
+        upstream.hold = True
+        d = self.request(b"POST", "/v1/chat/completions", b'{"model":"%b","stream":true}' % model)
+        up, _ = upstream.requests[0]
+        up.setHeader(b"content-type", b"text/event-stream")
+        if first is not None:
+            up.write(first)
+            self.flush()
+        return d, up
 
     def call_json(self, method: bytes, path: str, body: bytes = b"", headers=None):
         response, data = self.call(method, path, body, headers)
@@ -219,18 +244,11 @@ class ForwardingTests(HTTPCase):
 
     def test_sse_streamed_with_headers(self):
         """PROXY-5/6: SSE chunks reach the client before the upstream finishes."""
-        self.upstream.hold = True
-        d = self.request(b"POST", "/v1/chat/completions", b'{"model":"a","stream":true}')
-        up, _ = self.upstream.requests[0]
-        up.setHeader(b"content-type", b"text/event-stream")
-        up.write(b"data: 1\n\n")
-        self.flush()
+        d, up = self.open_stream()
         response = self.successResultOf(d)
         self.assertEqual(self.header(response, b"x-accel-buffering"), b"no")
         self.assertEqual(self.header(response, b"cache-control"), b"no-cache")
-        collect = Collect()
-        response.deliverBody(collect)
-        self.flush()
+        collect = self.collect(response)
         self.assertEqual(collect.data, b"data: 1\n\n")
         self.assertNoResult(collect.done)
         self.assertEqual(self.router.counts("a"), (1, 0))
@@ -244,16 +262,8 @@ class ForwardingTests(HTTPCase):
 
     def test_sse_mid_stream_loss_gets_error_event(self):
         """PROXY-9: a lost SSE stream ends with an error event and no [DONE]."""
-        self.upstream.hold = True
-        d = self.request(b"POST", "/v1/chat/completions", b'{"model":"a","stream":true}')
-        up, _ = self.upstream.requests[0]
-        up.setHeader(b"content-type", b"text/event-stream")
-        up.write(b"data: 1\n")
-        self.flush()
-        response = self.successResultOf(d)
-        collect = Collect()
-        response.deliverBody(collect)
-        self.flush()
+        d, up = self.open_stream(b"data: 1\n")
+        collect = self.collect(self.successResultOf(d))
         up.channel.transport.abortConnection()
         self.flush()
         self.successResultOf(collect.done)
@@ -271,12 +281,7 @@ class ForwardingTests(HTTPCase):
 
     def test_client_disconnect_releases_lease(self):
         """PROXY-7: the client leaving closes the upstream request; in-flight drops to 0."""
-        self.upstream.hold = True
-        d = self.request(b"POST", "/v1/chat/completions", b'{"model":"a","stream":true}')
-        up, _ = self.upstream.requests[0]
-        up.setHeader(b"content-type", b"text/event-stream")
-        up.write(b"data: 1\n\n")
-        self.flush()
+        d, up = self.open_stream()
         self.successResultOf(d)
         self.assertEqual(self.router.counts("a"), (1, 0))
         for pump in list(self.agent._pumps):
@@ -610,7 +615,7 @@ class _Held(Resource):
 
 
 class InjectedClockTests(HTTPCase):
-    """Every time the request layer reads comes from the App's clock."""
+    """Every time the request layer reads comes from the web context's clock."""
 
     def setUp(self) -> None:
         self.build([make_model(id="a")])
@@ -619,7 +624,7 @@ class InjectedClockTests(HTTPCase):
         """The access log's duration is how far the injected Clock moved while the request was open."""
         clock = Clock()
         held = _Held()
-        app = App(self.router, self.logs, Forwarder(self.reactor), clock, log=capture_logger(self.events))
+        app = WebContext(self.router, self.logs, Forwarder(self.reactor), clock, log=capture_logger(self.events))
         root = build_root(app, {"/held": held})
         agent = RequestTraversalAgent(root)
         agent._serverFactory = AccessLogSite(root, app, reactor=agent._memoryReactor,
@@ -638,7 +643,7 @@ class InjectedClockTests(HTTPCase):
     def test_record_times_from_clock(self):
         """A model-dispatched request's record is emitted once, timed by the clock, when it ends."""
         records: list = []
-        self.app.request_listeners.append(records.append)
+        self.rewire(request_listeners=[records.append])
         self.upstream.hold = True
         d = self.request(b"POST", "/v1/chat/completions", b'{"model":"a"}')
         up, _ = self.upstream.requests[0]
@@ -659,7 +664,7 @@ class InjectedClockTests(HTTPCase):
     def test_client_gone_flag(self):
         """A client that leaves sets the request's client_gone flag; its record says 499, once."""
         records: list = []
-        self.app.request_listeners.append(records.append)
+        self.rewire(request_listeners=[records.append])
         held = _Held()
         self.root = build_root(self.app, {"/held": held})
         self.agent = RequestTraversalAgent(self.root)

@@ -42,10 +42,11 @@ class RouterCase(SynchronousTestCase):
         self.emitted: list = []
         self.config = make_config(models, **config_kw)
 
-        def make_process(model):
+        def make_process(model, on_transition):
             checks = self.checks.setdefault(model.id, HealthChecks())
             return UpstreamProcess(
                 model=model, reactor=self.reactor, clock=self.reactor, logs=FakeLogs(),
+                on_transition=on_transition,
                 http_factory=lambda r: (object(), FakePool()), check=checks,
                 kill=self.reactor.killpg, group_alive=self.reactor.group_alive,
                 log=capture_logger(self.events))

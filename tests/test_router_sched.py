@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import random
 import signal
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from twisted.internet.defer import CancelledError
 from twisted.internet.task import deferLater
@@ -52,6 +52,7 @@ class Req:
         self.sim, self.model_id, self.at, self.duration, self.profile = sim, model_id, at, duration, profile
         self.granted: Optional[float] = None
         self.done: Optional[float] = None
+        self.failed_at: Optional[float] = None
         self.error: Any = None
         self.d = None
         self.lease = None
@@ -73,6 +74,7 @@ class Req:
         self.lease.release()
 
     def _failed(self, failure: Any) -> None:
+        self.failed_at = self.sim.reactor.seconds()
         self.error = failure.value
 
     @property
@@ -94,19 +96,25 @@ class Sim:
         self.violations: list[str] = []
         loads = load if isinstance(load, dict) else {m.id: load for m in models}
 
-        def make_process(model: ModelConfig) -> UpstreamProcess:
+        def make_process(model: ModelConfig, on_transition: Callable) -> UpstreamProcess:
             def check(http: Any, url: bytes):
                 return deferLater(self.reactor, loads[model.id], lambda: 200)
 
             return UpstreamProcess(
                 model=model, reactor=self.reactor, clock=self.reactor, logs=FakeLogs(),
+                on_transition=on_transition,
                 http_factory=lambda r: (object(), FakePool()), check=check,
                 kill=self.reactor.killpg, group_alive=self.reactor.group_alive,
                 log=capture_logger(self.events))
 
-        self.router = ModelRouter(self.config, make_process, self.reactor, log=capture_logger(self.events))
+        self.router = ModelRouter(self.config, make_process, self.reactor, log=capture_logger(self.events),
+                                  **self.router_options())
         self.router.observers.add(self.emitted.append)
         self.router.observers.add(self._check_invariants)
+
+    def router_options(self) -> dict[str, Any]:
+        """More keyword arguments for ``ModelRouter`` (a subclass's hook)."""
+        return {}
 
     def _check_invariants(self, event: Any) -> None:
         """Recorded, not raised: the router logs and swallows exceptions from observers."""

@@ -127,11 +127,28 @@ class TestReloadCost:
 
 
 class TestBusyModels:
-    def test_idle_model_evicted_rather_than_waiting_for_a_busy_one(self):
-        """A busy model is never chosen when idle ones make room, even if it is cheaper."""
+    def test_cheaper_busy_model_is_waited_for_rather_than_evicting_an_expensive_idle_one(self):
+        """The cost policy waits for a cheap busy model to drain instead of evicting an idle
+        model that will be asked for again soon; lru evicts the idle one at once."""
         models = [model("busy", inflight=1, demand=0.0), model("idle", load=9.0, demand=9.0),
                   model("t", "stopped", waiting=[w(0)])]
-        assert only_swap(decide(snap(models, budget=8), evictor())).evict == {"idle"}
+        d = decide(snap(models, budget=8), evictor())
+        assert d.swaps == () and "idle" not in d.draining
+        models[0] = model("busy", demand=0.0)  # its request ended
+        assert only_swap(decide(snap(models, budget=8), evictor())).evict == {"busy"}
+        models[0] = model("busy", inflight=1, demand=0.0)
+        assert only_swap(decide(snap(models, budget=8, memory_policy="lru"), evictor())).evict == {"idle"}
+
+    def test_cheaper_starting_model_is_waited_for_then_evicted(self):
+        """A cold model still starting is cheap to evict once it has served: the target waits
+        for that start rather than evicting the hot model."""
+        models = [model("cold", "starting", demand=0.1, load=3.0, waiting=[w(1)]),
+                  model("hot", load=1.0, demand=9.0),
+                  model("t", "stopped", waiting=[w(2)])]
+        d = decide(snap(models, budget=8), evictor())
+        assert d.swaps == ()
+        models[0] = model("cold", demand=0.1, load=3.0)  # ready, served, idle
+        assert only_swap(decide(snap(models, budget=8), evictor())).evict == {"cold"}
 
     def test_model_in_flight_is_never_evicted_and_drains_after_max_wait(self):
         """The only model that can make room is busy: batching until maxWait, then it drains."""

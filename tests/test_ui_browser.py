@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from tests.daemon import Daemon, fake_cmd, free_port_range, pid_alive
+from tests.daemon import Daemon, fake_cmd, free_port_range, stop_and_clean
 
 CHROMIUM = os.environ.get("LLAMASWAP_CHROMIUM") or next(
     (p for p in (shutil.which("chromium"), shutil.which("chromium-browser"), "/usr/bin/chromium")
@@ -48,20 +48,23 @@ def _launch(p: Any, tmp_path: Path, **kw: Any) -> Any:
         viewport={"width": 1280, "height": 1000}, **kw)
 
 
+def _open_ui(context: Any, daemon: Daemon) -> tuple[Any, list[str]]:
+    """The context's page, at the daemon's /ui/, and the list its page errors go to."""
+    page = context.pages[0] if context.pages else context.new_page()
+    errors: list[str] = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.goto(daemon.url("/ui/"))
+    return page, errors
+
+
 @pytest.fixture
 def daemon(request, tmp_path):
     (tmp_path / "daemon").mkdir()
     d = Daemon(_config(**getattr(request, "param", {})), tmp_path / "daemon")
     d.start()
     yield d
-    try:
-        rc = d.stop()
-        left = sorted(p for p in d.child_pids if pid_alive(p))
-    finally:
-        d.kill()
-        print(d.output())
-    assert rc == 0, f"daemon exit status {rc}"
-    assert not left, f"children alive after the daemon stopped: {left}"
+    problems = stop_and_clean(d, strict=True)
+    assert not problems, problems
 
 
 def test_ui_load_logs_requests_unload(daemon, tmp_path: Path):
@@ -73,10 +76,7 @@ def test_ui_load_logs_requests_unload(daemon, tmp_path: Path):
     with sync_playwright() as p:
         context = _launch(p, tmp_path)
         try:
-            page = context.pages[0] if context.pages else context.new_page()
-            errors: list[str] = []
-            page.on("pageerror", lambda e: errors.append(str(e)))
-            page.goto(daemon.url("/ui/"))
+            page, errors = _open_ui(context, daemon)
 
             rows = page.locator("#models tbody tr[data-model]")
             expect(rows).to_have_count(3, timeout=TIMEOUT_MS)
@@ -133,8 +133,7 @@ def test_ui_with_basic_auth(daemon, tmp_path: Path):
     with sync_playwright() as p:
         context = _launch(p, tmp_path, http_credentials={"username": "me", "password": "sekret-key"})
         try:
-            page = context.pages[0] if context.pages else context.new_page()
-            page.goto(daemon.url("/ui/"))
+            page, _ = _open_ui(context, daemon)
             beta = page.locator('tr[data-model="beta"]')
             expect(beta.locator(".state")).to_have_text("stopped", timeout=TIMEOUT_MS)
             expect(page.locator("#conn")).to_have_text("live", timeout=TIMEOUT_MS)
@@ -147,3 +146,67 @@ def test_ui_with_basic_auth(daemon, tmp_path: Path):
             expect(page.locator("#notice")).to_have_text("all models unloaded")
         finally:
             context.close()
+
+
+def test_ui_memory_budget_bar(tmp_path: Path):
+    """With memory.budget set (and apiKeys, so through Basic credentials): once two models are
+    loaded, the memory bar shows the budget, each model's share with its need and where the
+    number comes from (declared here), and what is left free; unloading one gives its share back."""
+    from playwright.sync_api import expect, sync_playwright
+
+    gib = 2**30
+    config = {
+        "apiKeys": ["sekret-key"], "memory": {"budget": "16GiB", "overhead": 0},
+        "healthCheckTimeout": 15, "unloadTimeout": 2, "startPort": free_port_range(2),
+        "models": {
+            "alpha": {"cmd": fake_cmd("alpha", respond="from alpha"), "memory": "6GiB"},
+            "beta": {"cmd": fake_cmd("beta", respond="from beta"), "memory": "4GiB"},
+        },
+    }
+    (tmp_path / "daemon").mkdir()
+    daemon = Daemon(config, tmp_path / "daemon").start()
+    try:
+        with sync_playwright() as p:
+            context = _launch(p, tmp_path, http_credentials={"username": "me", "password": "sekret-key"})
+            try:
+                page, errors = _open_ui(context, daemon)
+                section = page.locator("#memory-section")
+                expect(section).to_be_visible(timeout=TIMEOUT_MS)   # a budget, nothing loaded yet
+                expect(section.locator("#memory-summary")).to_contain_text("of 16.0 GiB")
+                expect(section.locator(".mem-share")).to_have_count(0)
+
+                for model in ("alpha", "beta"):
+                    row = page.locator(f'tr[data-model="{model}"]')
+                    row.locator("button.load").click()
+                    expect(row.locator(".state")).to_have_text("ready", timeout=TIMEOUT_MS)
+                daemon.record_children()
+                status, body = daemon.json("GET", "/running",
+                                           headers={"Authorization": "Bearer sekret-key"})
+                assert status == 200 and body["memory_budget"] == 16 * gib, body
+                assert {m["model"]: m["memory"] for m in body["running"]} == {"alpha": 6 * gib, "beta": 4 * gib}
+
+                shares = section.locator("#memory-bar .mem-share")
+                expect(shares).to_have_count(2, timeout=TIMEOUT_MS)
+                for model, size in (("alpha", "6.0 GiB"), ("beta", "4.0 GiB")):
+                    item = section.locator(f'#memory-legend li[data-model="{model}"]')
+                    expect(item.locator(".size")).to_have_text(size)
+                    expect(item.locator(".source")).to_have_text("declared")
+                expect(section.locator("#memory-legend li.free .size")).to_have_text("6.0 GiB")
+                expect(section.locator("#memory-summary")).to_have_text("10.0 GiB of 16.0 GiB budget in use")
+                # the shares are drawn to scale: alpha's segment is 6/16 of the bar
+                bar = section.locator("#memory-bar").bounding_box()
+                alpha = section.locator('#memory-bar .mem-share[data-model="alpha"]').bounding_box()
+                assert abs(alpha["width"] / bar["width"] - 6 / 16) < 0.02, (alpha, bar)
+                page.screenshot(path=str(tmp_path / "memory.png"), full_page=True)
+
+                beta = page.locator('tr[data-model="beta"]')
+                beta.locator("button.unload").click()
+                expect(beta.locator(".state")).to_have_text("stopped", timeout=TIMEOUT_MS)
+                expect(shares).to_have_count(1, timeout=TIMEOUT_MS)
+                expect(section.locator("#memory-legend li.free .size")).to_have_text("10.0 GiB")
+                assert not errors, errors
+            finally:
+                context.close()
+    finally:
+        problems = stop_and_clean(daemon, strict=True)
+    assert not problems, problems

@@ -17,8 +17,9 @@ to log. The result is frozen, and every effective value is resolved in it: a mod
 ``unload_timeout``, ``send_loading_state`` and ``health_check_timeout`` already include the
 top-level defaults.
 
-This package imports nothing from llamaswap but :mod:`llamaswap.errors` (and
-:mod:`llamaswap.ports` when :func:`load_config` checks ports).
+This package imports nothing from llamaswap but :mod:`llamaswap.errors`, :mod:`llamaswap.matrix`
+(pure: the swap matrix that ``routing.router.settings.matrix`` compiles to) and
+:mod:`llamaswap.ports` (when :func:`load_config` checks ports).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from typing import Any, Callable, Iterable, Mapping
 import attr
 
 from llamaswap.config.cmdline import split_cmd  # re-exported; it imports nothing from this package
+from llamaswap.matrix import Matrix
 
 __all__ = [
     "Config", "ConfigError", "GroupConfig", "ModelConfig", "PeerConfig", "load_config", "parse_config",
@@ -44,6 +46,8 @@ DEFAULT_CONCURRENCY_LIMIT = 10
 LOG_LEVELS = ("debug", "info", "warn", "error")
 LOG_TO_STDOUT = ("proxy", "upstream", "both", "none")
 POLICIES = ("swap-aware", "fifo")
+MEMORY_POLICIES = ("cost", "lru")
+ROUTERS = ("group", "matrix")
 
 
 class ConfigError(Exception):
@@ -120,6 +124,15 @@ _IMPLICIT_GROUP = GroupConfig(DEFAULT_GROUP, swap=True, exclusive=True, persiste
 
 @attr.s(frozen=True, auto_attribs=True)
 class Config:
+    """The whole config, every default applied.
+
+    ``groups`` are the active router's groups (top-level ``groups`` or
+    ``routing.router.settings.groups``; empty when ``router_use`` is ``"matrix"``); ``matrix`` is
+    the compiled swap matrix when ``router_use`` is ``"matrix"``, else None. ``scheduler_priority``
+    maps model ids (aliases resolved) to ``routing.scheduler.settings.fifo.priority``; a model not
+    listed has priority 0. ``memory_budget`` None means memory accounting is off.
+    """
+
     source: str = "<config>"
     models: dict[str, ModelConfig] = attr.Factory(dict)
     groups: dict[str, GroupConfig] = attr.Factory(dict)
@@ -141,6 +154,10 @@ class Config:
     peers: dict[str, PeerConfig] = attr.Factory(dict)
     memory_budget: int | None = None
     memory_overhead: int = 2**30
+    memory_policy: str = "cost"
+    router_use: str = "group"
+    matrix: Matrix | None = None
+    scheduler_priority: dict[str, int] = attr.Factory(dict)
     warnings: tuple[str, ...] = ()
     later_keys: tuple[str, ...] = ()
 

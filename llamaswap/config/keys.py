@@ -193,17 +193,19 @@ KEYS: tuple[KeyDoc, ...] = (
       "the model's id."),
     K(f"{_MODEL}.sendLoadingState", "boolean", "the top-level ``sendLoadingState``", "true", "v171",
       "This model's setting for the loading progress stream (see the top-level key)."),
-    K(f"{_MODEL}.memory", "size", "unset (planned: estimated from the model file)", "6GiB", LLAMASWAP_ONLY,
-      "Memory this model needs, for ``memory.budget`` (planned). Validated now: it must not exceed the "
-      "budget.",
-      status=NOT_IMPLEMENTED),
+    K(f"{_MODEL}.memory", "size", "unset (measured or estimated)", "6GiB", LLAMASWAP_ONLY,
+      "Memory this model needs, for ``memory.budget``; it wins over the measured and estimated needs "
+      "(see ``memory``). A value larger than ``memory.budget`` is an error. Without a budget it has no "
+      "effect."),
 
     # -- groups ------------------------------------------------------------------------------
     K("groups", "mapping of group id to group", "``{}``", "\n  chat: {swap: true, members: [llama]}", "v107",
       "Which models may run together. Models in no group form the implicit group ``(default)`` "
       "(``swap: true, exclusive: true, persistent: false``), so with no groups only one model runs at "
       "a time. When a model of group G has to start, a running model of group H is stopped if "
-      "H is G and G swaps, or if H is another group, G is exclusive and H is not persistent."),
+      "H is G and G swaps, or if H is another group, G is exclusive and H is not persistent. "
+      "llama-swap's newer spelling is ``routing.router.settings.groups`` (same keys, same effect); a "
+      "config may use one or the other, and cannot use ``groups`` together with ``matrix``."),
     K("groups.<groupId>.swap", "boolean", "``true``", "false", "v107",
       "Only one member of the group runs at a time. With ``false``, members run side by side."),
     K("groups.<groupId>.exclusive", "boolean", "``true``", "false", "v107",
@@ -258,7 +260,7 @@ KEYS: tuple[KeyDoc, ...] = (
     # -- scheduler ---------------------------------------------------------------------------
     K("scheduler", "mapping", "``{}``", "\n  maxWait: 10\n  policy: swap-aware", LLAMASWAP_ONLY,
       "How waiting requests are ordered when models have to be swapped. (llama-swap's own scheduler "
-      "settings live under ``routing``, which llamaswap does not read.)"),
+      "settings are under ``routing.scheduler``.)"),
     K("scheduler.maxWait", "number (seconds)", "``30``", "10", LLAMASWAP_ONLY,
       "How long requests for an already-loaded model may keep overtaking a request that needs a swap. "
       "After that, the loaded model drains: new requests for it wait, and the swap happens once its "
@@ -270,18 +272,75 @@ KEYS: tuple[KeyDoc, ...] = (
 
     # -- memory ------------------------------------------------------------------------------
     K("memory", "mapping", "``{}``", "\n  budget: 48GiB", LLAMASWAP_ONLY,
-      "Memory-aware co-residence: let models share the machine as long as their memory needs fit a "
-      "budget. These keys are read and validated (a model ``memory`` above the budget is an error), "
-      "but the scheduling behind them is not implemented yet: they have no effect, and the daemon logs "
-      "``config: 'memory' is not implemented yet (ignored)`` (and the same for each "
-      "``models.<id>.memory``).", status=NOT_IMPLEMENTED),
+      "Memory-aware co-residence: models share the machine as long as their memory needs fit a "
+      "budget (docs/memory.rst). A model's need is its ``memory`` if set, else the most it was seen "
+      "to use, else an estimate from its ``-m``/``--model`` file plus ``overhead``; a model whose need "
+      "is unknown counts as the whole budget."),
     K("memory.budget", "size", "unset (memory accounting off)", "48GiB", LLAMASWAP_ONLY,
-      "Total memory the running models may need. The planned behaviour: when set, models outside "
-      "explicit groups may run together as long as they fit, and idle models are stopped, least "
-      "recently used first, to make room.", status=NOT_IMPLEMENTED),
+      "Total memory the running models may need. When set, the models in no group (``(default)``) "
+      "no longer swap each other out: they run together as long as they fit. Explicit groups keep "
+      "their rules and apply first; then, if the model to start still does not fit, idle models "
+      "outside persistent groups are stopped to make room (see ``policy``). A model that needs more "
+      "than the whole budget is refused."),
     K("memory.overhead", "size", "``1GiB``", "512MiB", LLAMASWAP_ONLY,
-      "Added to the size of a model's ``-m``/``--model`` file to estimate its need, when it does not "
-      "set ``memory``.", status=NOT_IMPLEMENTED),
+      "Added to the estimate from a model's ``-m``/``--model`` file, for the models that do not set "
+      "``memory``."),
+    K("memory.policy", "string", "``cost``", "lru", LLAMASWAP_ONLY,
+      "Which idle models are stopped to make room: ``cost`` stops those whose reload is expected to "
+      "cost least (load time times how often the model is asked for); ``lru`` stops the least "
+      "recently used first. Any other value is an error."),
+
+    # -- routing (llama-swap's router and scheduler) ----------------------------------------
+    K("routing", "mapping", "``{}``", "{scheduler: {use: fifo}}", "v225",
+      "llama-swap's routing section: ``router`` decides which models may run together (groups or the "
+      "swap matrix), ``scheduler`` how queued requests are ordered."),
+    K("routing.router", "mapping", "``{}``", "{use: group}", "v225",
+      "The swap engine and its settings. It replaces the top-level ``groups`` and ``matrix``: a config "
+      "that uses both styles is an error (``groups: cannot be used together with routing.router (move "
+      "it to routing.router.settings.groups)``)."),
+    K("routing.router.use", "string", "``group``", "matrix", "v225",
+      "``group`` (the groups of ``settings.groups``) or ``matrix`` (``settings.matrix``, which must then "
+      "be set). Any other value is an error. Both settings may be written; only the one in use "
+      "applies, but both are checked."),
+    K("routing.router.settings", "mapping", "``{}``", "\n  groups:\n    chat: {members: [llama]}", "v225",
+      "The settings of each engine."),
+    K("routing.router.settings.groups", "mapping of group id to group", "``{}``",
+      "\n  chat: {swap: true, members: [llama]}", "v225",
+      "The groups, exactly as the top-level ``groups`` (same keys, defaults and checks; errors name "
+      "this path)."),
+    K("routing.router.settings.matrix", "mapping", "none", "\n  vars: {l: llama}\n  sets: {solo: l}", "v225",
+      "The swap matrix (docs/matrix.rst): the combinations of models that may run together. When a "
+      "model has to start, the running models outside the cheapest combination holding it are "
+      "stopped; a model in no set runs alone."),
+    K("routing.router.settings.matrix.vars", "mapping of name to model id", "``{}``", "{l: llama}", "v225",
+      "Short names for model ids (not aliases), usable in ``sets`` and ``evict_costs``. A name is 1 to "
+      "32 letters, digits, ``-`` or ``.``; a var wins over a model of the same name."),
+    K("routing.router.settings.matrix.evict_costs", "mapping of var or model id to positive integer",
+      "``{}`` (every model costs 1)", "{l: 5}", "v225",
+      "How costly stopping a running model is. Each model gets its cost once, by var or by id."),
+    K("routing.router.settings.matrix.sets", "mapping of name to expression", "required (at least one)",
+      '\n  solo: llama\n  again: "+solo"', "v225",
+      "Named set expressions: model ids or vars joined with ``&`` (together), ``|`` (either), "
+      "parentheses, and ``+name`` (another set's expression). Mistakes are reported with the "
+      "position of the bad token."),
+    K("routing.scheduler", "mapping", "``{}``", "{use: fifo}", "v225",
+      "llama-swap's scheduler. llamaswap orders requests as ``scheduler.policy`` says; this section "
+      "is read and checked as llama-swap does."),
+    K("routing.scheduler.use", "string", "``fifo``", "fifo", "v225",
+      "The only scheduler, ``fifo``; any other value is an error. It does not change "
+      "``scheduler.policy``."),
+    K("routing.scheduler.settings", "mapping", "``{}``", "{fifo: {priority: {llama: 10}}}", "v225",
+      "The scheduler's settings."),
+    K("routing.scheduler.settings.fifo", "mapping", "``{}``", "{priority: {llama: 10}}", "v225",
+      "Settings of the ``fifo`` scheduler."),
+    K("routing.scheduler.settings.fifo.priority", "mapping of model name to integer", "``{}`` (every "
+      "model 0)", "{llama: 10}", "v225",
+      "In llama-swap, queued requests for a model with a higher priority are served first. Read and "
+      "checked (ids or aliases of configured models, integer values), but ordering by priority is not "
+      "implemented yet.", status=NOT_IMPLEMENTED),
+    K("matrix", "mapping", "none", "\n  sets: {solo: llama}", "v202",
+      "llama-swap's older spelling of ``routing.router.settings.matrix`` (same keys), which it turns "
+      "on. It cannot be used together with ``groups`` or ``routing.router``."),
 
     # -- llama-swap keys llamaswap recognises but does not support ---------------------------
     K("logRequests", "boolean", "none", "true", BASE, "llama-swap's request logging switch.",
@@ -297,10 +356,6 @@ KEYS: tuple[KeyDoc, ...] = (
     K("ui", "mapping", "none", "{activity: {session_id: [X-Session-ID]}}", "v240",
       "llama-swap's web UI settings.", status=UNSUPPORTED),
     K("performance", "mapping", "none", "{disabled: true}", "v212", "llama-swap's host and GPU sampling.",
-      status=UNSUPPORTED),
-    K("matrix", "mapping", "none", "{vars: {}}", "v202", "llama-swap's matrix routing.", status=UNSUPPORTED),
-    K("routing", "mapping", "none", "{scheduler: {use: fifo}}", "v225",
-      "llama-swap's routing and scheduler settings (llamaswap's are under ``scheduler`` and ``groups``).",
       status=UNSUPPORTED),
     K("selectors", "mapping", "none", "{coder: {strategy: warm, targets: [llama]}}", "v241",
       "llama-swap's virtual model ids.", status=UNSUPPORTED),
@@ -399,7 +454,8 @@ _SECTIONS = (
     ("hooks", "Startup hooks"),
     ("peers", "Peer servers"),
     ("scheduler", "Scheduler (llamaswap only)"),
-    ("memory", "Memory (llamaswap only, not implemented yet)"),
+    ("memory", "Memory (llamaswap only)"),
+    ("routing", "Routing (llama-swap's router and scheduler)"),
     ("unsupported", "llama-swap keys that llamaswap recognises but does not support"),
 )
 
@@ -464,6 +520,8 @@ def _section_of(row: KeyDoc) -> str:
     if row.status == UNSUPPORTED:
         return "unsupported"
     first = row.path.split(".", 1)[0]
+    if row.path == "matrix":
+        return "routing"
     if row.path == "models" or first not in {name for name, _ in _SECTIONS}:
         return "top"
     return first

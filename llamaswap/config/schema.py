@@ -7,6 +7,9 @@ that one run reports every mistake. Then come the cross-checks: aliases, groups,
 Effective values are resolved here, once: a model's ``ttl``, ``unloadTimeout``,
 ``sendLoadingState`` and ``healthCheckTimeout`` fall back to the top-level settings, so the rest
 of llamaswap reads a model's own fields only.
+
+Size (~600 lines): one reader function per config section, in the order of the file, so that a
+key's meaning is found beside its neighbours; the key table itself is in ``config.keys``.
 """
 
 from __future__ import annotations
@@ -19,15 +22,16 @@ import attr
 
 from llamaswap.config import (
     DEFAULT_CONCURRENCY_LIMIT, DEFAULT_HEALTH_CHECK_TIMEOUT, DEFAULT_UNLOAD_TIMEOUT, LOG_LEVELS,
-    LOG_TO_STDOUT, MIN_HEALTH_CHECK_TIMEOUT, POLICIES, Config, ConfigError, GroupConfig, ModelConfig,
-    PeerConfig)
+    LOG_TO_STDOUT, MEMORY_POLICIES, MIN_HEALTH_CHECK_TIMEOUT, POLICIES, ROUTERS, Config, ConfigError,
+    GroupConfig, ModelConfig, PeerConfig)
 from llamaswap.config.cmdline import split_cmd
 from llamaswap.config.keys import KEYS, NOT_IMPLEMENTED, children, find
 from llamaswap.config.macros import (
     Macros, RawModel, assign_ports, check_leftovers, check_model_leftovers, expand_model, model_macros,
     nothing_in_use, read_macros)
 from llamaswap.config.reader import MSG_MAP, MSG_STR, Reader, to_str_list
-from llamaswap.config.yaml12 import got, index_path, is_scalar, key_path, plain, scalar_text
+from llamaswap.config.yaml12 import got, index_path, is_scalar, key_path, plain, scalar_text, shown
+from llamaswap.matrix import Matrix, parse_matrix
 
 __all__ = ["read_config"]
 
@@ -213,14 +217,14 @@ def _read_settings(data: dict, source: str, errors: list[str], warnings: list[st
     max_request_body = r.size("maxRequestBody", 2**30)
     max_wait, policy = _read_scheduler(r.sub("scheduler"))
     preload = _read_preload(r.sub("hooks"))
-    memory_budget, memory_overhead = _read_memory(r.sub("memory"))
+    memory_budget, memory_overhead, memory_policy = _read_memory(r.sub("memory"))
     return Config(
         source=source, health_check_timeout=health_check_timeout, log_level=log_level,
         log_to_stdout=log_to_stdout, start_port=start_port, global_ttl=global_ttl,
         unload_timeout=unload_timeout, send_loading_state=send_loading_state,
         include_aliases_in_list=include_aliases_in_list, api_keys=api_keys, preload=preload,
         max_wait=max_wait, policy=policy, max_request_body=max_request_body, memory_budget=memory_budget,
-        memory_overhead=memory_overhead)
+        memory_overhead=memory_overhead, memory_policy=memory_policy)
 
 
 def _read_health_check_timeout(r: Reader) -> int:
@@ -276,12 +280,16 @@ def _read_preload(hooks: Reader) -> tuple[str, ...]:
     return on_startup.str_list("preload")
 
 
-def _read_memory(m: Reader) -> tuple[int | None, int]:
-    """``memory``: ``(budget, overhead)``."""
+def _read_memory(m: Reader) -> tuple[int | None, int, str]:
+    """``memory``: ``(budget, overhead, policy)``."""
     m.unknown_keys()
     budget = m.size("budget", None)
     overhead = m.size("overhead", 2**30)
-    return budget, overhead
+    policy = m.str("policy", "cost")
+    if policy not in MEMORY_POLICIES:
+        m.invalid("policy", "must be 'cost' or 'lru'", m.value("policy"))
+        policy = "cost"
+    return budget, overhead, policy
 
 
 def _read_peers(data: dict, errors: list[str], warnings: list[str]) -> dict[str, PeerConfig]:
@@ -314,17 +322,17 @@ def _read_peers(data: dict, errors: list[str], warnings: list[str]) -> dict[str,
     return peers
 
 
-def _read_groups(data: dict, models: Mapping[str, Any], errors: list[str],
+def _read_groups(raw_groups: dict, path: str, models: Mapping[str, Any], errors: list[str],
                  warnings: list[str]) -> dict[str, GroupConfig]:
+    """The groups mapping at ``path`` (top-level ``groups`` or ``routing.router.settings.groups``)."""
     groups: dict[str, GroupConfig] = {}
     owner: dict[str, str] = {}
-    r = Reader(data, "", errors, warnings)
-    for gid, raw in r.mapping("groups").items():
-        path = key_path("groups", gid)
+    for gid, raw in raw_groups.items():
+        group_path = key_path(path, gid)
         if not isinstance(raw, dict):
-            errors.append(f"{path}: {MSG_MAP}{got(raw)}")
+            errors.append(f"{group_path}: {MSG_MAP}{got(raw)}")
             continue
-        g = Reader(raw, path, errors, warnings, "groups.<groupId>")
+        g = Reader(raw, group_path, errors, warnings, "groups.<groupId>")
         g.unknown_keys()
         members = []
         for i, member in enumerate(g.str_list("members")):
@@ -341,6 +349,91 @@ def _read_groups(data: dict, models: Mapping[str, Any], errors: list[str],
         groups[gid] = GroupConfig(gid, g.bool("swap", True), g.bool("exclusive", True),
                                   g.bool("persistent", False), tuple(members))
     return groups
+
+
+#: the key table's path of a matrix's keys (the legacy top-level ``matrix`` has the same keys)
+_MATRIX = "routing.router.settings.matrix"
+
+
+def _read_matrix(r: Reader, key: str, model_ids: Iterable[str]) -> Matrix | None:
+    """The swap matrix at ``key`` of ``r`` (None when absent or invalid; errors are collected)."""
+    value = r.value(key)
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        r.invalid(key, MSG_MAP, value)
+        return None
+    m = Reader(value, r.at(key), r.errors, r.warnings, _MATRIX)
+    m.unknown_keys()
+    known = children(_MATRIX)
+    matrix, problems = parse_matrix({k: m.value(k) for k in value if k in known}, r.at(key), model_ids)
+    r.errors.extend(problems)
+    return matrix
+
+
+def _read_router(top: Reader, router: Reader, models: Mapping[str, Any]
+                 ) -> tuple[str, dict[str, GroupConfig], Matrix | None]:
+    """``(router_use, groups, matrix)``: the active router, as llama-swap's load.go chooses it.
+
+    Either the legacy top-level ``groups``/``matrix`` or the ``routing.router`` block, never both;
+    ``routing.router.use`` (``group`` by default) picks ``settings.groups`` or ``settings.matrix``
+    (which ``matrix`` requires); top-level ``groups`` and ``matrix`` exclude each other. Unlike
+    llama-swap, the settings of the router not in use are validated too.
+    """
+    router.unknown_keys()
+    settings = router.sub("settings")
+    settings.unknown_keys()
+    use = router.str("use")
+    legacy_groups = top.mapping("groups")
+    groups = _read_groups(legacy_groups, "groups", models, top.errors, top.warnings)
+    matrix = _read_matrix(top, "matrix", models)
+    new_groups = settings.mapping("groups")
+    routed_groups = _read_groups(new_groups, settings.at("groups"), models, top.errors, top.warnings)
+    routed_matrix = _read_matrix(settings, "matrix", models)
+    legacy = [key for key, present in (("groups", bool(legacy_groups)), ("matrix", top.has("matrix")))
+              if present]
+    if legacy and (use or new_groups or settings.has("matrix")):
+        for key in legacy:
+            top.error(key, f"cannot be used together with routing.router (move it to "
+                           f"routing.router.settings.{key})")
+        return "group", {}, None
+    if legacy:
+        if len(legacy) == 2:
+            top.error("matrix", "cannot be used together with groups")
+        return ("matrix", {}, matrix) if top.has("matrix") else ("group", groups, None)
+    if use == "matrix":
+        if not settings.has("matrix"):
+            settings.error("matrix", "is required when routing.router.use is 'matrix'")
+        return "matrix", {}, routed_matrix
+    if use and use not in ROUTERS:
+        router.invalid("use", "must be 'group' or 'matrix'", router.value("use"))
+    return "group", routed_groups, None
+
+
+def _read_priority(scheduler: Reader, resolve: Callable[[str], str | None]) -> dict[str, int]:
+    """``routing.scheduler``: its one scheduler, ``fifo``, and the priorities by model id."""
+    scheduler.unknown_keys()
+    use = scheduler.str("use")
+    if use not in ("", "fifo"):
+        scheduler.invalid("use", "must be 'fifo'", scheduler.value("use"))
+    settings = scheduler.sub("settings")
+    settings.unknown_keys()
+    fifo = settings.sub("fifo")
+    fifo.unknown_keys()
+    priority: dict[str, int] = {}
+    given_as: dict[str, str] = {}
+    for name, value in fifo.mapping("priority").items():
+        where = key_path(fifo.at("priority"), name)
+        model_id = resolve(name)
+        if isinstance(value, bool) or not isinstance(value, int):
+            fifo.errors.append(f"{where}: must be an integer{got(value)}")
+        elif model_id is None:
+            fifo.errors.append(f"{where}: unknown model '{name}'")
+        elif model_id in priority:
+            fifo.errors.append(f"{where}: model '{model_id}' already has a priority (as '{given_as[model_id]}')")
+        else:
+            priority[model_id], given_as[model_id] = int(value), name
+    return priority
 
 
 def _read_profiles(data: dict, resolve: Callable[[str], str | None], errors: list[str],
@@ -446,7 +539,7 @@ def read_config(data: dict, source: str, errors: list[str], warnings: list[str],
     settings = _read_settings(top_data, source, errors, warnings)
     raw_models = top_reader.mapping("models")
     models = _read_models(raw_models, global_macros, settings, port_in_use or nothing_in_use, errors,
-                          warnings)
+                          warnings, _memory_budget_as_written(top_data))
     aliases, models = _collect_aliases(models, raw_models.keys(), errors)
 
     def resolve(name: str) -> str | None:
@@ -454,20 +547,32 @@ def read_config(data: dict, source: str, errors: list[str], warnings: list[str],
             return name
         return aliases.get(name)
 
-    groups = _read_groups(top_data, raw_models, errors, warnings)
+    routing = top_reader.sub("routing")
+    routing.unknown_keys()
+    router_use, groups, matrix = _read_router(top_reader, routing.sub("router"), raw_models)
+    priority = _read_priority(routing.sub("scheduler"), resolve)
     profiles = _read_profiles(top_data, resolve, errors, warnings)
     peers = _read_peers(top_data, errors, warnings)
     if errors:
         raise ConfigError(_dedupe(errors))
     return attr.evolve(
         settings, models=models, groups=groups, profiles=profiles, aliases=aliases, peers=peers,
+        router_use=router_use, matrix=matrix, scheduler_priority=priority,
         warnings=tuple(_dedupe(warnings)), later_keys=_later_keys(data))
+
+
+def _memory_budget_as_written(data: dict) -> Any:
+    memory = data.get("memory")
+    return memory.get("budget") if isinstance(memory, dict) else None
 
 
 def _read_models(raw_models: dict, global_macros: list[tuple[str, Any]], settings: Config,
                  port_in_use: Callable[[int], bool], errors: list[str],
-                 warnings: list[str]) -> dict[str, ModelConfig]:
-    """Every valid model, in file order: macros, then ``${PORT}``, then typed reading."""
+                 warnings: list[str], budget_raw: Any = None) -> dict[str, ModelConfig]:
+    """Every valid model, in file order: macros, then ``${PORT}``, then typed reading.
+
+    A model's ``memory`` may not exceed ``memory.budget`` (``budget_raw``: the budget as written).
+    """
     prepared = [m for m in (_prepare_model(mid, raw, global_macros, errors) for mid, raw in raw_models.items())
                 if m is not None]
     assign_ports(prepared, settings.start_port, port_in_use)
@@ -483,7 +588,7 @@ def _read_models(raw_models: dict, global_macros: list[tuple[str, Any]], setting
             continue
         budget = settings.memory_budget
         if budget is not None and cfg.memory is not None and cfg.memory > budget:
-            errors.append(f"{key_path(model.path, 'memory')}: larger than memory.budget"
+            errors.append(f"{key_path(model.path, 'memory')}: must not exceed memory.budget {shown(budget_raw)}"
                           f"{got(model.data.get('memory'))}")
         models[model.id] = cfg
     return models

@@ -29,7 +29,7 @@ from llamaswap.config import ConfigError
 
 __all__ = [
     "YFloat", "YInt", "build", "compose", "got", "index_path", "interpolated_text", "is_scalar", "key_path",
-    "plain", "scalar_text"]
+    "plain", "scalar_text", "shown"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -122,10 +122,11 @@ def got(value: Any, secret: bool = False) -> str:
         return " (got a list)"
     if secret and value is not None:
         return ""
-    return f" (got {_shown(value)})"
+    return f" (got {shown(value)})"
 
 
-def _shown(value: Any) -> str:
+def shown(value: Any) -> str:
+    """A scalar as error messages show it: strings quoted and escaped, everything cut to ~40 characters."""
     if value is None:
         return "null"
     if isinstance(value, str):

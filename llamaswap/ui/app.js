@@ -1,6 +1,7 @@
 // llamaswap web UI. Plain browser JavaScript, no build step, no external files.
 // Live state comes from /api/events; logs from /logs/stream/<source>;
-// actions use POST /api/models/load/<id> and /api/models/unload[/<id>].
+// actions use POST /api/models/load/<id> and /api/models/unload[/<id>];
+// the memory bar (only with memory.budget set) polls GET /running.
 // Credentials: same-origin requests carry the browser's Basic-auth credentials (when apiKeys is set);
 // nothing is stored by the UI.
 "use strict";
@@ -145,6 +146,131 @@ function addRequests(records) {
   while (requestsBody.rows.length > MAX_REQUESTS) requestsBody.lastElementChild.remove();
 }
 
+// -- memory budget -------------------------------------------------------------------------------
+// GET /running has memory_budget, memory_used and memory_free, and per model its need (memory,
+// memory_source, load_time) when memory.budget is set. Without a budget (or when /running fails)
+// the section stays hidden. /running is read soon after a model changes state (and again a little
+// later, when a fresh start's need has been measured), and otherwise every few seconds while the
+// page is visible: slowly, since every read is a line in the access log.
+
+const MEMORY_POLL_MS = 10000;        // while a budget is shown
+const MEMORY_IDLE_POLL_MS = 60000;   // while none is (a config reload may add one)
+const MEMORY_SETTLE_MS = 3000;       // the follow-up read after a state change
+const MEMORY_COLORS = 6;             // .mem-color-0 .. -5 in style.css
+let memoryTimer = null;
+let memoryDue = 0;
+let memoryShown = false;
+let memoryInFlight = false;
+let memoryAgain = false;
+let memoryFollowUpAt = 0;           // when to read again after a state change
+let lastStates = "";
+
+function fmtBytes(n) {
+  if (typeof n !== "number" || !Number.isFinite(n)) return "?";
+  if (Math.abs(n) >= 2 ** 30) return `${(n / 2 ** 30).toFixed(1)} GiB`;
+  return `${(n / 2 ** 20).toFixed(1)} MiB`;
+}
+
+function isSize(n) {
+  return typeof n === "number" && Number.isFinite(n) && n >= 0;
+}
+
+function renderMemory(body) {
+  const section = $("#memory-section");
+  const budget = body && isSize(body.memory_budget) && body.memory_budget > 0 ? body.memory_budget : null;
+  memoryShown = budget !== null;
+  if (budget === null) {
+    section.hidden = true;
+    return;
+  }
+  const running = Array.isArray(body.running) ? body.running : [];
+  const shares = running.filter((m) => m && isSize(m.memory) && m.memory > 0);
+  const used = isSize(body.memory_used) ? body.memory_used : shares.reduce((sum, m) => sum + m.memory, 0);
+  const free = isSize(body.memory_free) ? body.memory_free : Math.max(0, budget - used);
+  const scale = Math.max(budget, used, 1);   // above the budget (a start in progress): show all of it
+  const width = (n) => `${(100 * n / scale).toFixed(3)}%`;
+
+  const segments = [];
+  const legend = [];
+  shares.forEach((m, i) => {
+    const source = m.memory_source || "unknown";
+    const loads = isSize(m.load_time) && m.load_time > 0 ? `, loads in ${m.load_time.toFixed(1)} s` : "";
+    const title = `${m.model}: ${fmtBytes(m.memory)} (${source}), ${m.state}${loads}`;
+    const color = `mem-color-${i % MEMORY_COLORS}`;
+    const seg = el("div", { class: `mem-share ${color} mem-${m.state}`, "data-model": m.model, title },
+      el("span", { class: "label" }, m.model));
+    seg.style.width = width(m.memory);
+    segments.push(seg);
+    legend.push(el("li", { "data-model": m.model, title },
+      el("span", { class: `swatch ${color}` }),
+      el("span", { class: "id" }, m.model), " ",
+      el("span", { class: "size" }, fmtBytes(m.memory)), " ",
+      el("span", { class: `source source-${source}` }, source)));
+  });
+  if (free > 0) {
+    const seg = el("div", { class: "mem-free", title: `free: ${fmtBytes(free)}` });
+    seg.style.width = width(free);
+    segments.push(seg);
+  }
+  legend.push(el("li", { class: "free" }, el("span", { class: "swatch mem-free" }),
+    el("span", { class: "id" }, "free"), " ", el("span", { class: "size" }, fmtBytes(free))));
+
+  $("#memory-bar").replaceChildren(...segments);
+  $("#memory-bar").setAttribute("aria-label",
+    `memory: ${fmtBytes(used)} of ${fmtBytes(budget)} used, ${fmtBytes(free)} free`);
+  $("#memory-legend").replaceChildren(...legend);
+  $("#memory-summary").textContent = `${fmtBytes(used)} of ${fmtBytes(budget)} budget in use`;
+  section.hidden = false;
+}
+
+async function refreshMemory() {
+  if (memoryInFlight) { memoryAgain = true; return; }
+  memoryInFlight = true;
+  try {
+    const resp = await fetch("/running", { headers: { "Accept": "application/json" }, cache: "no-store" });
+    if (resp.ok) renderMemory(await resp.json());
+  } catch (e) {
+    /* the daemon is restarting or unreachable: keep the last picture until the next read */
+  } finally {
+    memoryInFlight = false;
+    if (memoryAgain) { memoryAgain = false; refreshMemory(); }
+  }
+}
+
+function scheduleMemory(delay) {
+  // The next read in `delay` ms, unless one is already due sooner (a burst of events must not
+  // keep pushing it back). Nothing while the page is hidden: it resumes when shown again.
+  const due = Date.now() + delay;
+  if (memoryTimer !== null && memoryDue <= due) return;
+  clearTimeout(memoryTimer);
+  memoryTimer = null;
+  if (document.hidden) return;
+  memoryDue = due;
+  memoryTimer = setTimeout(async () => {
+    memoryTimer = null;
+    await refreshMemory();
+    const followUp = memoryFollowUpAt - Date.now();
+    const poll = memoryShown ? MEMORY_POLL_MS : MEMORY_IDLE_POLL_MS;
+    scheduleMemory(followUp > 0 ? Math.min(poll, followUp) : poll);
+  }, delay);
+}
+
+function memoryStatesChanged(list) {
+  // Queue and in-flight counts change with every request; only a change of state (or of the
+  // models configured) changes the memory picture.
+  const states = list.map((m) => `${m.id}=${m.state}`).join(",");
+  if (states === lastStates) return;
+  lastStates = states;
+  memoryFollowUpAt = Date.now() + 250 + MEMORY_SETTLE_MS;
+  scheduleMemory(250);
+}
+
+document.addEventListener("visibilitychange", () => {
+  clearTimeout(memoryTimer);
+  memoryTimer = null;
+  scheduleMemory(0);
+});
+
 // -- live events ---------------------------------------------------------------------------------
 
 function connectEvents() {
@@ -163,6 +289,7 @@ function connectEvents() {
       models = data;
       renderModels();
       updateSourceOptions();
+      memoryStatesChanged(data);
     } else if (msg.type === "metrics") {
       if (first) { requestsBody.replaceChildren(); first = false; }  // a fresh snapshot after reconnect
       addRequests(data);
@@ -283,3 +410,4 @@ fetch("/api/version").then((r) => r.ok ? r.json() : null).then((v) => {
 }).catch(() => {});
 connectEvents();
 openLog();
+scheduleMemory(0);

@@ -16,9 +16,9 @@ from llamaswap import peers
 from llamaswap.errors import MethodNotAllowed, MissingModel, ModelNotFound
 from llamaswap.loading import LoadingProgress
 from llamaswap.process import State
-from llamaswap.proxy import FileSliceProducer, file_size, upstream_headers
+from llamaswap.proxy import FileSliceProducer, UsageTap, file_size, upstream_headers
 from llamaswap.requestbody import apply_filters, find_form_field, multipart_boundary, parse_json_body
-from llamaswap.web.app import App, RequestRecord
+from llamaswap.web.context import RequestRecord, WebContext
 from llamaswap.web.render import AppResource, async_render, write_error
 
 #: the model-dispatched inference routes; the path goes upstream unchanged.
@@ -82,7 +82,7 @@ class ModelDispatch(AppResource):
         for deeper paths such as ``/v1/chat/completions/x``).
     """
 
-    def __init__(self, app: App, endpoint: str) -> None:
+    def __init__(self, app: WebContext, endpoint: str) -> None:
         super().__init__(app)
         self.endpoint = endpoint
 
@@ -206,7 +206,7 @@ class _MultipartBody(_DispatchBody):
         return lambda: FileSliceProducer(self.fileobj, parts, self.clock)
 
 
-async def serve(app: App, request: Request, record: RequestRecord, model_id: str, profile: Optional[str],
+async def serve(app: WebContext, request: Request, record: RequestRecord, model_id: str, profile: Optional[str],
                 path: bytes, query: bytes, body: Callable[[], Any],
                 loading_name: Optional[str] = None) -> None:
     """Admit, wait for the model, forward, relay, release.
@@ -232,35 +232,23 @@ async def serve(app: App, request: Request, record: RequestRecord, model_id: str
     else:
         lease = await waiting
     record.queue_wait = max(0.0, getattr(lease, "granted", admitted) - admitted)
-    parser = None
     record.serving = True
+    tap = UsageTap(app.response_observer_factory)
     try:
         proc = lease.proc
         url = join_url(proc.model.proxy, path, query)
         strip_auth = bool(app.config.api_keys)
         scheme = b"https" if request.isSecure() else b"http"
         headers = upstream_headers(request, strip_auth, scheme)
-
-        def on_headers(response: Any) -> None:
-            nonlocal parser
-            factory = app.response_observer_factory
-            if factory is not None:
-                parser = factory(response.code, response.headers)
-
-        def on_data(chunk: bytes) -> None:
-            if parser is not None:
-                parser.feed(chunk)
-
         forward = progress.relay if progress is not None else app.forwarder.forward
         result = await forward(
             http=proc.http, request=request, url=url, headers=headers, body=body,
             model_id=model_id, still_ready=lambda: proc.state is State.READY,
-            on_headers=on_headers, on_data=on_data)
+            on_headers=tap.on_headers, on_data=tap.on_data)
         record.stream_error = result.error
     finally:
         lease.release()
-        if parser is not None:
-            record.usage = parser.result()
+        record.usage = tap.usage()
         if record.let_go():
             app.emit(record)
 

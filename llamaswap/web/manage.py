@@ -69,22 +69,41 @@ class ModelList(AppResource):
         return entry
 
 
+def _memory_fields(router: Any, model_id: str) -> dict:
+    """``memory`` (bytes or null), ``memory_source`` (declared|measured|estimated|unknown) and
+    ``load_time`` (the average measured load, seconds, or null) of a model."""
+    need, source = router.memory_need(model_id)
+    return {"memory": need, "memory_source": source, "load_time": router.load_time(model_id)}
+
+
 class Running(AppResource):
-    """Models that are starting, ready or stopping."""
+    """Models that are starting, ready or stopping.
+
+    With ``memory.budget`` set, each entry also has ``memory``, ``memory_source`` and
+    ``load_time``, and the answer ``memory_budget``, ``memory_used`` (the needs of the models
+    listed, summed) and ``memory_free`` (budget - used, at least 0)."""
 
     def render_GET(self, request: Request) -> bytes:
         router = self.app.router
+        budget = self.app.config.memory_budget
         running = []
         for proc in sorted(router.processes(), key=lambda p: p.id):
             if proc.state not in (State.STARTING, State.READY, State.STOPPING):
                 continue
             inflight, waiting = router.counts(proc.id)
             m = proc.model
-            running.append({"model": proc.id, "state": proc.state.value, "cmd": m.cmd, "proxy": m.proxy,
-                            "ttl": m.ttl, "name": m.name, "description": m.description, "pid": proc.pid,
-                            "inflight": inflight, "waiting": waiting})
+            entry = {"model": proc.id, "state": proc.state.value, "cmd": m.cmd, "proxy": m.proxy,
+                     "ttl": m.ttl, "name": m.name, "description": m.description, "pid": proc.pid,
+                     "inflight": inflight, "waiting": waiting}
+            if budget is not None:
+                entry.update(_memory_fields(router, proc.id))
+            running.append(entry)
+        body: dict = {"running": running}
+        if budget is not None:
+            used = router.memory_used()
+            body.update(memory_budget=budget, memory_used=used, memory_free=max(0, budget - used))
         request.setHeader(b"content-type", JSON_TYPE)
-        return _json({"running": running})
+        return _json(body)
 
 
 class ApiModels(AppResource):
@@ -102,7 +121,7 @@ class ApiModels(AppResource):
             out.append({"id": mid, "name": m.name, "description": m.description, "state": proc.state.value,
                         "pid": proc.pid, "ready_since": proc.ready_since, "last_error": proc.last_error,
                         "inflight": inflight, "waiting": waiting, "aliases": list(m.aliases),
-                        "unlisted": m.unlisted})
+                        "unlisted": m.unlisted, **_memory_fields(router, mid)})
         request.setHeader(b"content-type", JSON_TYPE)
         return _json(out, ensure_ascii=False)
 

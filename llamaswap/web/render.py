@@ -138,7 +138,7 @@ class JSONResource(Resource):
 
 
 class AppResource(JSONResource):
-    """A JSON resource that works on the ``App``; it answers every path below its own."""
+    """A JSON resource that works on the ``WebContext``; it answers every path below its own."""
 
     isLeaf = True
 

@@ -12,7 +12,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
 from llamaswap.errors import error_body
-from llamaswap.web.app import App, RequestRecord
+from llamaswap.web.context import RequestRecord, WebContext
 
 #: request bodies bigger than this are spooled to a temporary file.
 SPOOL_BYTES = 1024 * 1024
@@ -28,7 +28,7 @@ class LlamaSwapRequest(Request):
         ``notifyFinish``, watched once rendering returned with the response still open);
         nothing written after that reaches anyone.
     :ivar record: the ``RequestRecord`` of a model-dispatched request (``begin_record``),
-        emitted to the app's listeners when the response ends; None on other routes.
+        emitted to the web context's listeners when the response ends; None on other routes.
     """
 
     # multipart bodies are ours to parse (invalid_multipart), not twisted.web's.
@@ -148,13 +148,13 @@ class LlamaSwapRequest(Request):
 class AccessLogSite(Site):
     """``Site`` with our request class, JSON errors and the access log.
 
-    :param app: the resources' ``App``; its clock times requests.
+    :param app: the resources' ``WebContext``; its clock times requests.
     :param reactor: what twisted.web's channels use (timeouts).
     """
 
     requestFactory = LlamaSwapRequest
 
-    def __init__(self, resource: Resource, app: App, reactor: Any, log: Optional[Logger] = None) -> None:
+    def __init__(self, resource: Resource, app: WebContext, reactor: Any, log: Optional[Logger] = None) -> None:
         super().__init__(resource, reactor=reactor)
         self.app = app
         self.clock = app.clock

@@ -17,7 +17,7 @@ from twisted.web.server import Request
 
 from llamaswap import auth
 from llamaswap.errors import InvalidAPIKey
-from llamaswap.web.app import App
+from llamaswap.web.context import WebContext
 from llamaswap.web.dispatch import INFERENCE_ROUTES, ModelDispatch, UpstreamResource, dispatched_endpoint
 from llamaswap.web.manage import (
     ApiModels, ApiModelsLoad, ApiModelsUnload, ConfigReload, Health, LogStream, Logs, ModelList, Running,
@@ -29,7 +29,7 @@ _CORS_DEFAULT_HEADERS = b"Content-Type, Authorization, Accept, X-Requested-With"
 _TOKEN_CHARS = set(b"!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ, ")
 
 
-def routes(app: App) -> dict[str, Resource]:
+def routes(app: WebContext) -> dict[str, Resource]:
     """The path -> resource table of the daemon."""
     table: dict[str, Resource] = {route: ModelDispatch(app, route) for route in INFERENCE_ROUTES}
     models = ModelList(app)
@@ -52,7 +52,7 @@ def routes(app: App) -> dict[str, Resource]:
     return table
 
 
-def build_root(app: App, extra: Optional[dict[str, Resource]] = None) -> "Root":
+def build_root(app: WebContext, extra: Optional[dict[str, Resource]] = None) -> "Root":
     """The root over ``routes(app)``; ``extra`` adds or replaces entries (metrics, events)."""
     table = routes(app)
     table.update(extra or {})
@@ -98,7 +98,7 @@ class Root(JSONResource):
     :param table: path -> resource (``routes``); paths are ``/``-separated, unquoted.
     """
 
-    def __init__(self, app: App, table: dict[str, Resource]) -> None:
+    def __init__(self, app: WebContext, table: dict[str, Resource]) -> None:
         super().__init__()
         self.app = app
         self._table = _Node()

@@ -1,4 +1,4 @@
-"""What resources share (``App``) and the record of one model-dispatched request."""
+"""What resources share (``WebContext``) and the record of one model-dispatched request."""
 from __future__ import annotations
 
 from typing import Any, Callable, Optional
@@ -8,10 +8,12 @@ from twisted.logger import Logger
 
 from llamaswap.proxy import Forwarder
 
+__all__ = ["RequestRecord", "WebContext"]
+
 
 @attr.s(slots=True, kw_only=True, eq=False)
 class RequestRecord:
-    """One model-dispatched request, handed to ``App.request_listeners`` once, when it ends.
+    """One model-dispatched request, handed to ``WebContext.request_listeners`` once, when it ends.
 
     The request owns it (``LlamaSwapRequest.begin_record``); ``serve`` fills in the model,
     queue wait, stream error and usage; the request sets the status, duration and time to
@@ -62,30 +64,40 @@ class RequestRecord:
         return self.status is not None
 
 
-class App:
-    """What resources need from the rest of the daemon, in one place.
+@attr.s(frozen=True, slots=True, eq=False)
+class WebContext:
+    """Everything the resources, the site and the request layer use, given once when it is built.
 
-    :param router: the ``ModelRouter`` (its ``config`` is always the current one).
-    :param logs: the ``LogBroadcaster``.
-    :param forwarder: the ``Forwarder``.
+    It holds no state of its own: the router's ``config`` is always the current one, and a
+    reload replaces nothing here.
+
+    :param router: the ``ModelRouter``.
+    :param logs: the ``LogBroadcaster`` (``/logs``, ``/logs/stream``).
+    :param forwarder: the ``Forwarder`` that relays upstream answers.
     :param clock: ``IReactorTime``: every time the request layer reads comes from it.
+    :param log: the ``llamaswap.http`` logger.
     :param started: the daemon start time (``created`` of /v1/models); now by default.
+    :param reload: ``() -> outcome``: re-read and apply the config file (``POST
+        /api/config/reload``); None answers that reloading is unavailable.
+    :param request_listeners: each called with the ``RequestRecord`` of every finished
+        model-dispatched request (metrics, the event hub).
+    :param response_observer_factory: ``(status, upstream headers) -> parser | None``; a
+        parser's ``feed(chunk)`` sees every relayed body chunk and its ``result()`` becomes
+        the record's ``usage``.
+    :param peer_http: the treq client every peer request goes through (``peers.PeerPool``).
     """
 
-    def __init__(self, router: Any, logs: Any, forwarder: Forwarder, clock: Any,
-                 log: Optional[Logger] = None, started: Optional[float] = None) -> None:
-        self.router = router
-        self.logs = logs
-        self.forwarder = forwarder
-        self.clock = clock
-        self.log = log or Logger(namespace="llamaswap.http")
-        self.started = int(started if started is not None else clock.seconds())
-        #: each called with the ``RequestRecord`` of every finished model-dispatched request
-        self.request_listeners: list[Callable[[RequestRecord], None]] = []
-        #: ``(status, upstream headers) -> parser | None``; a parser's ``feed(chunk)`` sees
-        #: every relayed body chunk and its ``result()`` becomes the record's ``usage``.
-        self.response_observer_factory: Optional[Callable[[int, Any], Any]] = None
-        self.reload: Optional[Callable[[], dict]] = None  # set by the service
+    router: Any = attr.ib()
+    logs: Any = attr.ib()
+    forwarder: Forwarder = attr.ib()
+    clock: Any = attr.ib()
+    log: Logger = attr.ib(kw_only=True, factory=lambda: Logger(namespace="llamaswap.http"))
+    started: int = attr.ib(kw_only=True, converter=int,
+                           default=attr.Factory(lambda self: self.clock.seconds(), takes_self=True))
+    reload: Optional[Callable[[], dict]] = attr.ib(kw_only=True, default=None)
+    request_listeners: tuple = attr.ib(kw_only=True, default=(), converter=tuple)
+    response_observer_factory: Optional[Callable[[int, Any], Any]] = attr.ib(kw_only=True, default=None)
+    peer_http: Any = attr.ib(kw_only=True, default=None)
 
     @property
     def config(self) -> Any:
