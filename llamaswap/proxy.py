@@ -5,6 +5,9 @@ connection is never reused across children, PROXY-10), configured for a proxy: n
 redirects followed, no cookies kept, unbuffered responses streamed back chunk by chunk
 with back-pressure. treq always sends ``Accept-Encoding: gzip`` and decodes: what it
 decoded loses ``Content-Encoding``/``Content-Length`` (PROXY-4).
+
+Size (~520 lines): the one send with its retry loop, the one relay and the body producers share
+this module's private helpers, so that there is exactly one forwarding path to read.
 """
 from __future__ import annotations
 
