@@ -247,7 +247,8 @@ class ModelRouter(Service):
             for model_id, slot in self._slots.items()}
         memory = (budget, self.config.memory_policy) if budget is not None else ()
         return scheduler.Snapshot(views, now, self.config.max_wait, self.config.policy,
-                                  frozenset(self._swapping), *memory)
+                                  frozenset(self._swapping), *memory,
+                                  priority=self.config.scheduler_priority)
 
     def _solver(self) -> Optional[scheduler.EvictSolver]:
         """The swap matrix when ``routing.router.use`` is ``matrix``, else None (group rules)."""

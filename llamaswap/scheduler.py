@@ -69,6 +69,8 @@ class Snapshot:
     swapping: frozenset = attr.ib(default=frozenset())  # ids taking part in swaps in progress
     budget: Optional[int] = attr.ib(default=None)  # memory.budget in bytes; None: no accounting
     memory_policy: str = attr.ib(default="cost")  # "cost" (reload cost) or "lru"
+    #: routing.scheduler.settings.fifo.priority: model id -> priority (absent: 0)
+    priority: Mapping[str, int] = attr.ib(factory=dict)
 
 
 @attr.s(frozen=True, slots=True)
@@ -224,7 +226,7 @@ def _plan(models: Mapping[str, ModelView], snap: Snapshot, evict_for: Callable,
                         if m.state in RUNNING or m.state == "stopping") | snap.swapping
     candidates = sorted(
         (m for m in models.values() if m.waiting and m.state != "ready"),
-        key=lambda m: m.waiting[0].seq)
+        key=_candidate_order(snap))
     claimed = set(snap.swapping)
     head_claim: frozenset = frozenset()
     draining: set = set()
@@ -272,6 +274,27 @@ def _plan(models: Mapping[str, ModelView], snap: Snapshot, evict_for: Callable,
             # when whatever blocked them goes away at once (a crash, an unload).
             running = running | {cand.id}
     return swaps, draining, wake_at
+
+
+def _candidate_order(snap: Snapshot) -> Callable[[ModelView], tuple]:
+    """The order in which models waiting for a start are considered; the first is the head.
+
+    Oldest waiter first. With priorities (``routing.scheduler.settings.fifo.priority``) a
+    higher-priority model goes before a lower one, except that a request that has waited
+    ``scheduler.maxWait`` goes before every request that has not, oldest first: priority
+    reorders the queue but never starves anyone beyond ``maxWait``.
+    """
+    if not snap.priority:
+        return lambda m: m.waiting[0].seq
+    priority, now, max_wait = snap.priority, snap.now, snap.max_wait
+
+    def key(m: ModelView) -> tuple:
+        first = m.waiting[0]
+        if now - first.admitted >= max_wait:
+            return (0, 0, first.seq)
+        return (1, -priority.get(m.id, 0), first.seq)
+
+    return key
 
 
 def _evict_for(cand: ModelView, profile: Optional[str], running: frozenset,

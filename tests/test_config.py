@@ -414,8 +414,9 @@ def test_later_keys():
             sendLoadingState: false
             memory: 1GiB
         """)
-    # peers, sendLoadingState, memory: implemented; fifo priorities are read but not used yet
-    assert c.later_keys == ("routing.scheduler.settings.fifo.priority",)
+    # peers, sendLoadingState, memory and fifo priorities: all implemented now
+    assert c.later_keys == ()
+    assert c.scheduler_priority == {"a": 1}
     assert c.memory_budget == 10 * 2**30 and c.models["a"].memory == 2**30
     assert c.peers["p"].proxy == "https://x.example/api" and c.peers["p"].models == ("m1",)
     assert c.send_loading_state is True and c.models["a"].send_loading_state is False
@@ -605,7 +606,7 @@ def test_scheduler_priority():
     c = parse(MODELS + "routing:\n  scheduler:\n    use: fifo\n    settings:\n      fifo:\n"
               "        priority: {al: 10, b: -3}\n")
     assert c.scheduler_priority == {"a": 10, "b": -3}
-    assert c.later_keys == ("routing.scheduler.settings.fifo.priority",) and c.warnings == ()
+    assert c.later_keys == () and c.warnings == ()
 
 
 def test_routing_unknown_keys_warn():
@@ -746,7 +747,7 @@ def test_llama_swap_example_routing_block():
     """llama-swap's example routing block loads with no warning: its groups, scheduler and priorities."""
     c = _llama_swap_routing()
     assert c.warnings == () and c.router_use == "group" and c.matrix is None
-    assert c.later_keys == ("routing.scheduler.settings.fifo.priority",)
+    assert c.later_keys == ()
     assert c.groups == {
         "group1": GroupConfig("group1", True, True, False, ("llama", "qwen-unlisted")),
         "group2": GroupConfig("group2", False, False, False, ("docker-llama", "modelA", "modelB")),

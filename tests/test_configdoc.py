@@ -82,7 +82,7 @@ def test_every_example_loads_without_warnings():
     everything = parse_config(config_of([k for k in READ if k.path not in SEPARATE]), "all.yaml", ENV)
     assert everything.warnings == ()
     assert everything.models["llama"].ttl == 600 and everything.peers["openrouter"].api_key == "sk-peer"
-    assert everything.later_keys == ("routing.scheduler.settings.fifo.priority",)
+    assert everything.later_keys == ()
     assert everything.memory_budget == 48 * 2**30 and everything.memory_policy == "lru"
     assert everything.scheduler_priority == {"llama": 10} and everything.router_use == "group"
     legacy = parse_config(alternative(LEGACY), "legacy.yaml", ENV)
@@ -134,7 +134,7 @@ def test_table_is_well_formed():
     memory = {k.path: k.status for k in KEYS if "memory" in k.path}
     assert memory == dict.fromkeys(
         ["models.<id>.memory", "memory", "memory.budget", "memory.overhead", "memory.policy"], SUPPORTED)
-    assert {k.path for k in KEYS if k.status == NOT_IMPLEMENTED} == {"routing.scheduler.settings.fifo.priority"}
+    assert {k.path for k in KEYS if k.status == NOT_IMPLEMENTED} == set()
     routing = {k.path: k.since for k in KEYS if k.path.startswith("routing")}
     assert set(routing.values()) == {"v225"} and configkeys.find("matrix").status == SUPPORTED
 

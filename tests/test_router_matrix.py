@@ -63,3 +63,27 @@ class MatrixRoutingTests(SynchronousTestCase):
         self.assertEqual(sim.running(), ["a"])
         self.assertIsNone(t.granted)
         self.assertEqual(sim.violations, [])
+
+
+class PriorityRoutingTests(SynchronousTestCase):
+    """routing.scheduler.settings.fifo.priority through the router: among requests waiting for a
+    swap, the higher priority goes first; maxWait still bounds the others' wait."""
+
+    def test_higher_priority_model_is_loaded_first(self):
+        sim = Sim([mm("a", None), mm("b", None), mm("c", None)], budget=None,
+                  scheduler_priority={"c": 10}, max_wait=30.0)
+        sim.request("a", 0, duration=10.0)
+        b = sim.request("b", 3)
+        c = sim.request("c", 4)
+        sim.run(40)
+        self.assertIsNotNone(b.granted)
+        self.assertLess(c.granted, b.granted)
+        self.assertEqual(sim.spawns(), ["a", "c", "b"])
+
+    def test_without_priorities_the_older_request_goes_first(self):
+        sim = Sim([mm("a", None), mm("b", None), mm("c", None)], budget=None, max_wait=30.0)
+        sim.request("a", 0, duration=10.0)
+        sim.request("b", 3)
+        sim.request("c", 4)
+        sim.run(40)
+        self.assertEqual(sim.spawns(), ["a", "b", "c"])

@@ -215,3 +215,44 @@ def test_no_starvation_under_steady_load():
     b_finish = [t for t, m in done if m == "B"][0]
     assert b_finish <= 1.0 + 30.0 + 1.0 + 2.0 + 1.0
     assert loads[:2] == ["A", "B"]
+
+
+class TestPriority:
+    """routing.scheduler.settings.fifo.priority combined with maxWait."""
+
+    @staticmethod
+    def prio_snap(now, priority, policy="swap-aware"):
+        # a is loaded and busy; b (older, priority 1) and c (newer, priority 10) both need it gone
+        models = [ModelView("a", "ready", 1), ModelView("b", "stopped", 0, (w(0, 0.0),)),
+                  ModelView("c", "stopped", 0, (w(1, 5.0),))]
+        return Snapshot({m.id: m for m in models}, now, 30.0, policy, frozenset(), priority=priority)
+
+    def test_higher_priority_waiter_becomes_the_head(self):
+        """Without priorities b (older) is the head and gets a drains at 30 s; with c at 10,
+        c is the head, so a drains at c's admission + maxWait (35 s)."""
+        d = decide(self.prio_snap(10.0, {}), evict_default)
+        assert d.wake_at == 30.0
+        d = decide(self.prio_snap(10.0, {"b": 1, "c": 10}), evict_default)
+        assert d.wake_at == 35.0
+
+    def test_max_wait_still_bounds_a_low_priority_wait(self):
+        """Once b has waited maxWait it goes before c whatever the priorities."""
+        d = decide(self.prio_snap(31.0, {"b": 1, "c": 10}), evict_default)
+        assert d.draining == {"a"}
+        idle = Snapshot({"a": ModelView("a", "ready", 0), "b": ModelView("b", "stopped", 0, (w(0, 0.0),)),
+                         "c": ModelView("c", "stopped", 0, (w(1, 5.0),))}, 31.0, 30.0, "swap-aware",
+                        frozenset(), priority={"b": 1, "c": 10})
+        assert [s.target for s in decide(idle, evict_default).swaps] == ["b"]
+        fresh = attr_evolve_now(idle, 20.0)
+        assert [s.target for s in decide(fresh, evict_default).swaps] == ["c"]
+
+    def test_fifo_policy_orders_by_priority_too(self):
+        idle = Snapshot({"a": ModelView("a", "ready", 0), "b": ModelView("b", "stopped", 0, (w(0, 0.0),)),
+                         "c": ModelView("c", "stopped", 0, (w(1, 5.0),))}, 10.0, 30.0, "fifo",
+                        frozenset(), priority={"c": 10})
+        assert [s.target for s in decide(idle, evict_default).swaps] == ["c"]
+
+
+def attr_evolve_now(s, now):
+    import attr
+    return attr.evolve(s, now=now)

@@ -335,9 +335,9 @@ KEYS: tuple[KeyDoc, ...] = (
       "Settings of the ``fifo`` scheduler."),
     K("routing.scheduler.settings.fifo.priority", "mapping of model name to integer", "``{}`` (every "
       "model 0)", "{llama: 10}", "v225",
-      "In llama-swap, queued requests for a model with a higher priority are served first. Read and "
-      "checked (ids or aliases of configured models, integer values), but ordering by priority is not "
-      "implemented yet.", status=NOT_IMPLEMENTED),
+      "Among requests waiting for a model to start, a model with a higher priority goes first (ids "
+      "or aliases of configured models, integer values). ``scheduler.maxWait`` still bounds every "
+      "wait: a request that has waited that long goes before any that has not, oldest first."),
     K("matrix", "mapping", "none", "\n  sets: {solo: llama}", "v202",
       "llama-swap's older spelling of ``routing.router.settings.matrix`` (same keys), which it turns "
       "on. It cannot be used together with ``groups`` or ``routing.router``."),
