@@ -126,6 +126,20 @@ class RawModel:
     port: int | None = None
 
 
+def _apply(data: dict, macros: Macros) -> dict:
+    """``macros`` applied to every value of one model's mapping; its own ``macros`` are kept
+    as written and ``filters`` get their own walk (:func:`_expand_filters`)."""
+    expanded = {}
+    for key, value in data.items():
+        if key == "macros":
+            expanded[key] = value
+        elif key == "filters" and isinstance(value, dict):
+            expanded[key] = _expand_filters(value, macros)
+        else:
+            expanded[key] = macros.apply_tree(value)
+    return expanded
+
+
 def expand_model(model_id: str, path: str, raw: dict, macros: Macros) -> RawModel:
     """Comment lines out of ``cmd``/``cmdStop`` (CMD-1), then the model's macros applied.
 
@@ -135,14 +149,7 @@ def expand_model(model_id: str, path: str, raw: dict, macros: Macros) -> RawMode
     for key in ("cmd", "cmdStop"):
         if isinstance(data.get(key), str):
             data[key] = strip_comment_lines(data[key])
-    expanded = {}
-    for key, value in data.items():
-        if key == "macros":
-            expanded[key] = value
-        elif key == "filters" and isinstance(value, dict):
-            expanded[key] = _expand_filters(value, macros)
-        else:
-            expanded[key] = macros.apply_tree(value)
+    expanded = _apply(data, macros)
     if expanded.get("proxy") is None:
         expanded["proxy"] = "http://localhost:${PORT}"
         expanded["__default_proxy"] = True
@@ -181,16 +188,7 @@ def assign_ports(models: list[RawModel], start_port: int,
                 port += 1
             model.port = port
             port += 1
-            port_macro = Macros([("PORT", port - 1)])
-            data = {}
-            for key, value in model.data.items():
-                if key == "macros":
-                    data[key] = value
-                elif key == "filters" and isinstance(value, dict):
-                    data[key] = _expand_filters(value, port_macro)
-                else:
-                    data[key] = port_macro.apply_tree(value)
-            model.data = data
+            model.data = _apply(model.data, Macros([("PORT", port - 1)]))
 
 
 def check_model_leftovers(model: RawModel, errors: list[str]) -> None:
