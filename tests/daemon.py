@@ -317,7 +317,15 @@ class Daemon:
             self.kill()
             raise AssertionError(f"daemon did not report its listening port\n{self.output()}")
         self.port = int(m.group(1))
+        self.wait_serving()
         return self
+
+    def wait_serving(self) -> None:
+        """Wait until the daemon answers a request. The listening line is logged before the
+        reactor runs, and a SIGTERM before then gets the default action (exit -15), not our
+        orderly shutdown; an answered request means the reactor and its handlers are up."""
+        status = http_request(self.port, "GET", "/health").status
+        assert status == 200, f"GET /health answered {status}\n{self.output()}"
 
     def wait(self, timeout: float) -> int | None:
         """Wait for exit; the exit code, or None if still running."""

@@ -264,6 +264,8 @@ def test_foreground_with_log_file_warnings_once_on_stderr(tmp_path):
     d.spawn()
     try:
         assert wait_until(lambda: log.exists() and LISTENING.search(log.read_bytes()), 20), d.output()
+        d.port = int(LISTENING.search(log.read_bytes()).group(1))
+        d.wait_serving()
         assert d.stop() == 0, d.output()
     finally:
         d.kill()
