@@ -34,8 +34,8 @@ from llamaswap.config.cmdline import split_cmd  # re-exported; it imports nothin
 from llamaswap.matrix import Matrix
 
 __all__ = [
-    "Config", "ConfigError", "GroupConfig", "ModelConfig", "PeerConfig", "load_config", "parse_config",
-    "parse_size", "split_cmd",
+    "Capabilities", "Config", "ConfigError", "GroupConfig", "ModelConfig", "PeerConfig", "ProfileConfig",
+    "SelectorConfig", "Timeouts", "load_config", "parse_config", "parse_size", "split_cmd",
 ]
 
 DEFAULT_GROUP = "(default)"
@@ -48,6 +48,9 @@ LOG_TO_STDOUT = ("proxy", "upstream", "both", "none")
 POLICIES = ("swap-aware", "fifo")
 MEMORY_POLICIES = ("cost", "lru")
 ROUTERS = ("group", "matrix")
+SELECTOR_STRATEGIES = ("pin", "warm", "spillover")
+DEFAULT_UPSTREAM_IGNORE_PATHS = (r".*\.(js|json|css|png|gif|jpg|jpeg|ico|txt)$",)
+DEFAULT_SESSION_ID_HEADERS = ("X-Session-ID", "X-Litellm-Session-Id")
 
 
 class ConfigError(Exception):
@@ -72,6 +75,43 @@ class GroupConfig:
 
 
 @attr.s(frozen=True, auto_attribs=True)
+class Timeouts:
+    """llama-swap's ``timeouts`` of a model or peer, in seconds; ``0`` means no limit.
+
+    ``connect`` bounds the TCP connect to the upstream, ``response_header`` the wait from the end
+    of the request to the response headers, ``idle_conn`` how long an idle pooled connection is
+    kept; ``keepalive`` and ``tls_handshake`` are llama-swap's TCP keep-alive period and TLS bound.
+    The defaults are llama-swap's (Go's ``http.DefaultTransport``).
+    """
+
+    connect: float = 30.0
+    keepalive: float = 30.0
+    response_header: float = 0.0
+    tls_handshake: float = 10.0
+    expect_continue: float = 1.0
+    idle_conn: float = 90.0
+
+
+@attr.s(frozen=True, auto_attribs=True)
+class Capabilities:
+    """llama-swap's ``capabilities`` of a model, listed in ``/v1/models``."""
+
+    input: tuple[str, ...] = ()
+    output: tuple[str, ...] = ()
+    tools: bool = False
+    reranker: bool = False
+    context: int = 0
+
+    def empty(self) -> bool:
+        return not (self.input or self.output or self.tools or self.reranker or self.context)
+
+    def as_json(self) -> dict[str, Any]:
+        """The ``capabilities`` object as llama-swap lists it."""
+        return {"in": list(self.input), "out": list(self.output), "tools": self.tools,
+                "reranker": self.reranker, "context": self.context}
+
+
+@attr.s(frozen=True, auto_attribs=True)
 class PeerConfig:
     id: str
     proxy: str
@@ -79,6 +119,40 @@ class PeerConfig:
     models: tuple[str, ...] = ()
     strip_params: tuple[str, ...] = ()
     set_params: dict[str, Any] = attr.Factory(dict)
+    timeouts: Timeouts = attr.Factory(Timeouts)
+
+
+@attr.s(frozen=True, auto_attribs=True)
+class ProfileConfig:
+    """A profile in llama-swap's mapping form: runtime pins of requested ids.
+
+    ``pins`` maps a requested id to its target (a model id, an alias, a ``setParamsByID`` name, a
+    ``<peer>/<model>`` name or a selector id), or to ``None``: the pin disables the id (404).
+    """
+
+    name: str
+    description: str = ""
+    pins: dict[str, str | None] = attr.Factory(dict)
+
+
+@attr.s(frozen=True, auto_attribs=True)
+class SelectorConfig:
+    """A virtual model id resolved to one of ``targets`` per request.
+
+    ``targets`` are written as in the config (ids, aliases or peer models). ``strategy`` is
+    ``pin`` (the first target), ``warm`` (the first ready target, else one starting, else a cold
+    start of the first) or ``spillover`` (fill targets in order up to ``spillover`` requests in
+    flight each).
+    """
+
+    id: str
+    strategy: str
+    targets: tuple[str, ...]
+    spillover: int = 1
+    name: str = ""
+    description: str = ""
+    unlisted: bool = False
+    metadata: dict[str, Any] = attr.Factory(dict)
 
 
 @attr.s(frozen=True, auto_attribs=True)
@@ -109,6 +183,9 @@ class ModelConfig:
     health_check_timeout: int = DEFAULT_HEALTH_CHECK_TIMEOUT
     port: int | None = None
     memory: int | None = None
+    timeouts: Timeouts = attr.Factory(Timeouts)
+    ignore_websockets: bool = False
+    capabilities: Capabilities = attr.Factory(Capabilities)
 
     def env_dict(self) -> dict[str, str]:
         """The model's ``env`` as a dict; later entries win (CFG-34)."""
@@ -158,6 +235,16 @@ class Config:
     router_use: str = "group"
     matrix: Matrix | None = None
     scheduler_priority: dict[str, int] = attr.Factory(dict)
+    pin_profiles: dict[str, ProfileConfig] = attr.Factory(dict)
+    selectors: dict[str, SelectorConfig] = attr.Factory(dict)
+    upstream_ignore_paths: tuple[str, ...] = DEFAULT_UPSTREAM_IGNORE_PATHS
+    log_time_format: str = ""
+    metrics_max_in_memory: int = 1000
+    capture_buffer_mb: int = 10
+    session_id_headers: tuple[str, ...] = DEFAULT_SESSION_ID_HEADERS
+    performance_disabled: bool = False
+    performance_every: float = 5.0
+    store_path: str = ""
     warnings: tuple[str, ...] = ()
     later_keys: tuple[str, ...] = ()
 

@@ -1,6 +1,7 @@
 """What resources share (``WebContext``) and the record of one model-dispatched request."""
 from __future__ import annotations
 
+import itertools
 from typing import Any, Callable, Optional
 
 import attr
@@ -19,6 +20,9 @@ class RequestRecord:
     queue wait, stream error and usage; the request sets the status, duration and time to
     first byte when its response ends, whatever ended it.
 
+    :ivar id: the request's activity id, unique over the daemon's life (and over restarts when the
+        activity store persists): ``/api/captures/<id>``, ``/api/inflight/<id>/cancel`` and the
+        activity rows use it.
     :ivar endpoint: the route pattern (``/v1/chat/completions``, ``/upstream``), never the raw path.
     :ivar started: ``clock.seconds()`` when dispatching began.
     :ivar model: the resolved model id or peer label; "" when the request failed before that.
@@ -33,6 +37,7 @@ class RequestRecord:
 
     endpoint: str = attr.ib()
     started: float = attr.ib()
+    id: int = attr.ib(default=0)
     model: str = attr.ib(default="")
     status: Optional[int] = attr.ib(default=None)
     duration: Optional[float] = attr.ib(default=None)
@@ -85,6 +90,8 @@ class WebContext:
         parser's ``feed(chunk)`` sees every relayed body chunk and its ``result()`` becomes
         the record's ``usage``.
     :param peer_http: the treq client every peer request goes through (``peers.PeerPool``).
+    :param request_ids: ``() -> int``: the next request's activity id (the activity store seeds it
+        past the ids it already holds); a counter from 1 by default.
     """
 
     router: Any = attr.ib()
@@ -98,6 +105,7 @@ class WebContext:
     request_listeners: tuple = attr.ib(kw_only=True, default=(), converter=tuple)
     response_observer_factory: Optional[Callable[[int, Any], Any]] = attr.ib(kw_only=True, default=None)
     peer_http: Any = attr.ib(kw_only=True, default=None)
+    request_ids: Callable[[], int] = attr.ib(kw_only=True, factory=lambda: itertools.count(1).__next__)
 
     @property
     def config(self) -> Any:

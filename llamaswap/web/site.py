@@ -52,7 +52,8 @@ class LlamaSwapRequest(Request):
 
     def begin_record(self, endpoint: str) -> RequestRecord:
         """Make this a model-dispatched request at ``endpoint`` (a route pattern)."""
-        self.record = RequestRecord(endpoint=endpoint, started=self._site.clock.seconds())
+        self.record = RequestRecord(endpoint=endpoint, started=self._site.clock.seconds(),
+                                    id=self._site.app.request_ids())
         return self.record
 
     def cancel_when_gone(self, work: Deferred) -> None:
