@@ -13,7 +13,7 @@ and the long-lived ones are child services, added in the order they must start::
     ├─ PeerPool             the peers' client and pool: idle connections closed
     ├─ ModelRouter          the models; its stop waits until every child is gone
     ├─ ListenerService      the socket: the first to stop, so nothing new comes in
-    └─ ConfigWatcher        --watch-config only
+    └─ ConfigWatcher        --watch-config only (ConfigDirWatcher too with --config-dir)
 
 The web layer needs ``reload`` from this service, and the listener tells it when it
 listens: those two cycles are closed by handing bound methods to the constructors.
@@ -44,7 +44,7 @@ from llamaswap.proxy import Forwarder
 from llamaswap.proxylog import ProxyLogObserver, TwistdLogCopy, make_logger
 from llamaswap.router import ModelRouter
 from llamaswap.statefile import ChildRegistry, cleanup_leftovers
-from llamaswap.watch import ConfigWatcher
+from llamaswap.watch import ConfigDirWatcher, ConfigWatcher
 from llamaswap.web.context import WebContext
 from llamaswap.web.site import AccessLogSite
 from llamaswap.web.tree import build_root
@@ -146,17 +146,23 @@ class LlamaSwapService(SequentialMultiService):
     :param watch_config: reload when the file changes (CLI-4).
     :param listen_label: ``--listen`` as the user wrote it, for error messages.
     :param pidfile: twistd's pidfile, recorded in the state file.
+    :param config_dir: ``--config-dir``: its config files are merged after ``config_path`` (if
+        any) at every reload, and ``watch_config`` watches it too.
     """
 
     def __init__(self, config: Config, reactor: Any, listen: str, state_file: str,
                  install_signals: bool = True, config_path: Optional[str] = None,
                  watch_config: bool = False, listen_label: Optional[str] = None,
-                 pidfile: Optional[str] = None) -> None:
+                 pidfile: Optional[str] = None, config_dir: Optional[str] = None) -> None:
         super().__init__()
         self.config = config
-        self.config_path = config_path or config.source
+        self.config_dir = config_dir
+        self.config_path = config_path or (None if config_dir else config.source)
         # for the startup line; taken now, before twistd may change directory
         self.config_label = _display_path(self.config_path) if config_path else self.config_path
+        if config_dir:
+            from llamaswap.config.merge import sources_label
+            self.config_label = sources_label(self.config_label, _display_path(config_dir))
         self.reactor = reactor
         self.install_signals = install_signals
         self._stopping = False
@@ -199,8 +205,10 @@ class LlamaSwapService(SequentialMultiService):
 
         children = [self.logs, StateFileService(self.registry, self.log), self.events, self.pools,
                     self.peers, self.router, self.listener]
-        if watch_config:
+        if watch_config and self.config_path:
             children.append(ConfigWatcher(self.config_path, reactor, self._safe_reload, self.log))
+        if watch_config and config_dir:
+            children.append(ConfigDirWatcher(config_dir, reactor, self._safe_reload, self.log))
         for child in children:
             child.setServiceParent(self)
 
@@ -330,10 +338,10 @@ class LlamaSwapService(SequentialMultiService):
         the new file is invalid, and the old config stays in force. Synchronous, so two
         reloads can never interleave (RLD-1).
         """
-        from llamaswap.config import ConfigError, load_config
+        from llamaswap.config import ConfigError, load_config_sources
 
         try:
-            new = load_config(self.config_path, port_in_use=self._port_taken_by_others)
+            new = load_config_sources(self.config_path, self.config_dir, port_in_use=self._port_taken_by_others)
         except ConfigError as e:
             self.log.error("config reload failed, keeping previous config:\n{errors}",
                            errors="\n".join(e.errors))

@@ -1,4 +1,4 @@
-"""twistd entry point: ``twistd [options] llamaswap --config PATH [--listen ENDPOINT]``.
+"""twistd entry point: ``twistd [options] llamaswap --config PATH [--config-dir DIR] [--listen ENDPOINT]``.
 
 This is the one module that imports the global reactor, and only inside
 ``make_service``. Startup errors are written to stderr and exit with status 1 *before*
@@ -129,7 +129,11 @@ class Options(usage.Options):
         "behind one OpenAI-compatible endpoint, starting and swapping them on demand. "
         "Reads a llama-swap config.yaml unchanged.")
     optParameters = [
-        ["config", "c", None, "YAML configuration file (llama-swap format). Required."],
+        ["config", "c", None,
+         "YAML configuration file (llama-swap format). Required unless --config-dir is given."],
+        ["config-dir", None, None,
+         "Directory of *.yaml/*.yml config files, merged in file-name order after --config (if any). "
+         "An entry (model, group, peer, ...) may be defined in one file only."],
         ["listen", "l", "tcp:8080",
          "Endpoint to listen on: a Twisted endpoint description (tcp:8080:interface=127.0.0.1, "
          "unix:/run/llamaswap.sock, ssl:8443:privateKey=k.pem:certKey=c.pem, systemd:domain=INET:index=0) "
@@ -140,7 +144,8 @@ class Options(usage.Options):
          "else /tmp/llamaswap-<uid>/children.json."],
     ]
     optFlags = [
-        ["watch-config", None, "Reload the config when the file changes (polled every 2 s)."],
+        ["watch-config", None, "Reload the config when the file (or a file in --config-dir) changes, "
+                               "is added or removed (polled every 2 s)."],
     ]
 
     def opt_version(self) -> None:
@@ -149,22 +154,26 @@ class Options(usage.Options):
         raise SystemExit(0)
 
     def postOptions(self) -> None:
-        from llamaswap.config import ConfigError, load_config
+        from llamaswap.config import ConfigError, load_config_sources
+        from llamaswap.config.merge import sources_label
         from llamaswap.statefile import StateFileInUse, check_not_in_use, default_state_file
 
-        if self["config"] is None:
-            _fail(["llamaswap: --config is required (twistd llamaswap --config config.yaml)"])
+        if self["config"] is None and self["config-dir"] is None:
+            _fail(["llamaswap: --config is required, unless --config-dir is given "
+                   "(twistd llamaswap --config config.yaml)"])
         self["listen_label"] = self["listen"]
         try:
             self["listen"] = expand_listen(self["listen"])
         except usage.UsageError as e:
             _fail([f"llamaswap: {e}"])
-        path = os.path.abspath(self["config"])  # CLI-2: resolved once, before twistd may chdir
-        self["config"] = path
+        # CLI-2: resolved once, before twistd may chdir
+        path = self["config"] = os.path.abspath(self["config"]) if self["config"] is not None else None
+        directory = self["config-dir"] = os.path.abspath(self["config-dir"]) if self["config-dir"] else None
         try:
-            self["loaded_config"] = load_config(path)
+            self["loaded_config"] = load_config_sources(path, directory)
         except ConfigError as e:
-            _fail([f"llamaswap: invalid config {path}:"] + [f"  {line}" for line in e.errors])
+            _fail([f"llamaswap: invalid config {sources_label(path, directory)}:"]
+                  + [f"  {line}" for line in e.errors])
         # the checks twistd would make later (its pidfile), or that need the terminal (CLI-7)
         pidfile = self["pidfile"] = self._pidfile()
         state_given = self["state-file"] is not None
@@ -201,6 +210,7 @@ def make_service(options: Any, reactor: Any = None):
 
     service = LlamaSwapService(options["loaded_config"], reactor, options["listen"], options["state-file"],
                                config_path=options["config"], watch_config=bool(options["watch-config"]),
+                               config_dir=options.get("config-dir"),
                                listen_label=options.get("listen_label"), pidfile=options.get("pidfile"))
     try:
         service.bind()

@@ -1,8 +1,14 @@
-"""``--watch-config`` (CLI-4): reload when the config file changes.
+"""``--watch-config`` (CLI-4): reload when the config file, or the ``--config-dir``, changes.
 
 :class:`ConfigWatcher` is a service that polls the file's ``(mtime, size, inode, device)``
 (symlinks followed) on the clock it is given, and calls ``on_change`` when that differs
 from what it last saw. A missing file is warned about once and keeps the current config.
+
+:class:`ConfigDirWatcher` does the same for the ``*.yml``/``*.yaml`` files directly in a
+directory, as llama-swap's ``DirWatcher`` does: a file added, removed or changed is a change.
+A missing directory, or one without config files, is warned about once and keeps the current
+config (an editor or a ConfigMap update may empty it for a moment); the first poll that finds
+files again reloads.
 """
 from __future__ import annotations
 
@@ -13,7 +19,7 @@ from twisted.application.service import Service
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
-__all__ = ["ConfigWatcher", "WATCH_INTERVAL", "stat_key"]
+__all__ = ["ConfigDirWatcher", "ConfigWatcher", "WATCH_INTERVAL", "dir_key", "stat_key"]
 
 #: CLI-4: how often --watch-config looks at the file.
 WATCH_INTERVAL = 2.0
@@ -26,6 +32,28 @@ def stat_key(path: str) -> Optional[tuple]:
     except OSError:
         return None
     return (st.st_mtime_ns, st.st_size, st.st_ino, st.st_dev)
+
+
+def dir_key(directory: str) -> Optional[tuple]:
+    """``((name, stat_key), ...)`` of the config files in ``directory``, sorted by name; None
+    when the directory cannot be listed. A file that vanishes while it is looked at is left out
+    (the next poll sees the removal)."""
+    from llamaswap.config.merge import is_config_file
+
+    try:
+        with os.scandir(directory) as entries:
+            names = sorted(e.name for e in entries if is_config_file(e.name))
+    except OSError:
+        return None
+    files = []
+    for name in names:
+        path = os.path.join(directory, name)
+        if os.path.isdir(path):
+            continue
+        key = stat_key(path)
+        if key is not None:
+            files.append((name, key))
+    return tuple(files)
 
 
 class ConfigWatcher(Service):
@@ -71,6 +99,38 @@ class ConfigWatcher(Service):
                 self._missing_warned = True
                 self._log.warn("config file {path} is missing; keeping the current config", path=self.path)
             self._seen = None
+            return
+        self._missing_warned = False
+        if key != self._seen:
+            self._seen = key
+            self._on_change()
+
+
+class ConfigDirWatcher(ConfigWatcher):
+    """Polls the config files of ``path`` (a directory) every ``interval`` seconds while running;
+    ``on_change()`` when one was added, removed or changed.
+
+    Everything written in one poll interval is one change, so one reload.
+    """
+
+    name = "watch-config-dir"
+
+    def __init__(self, path: str, clock: Any, on_change: Callable[[], None], log: Logger,
+                 interval: float = WATCH_INTERVAL) -> None:
+        super().__init__(path, clock, on_change, log, interval)
+        self._seen = dir_key(path)
+
+    def check(self) -> None:
+        """Look at the directory once: warn once if it has no config files, ``on_change()`` if
+        its files changed."""
+        key = dir_key(self.path)
+        if not key:
+            if not self._missing_warned:
+                self._missing_warned = True
+                what = "is missing" if key is None else "has no *.yaml or *.yml files"
+                self._log.warn("config directory {path} {what}; keeping the current config",
+                               path=self.path, what=what)
+            self._seen = key
             return
         self._missing_warned = False
         if key != self._seen:

@@ -357,3 +357,18 @@ def load_config(path: str, port_in_use: Callable[[int], bool] | None = None) -> 
     if port_in_use is None:
         from llamaswap.ports import port_in_use
     return parse_config(text, path, port_in_use=port_in_use)
+
+
+def load_config_sources(config_path: str | None, config_dir: str | None,
+                        port_in_use: Callable[[int], bool] | None = None) -> Config:
+    """``--config`` and/or ``--config-dir``: one file read by :func:`load_config`, or the file and
+    the directory's ``*.yml``/``*.yaml`` files merged as llama-swap merges them
+    (:mod:`llamaswap.config.merge`).
+
+    :raises ConfigError: listing every problem, each naming its file.
+    """
+    if config_dir is None and config_path is not None:
+        return load_config(config_path, port_in_use=port_in_use)
+    from llamaswap.config.merge import load_sources
+
+    return load_sources(config_path, config_dir, port_in_use=port_in_use)
