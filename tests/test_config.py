@@ -175,8 +175,6 @@ BAD = [
     ("env without =", f"models:\n  a:\n    {P}\n    env: [A, =b]\n",
      ["models.a.env[0]: must be KEY=VALUE with a non-empty KEY",
       "models.a.env[1]: must be KEY=VALUE with a non-empty KEY"]),
-    ("group unknown member", f"models:\n  a:\n    {P}\n    aliases: [al]\ngroups:\n  g:\n    members: [a, b, al]\n",
-     ["groups.g.members[1]: unknown model 'b'", "groups.g.members[2]: unknown model 'al'"]),
     ("model in two groups", f"models:\n  a:\n    {P}\ngroups:\n  g: {{members: [a]}}\n  h: {{members: [a]}}\n",
      ["groups.h.members[0]: model 'a' is already in group 'g'"]),
     ("profile unknown", f"models:\n  a:\n    {P}\nprofiles:\n  p: [a, zz]\n",
@@ -249,8 +247,13 @@ BAD = [
       "models.a.ttl: must be a non-negative integer (got '5')",
       "models.a.unlisted: must be a boolean (got 3)",
       "models.b.proxy: proxy uses ${PORT} but cmd does not",
-      "models.c.aliases[0]: alias 'a' already used by model 'a'",
-      "groups.g.members[0]: unknown model 'zz'"]),
+      "models.c.aliases[0]: alias 'a' already used by model 'a'"]),
+    ("an alias clash beside a broken cmd",
+     "models:\n  a:\n    cmd: \"srv 'open --port ${PORT}\"\n    aliases: [b, x]\n  b:\n    cmd: b ${PORT}\n"
+     "  c:\n    cmd: c ${PORT}\n    aliases: [x]\n",
+     ["models.a.cmd: unterminated quote",
+      "models.a.aliases[0]: alias 'b' already used by model 'b'",
+      "models.c.aliases[0]: alias 'x' already used by model 'a'"]),
 ]
 
 
@@ -294,13 +297,12 @@ WARN = [
     ("unknown filter key", f"models:\n  a:\n    {P}\n    filters: {{x: 1}}\n",
      ["config: unknown key 'models.a.filters.x' (ignored)"]),
     ("unsupported top key", "logRequests: true\nui: {}\n",
-     ["config: llama-swap key 'logRequests' is not supported by llamaswap (ignored)",
-      "config: llama-swap key 'ui' is not supported by llamaswap (ignored)"]),
+     ["config: llama-swap key 'logRequests' is not supported by llamaswap (ignored)"]),
     ("unsupported model key", f"models:\n  a:\n    {P}\n    timeouts: {{}}\n    healthCheckTimeout: 5\n",
-     ["config: llama-swap key 'models.a.timeouts' is not supported by llamaswap (ignored)",
-      "config: llama-swap key 'models.a.healthCheckTimeout' is not supported by llamaswap (ignored)"]),
-    ("mapping-form profile", f"models:\n  a:\n    {P}\nprofiles:\n  p: {{description: x, pins: [a]}}\n",
-     ["config: llama-swap key 'profiles.p' is not supported by llamaswap (ignored)"]),
+     ["config: llama-swap key 'models.a.healthCheckTimeout' is not supported by llamaswap (ignored)"]),
+    ("group unknown member", f"models:\n  a:\n    {P}\n    aliases: [al]\ngroups:\n  g:\n    members: [a, b, al]\n",
+     ["config: 'groups.g.members[1]' names unknown model 'b' (ignored)",
+      "config: 'groups.g.members[2]' names unknown model 'al' (ignored)"]),
     ("healthCheckTimeout low", "healthCheckTimeout: 5\n", ["config: healthCheckTimeout 5 is below 15; using 15"]),
     ("bad logLevel", "logLevel: LOUD\n",
      ["config: logLevel 'LOUD' is not one of debug, info, warn, error; using info"]),
@@ -363,7 +365,7 @@ def test_error_values_of_secrets_are_not_shown():
     assert sorted(errors) == ["apiKeys: must be a list of strings", "models.a.env: must be a list of strings"]
     errors = errors_of(f"apiKeys: [sk-1, {{a: 1}}, ~, 'has space']\nmodels:\n  a:\n    {P}\n    env: [X, 7]\n")
     assert sorted(errors) == [
-        "apiKeys[1]: must be a string (got a mapping)", "apiKeys[2]: must be a string (got null)",
+        "apiKeys[1].key: is required", "apiKeys[2]: must be a string or a mapping (got null)",
         "apiKeys[3]: must be non-empty and contain no whitespace",
         "models.a.env[0]: must be KEY=VALUE with a non-empty KEY",
         "models.a.env[1]: must be KEY=VALUE with a non-empty KEY"]
@@ -371,7 +373,7 @@ def test_error_values_of_secrets_are_not_shown():
 
 
 def test_warning_effects():
-    """Low healthCheckTimeout is raised, bad logLevel becomes info, mapping profiles are dropped, model is protected."""
+    """Low healthCheckTimeout is raised, bad logLevel becomes info, model is protected."""
     c = parse(f"""\
         healthCheckTimeout: 3
         logLevel: WARN
@@ -381,11 +383,8 @@ def test_warning_effects():
             filters:
               stripParams: "model, top_k ,, min_p"
               setParams: {{model: x, temperature: 0.5}}
-        profiles:
-          p: {{pins: [a]}}
         """)
     assert c.health_check_timeout == 15 and c.log_level == "warn"
-    assert c.profiles == {}
     assert c.models["a"].strip_params == ("top_k", "min_p")
     assert c.models["a"].set_params == {"temperature": 0.5}
     assert parse("logLevel: chatty\n").log_level == "info"
@@ -529,12 +528,20 @@ def test_top_level_matrix():
     assert c.matrix.solve("b", ["a"]) == frozenset()
 
 
-def test_inactive_router_settings_are_checked():
-    """use: group leaves Config.matrix unset, but a bad settings.matrix is still an error."""
-    c = parse(routed("groups: {g: {members: [a]}}\nmatrix: {sets: {s: 'a & c'}}\n"))
+def test_inactive_router_settings_are_not_checked():
+    """As in llama-swap, only the router in use is checked: the other's settings may name any model;
+    only their unknown keys warn."""
+    c = parse(routed("groups: {g: {members: [a]}}\nmatrix: {sets: {s: 'a & zz'}, var: {}}\n"))
     assert c.router_use == "group" and c.matrix is None and list(c.groups) == ["g"]
-    assert errors_of(routed("matrix: {sets: {s: 'a & zz'}}\n")) == [
-        "routing.router.settings.matrix.sets.s: unknown var or model 'zz' at position 4"]
+    assert c.warnings == ("config: unknown key 'routing.router.settings.matrix.var' (ignored); "
+                          "did you mean 'vars'?",)
+    c = parse(routed("groups: {g: {swap: 2, members: [a, a], wap: 1}}\nmatrix: {sets: {s: 'a & c'}}\n")
+              .replace("  router:\n", "  router:\n    use: matrix\n"))
+    assert c.router_use == "matrix" and c.groups == {} and c.matrix.solve("c", ["a"]) == frozenset()
+    assert c.warnings == ("config: unknown key 'routing.router.settings.groups.g.wap' (ignored); "
+                          "did you mean 'swap'?",)
+    assert errors_of(routed("matrix: {sets: {s: 'a & zz'}}\n").replace("  router:\n", "  router:\n    use: matrix\n")) \
+        == ["routing.router.settings.matrix.sets.s: unknown var or model 'zz' at position 4"]
 
 
 ROUTING_BAD = [
@@ -560,11 +567,10 @@ ROUTING_BAD = [
      MODELS + "groups: {g: {members: [a]}}\nmatrix: {sets: {s: a}}\nrouting: {router: {use: matrix}}\n",
      ["groups: cannot be used together with routing.router (move it to routing.router.settings.groups)",
       "matrix: cannot be used together with routing.router (move it to routing.router.settings.matrix)"]),
-    ("routing group errors name their path", routed("groups:\n  g: {swap: 2, members: [a, zz, al]}\n"
+    ("routing group errors name their path", routed("groups:\n  g: {swap: 2, members: [a, b, b]}\n"
                                                     "  h: {members: [a]}\n"),
      ["routing.router.settings.groups.g.swap: must be a boolean (got 2)",
-      "routing.router.settings.groups.g.members[1]: unknown model 'zz'",
-      "routing.router.settings.groups.g.members[2]: unknown model 'al'",
+      "routing.router.settings.groups.g.members[2]: model 'b' is listed twice",
       "routing.router.settings.groups.h.members[0]: model 'a' is already in group 'g'"]),
     ("matrix errors name their path", routed(
         "matrix:\n  vars: {x: al, 'bad name': a}\n  evict_costs: {b: 0, zz: 1}\n"
@@ -576,7 +582,7 @@ ROUTING_BAD = [
       "routing.router.settings.matrix.sets.s: missing closing parenthesis for '(' at position 4",
       "routing.router.settings.matrix.sets.t: reference to undefined set 'nope' at position 0",
       "routing.router.settings.matrix.sets.u: circular reference u -> v -> u"]),
-    ("matrix without sets", routed("matrix: {vars: {x: a}}\n"),
+    ("matrix without sets", routed("matrix: {vars: {x: a}}\n").replace("  router:\n", "  router:\n    use: matrix\n"),
      ["routing.router.settings.matrix.sets: must define at least one set"]),
     ("matrix not a mapping", routed("matrix: [a]\n"),
      ["routing.router.settings.matrix: must be a mapping (got a list)"]),
@@ -587,7 +593,6 @@ ROUTING_BAD = [
     ("priorities", MODELS + "routing:\n  scheduler:\n    settings:\n      fifo:\n        priority:\n"
      "          a: 1\n          al: 2\n          zz: 3\n          b: '4'\n          c: 1.5\n",
      ["routing.scheduler.settings.fifo.priority.al: model 'a' already has a priority (as 'a')",
-      "routing.scheduler.settings.fifo.priority.zz: unknown model 'zz'",
       "routing.scheduler.settings.fifo.priority.b: must be an integer (got '4')",
       "routing.scheduler.settings.fifo.priority.c: must be an integer (got 1.5)"]),
     ("priority not a mapping", MODELS + "routing: {scheduler: {settings: {fifo: {priority: [a]}}}}\n",

@@ -31,6 +31,8 @@ from typing import Any, Callable, Iterable, Mapping
 import attr
 
 from llamaswap.config.cmdline import split_cmd  # re-exported; it imports nothing from this package
+from llamaswap.config.access import ApiKey  # it imports nothing from this package at import time
+from llamaswap.config.keepalive import KeepAlive  # likewise
 from llamaswap.matrix import Matrix
 
 __all__ = [
@@ -48,9 +50,13 @@ LOG_TO_STDOUT = ("proxy", "upstream", "both", "none")
 POLICIES = ("swap-aware", "fifo")
 MEMORY_POLICIES = ("cost", "lru")
 ROUTERS = ("group", "matrix")
-SELECTOR_STRATEGIES = ("pin", "warm", "spillover")
+SELECTOR_STRATEGIES = ("pin", "warm", "spillover", "failover")
 DEFAULT_UPSTREAM_IGNORE_PATHS = (r".*\.(js|json|css|png|gif|jpg|jpeg|ico|txt)$",)
 DEFAULT_SESSION_ID_HEADERS = ("X-Session-ID", "X-Litellm-Session-Id")
+#: the ``logTimeFormat`` names (lower case), each one of Go's ``time`` layouts; ``""`` means no timestamp
+LOG_TIME_FORMATS = (
+    "ansic", "unixdate", "rubydate", "rfc822", "rfc822z", "rfc850", "rfc1123", "rfc1123z", "rfc3339",
+    "rfc3339nano", "kitchen", "stamp", "stampmilli", "stampmicro", "stampnano")
 
 
 class ConfigError(Exception):
@@ -119,7 +125,8 @@ class PeerConfig:
     models: tuple[str, ...] = ()
     strip_params: tuple[str, ...] = ()
     set_params: dict[str, Any] = attr.Factory(dict)
-    timeouts: Timeouts = attr.Factory(Timeouts)
+    #: llama-swap's peer defaults differ from a model's in one place: 60 s for the response headers
+    timeouts: Timeouts = attr.Factory(lambda: Timeouts(response_header=60.0))
 
 
 @attr.s(frozen=True, auto_attribs=True)
@@ -141,8 +148,9 @@ class SelectorConfig:
 
     ``targets`` are written as in the config (ids, aliases or peer models). ``strategy`` is
     ``pin`` (the first target), ``warm`` (the first ready target, else one starting, else a cold
-    start of the first) or ``spillover`` (fill targets in order up to ``spillover`` requests in
-    flight each).
+    start of the first), ``spillover`` (fill targets in order up to ``spillover`` requests in
+    flight each) or ``failover`` (targets in order; a target that failed ``failures`` times in a
+    row is skipped for ``cooldown`` seconds). Targets that name no model are already dropped.
     """
 
     id: str
@@ -153,6 +161,8 @@ class SelectorConfig:
     description: str = ""
     unlisted: bool = False
     metadata: dict[str, Any] = attr.Factory(dict)
+    failures: int = 3
+    cooldown: float = 60.0
 
 
 @attr.s(frozen=True, auto_attribs=True)
@@ -186,6 +196,13 @@ class ModelConfig:
     timeouts: Timeouts = attr.Factory(Timeouts)
     ignore_websockets: bool = False
     capabilities: Capabilities = attr.Factory(Capabilities)
+    #: restart after a crash and the periodic health check (models.<id>.restart, healthInterval, ...)
+    keepalive: KeepAlive = attr.Factory(KeepAlive)
+    #: keepCache in effect for this model (a ``keepcache.KeepCache`` whose ``dir`` is its
+    #: ``--slot-save-path``), else None; ``hooks.beforeStop``/``afterReady``: ``keepcache.Hook`` tuples
+    keep_cache: Any = None
+    hooks_before_stop: tuple = ()
+    hooks_after_ready: tuple = ()
 
     def env_dict(self) -> dict[str, str]:
         """The model's ``env`` as a dict; later entries win (CFG-34)."""
@@ -208,6 +225,15 @@ class Config:
     the compiled swap matrix when ``router_use`` is ``"matrix"``, else None. ``scheduler_priority``
     maps model ids (aliases resolved) to ``routing.scheduler.settings.fifo.priority``; a model not
     listed has priority 0. ``memory_budget`` None means memory accounting is off.
+
+    llama-swap v250's keys (read by :mod:`llamaswap.config.sections` and
+    :mod:`llamaswap.config.selection`): ``profiles`` holds the v89 list form, ``pin_profiles`` the
+    mapping form; ``selectors`` have only targets that name a model (id, alias or peer model, as
+    written); ``preload`` has no selector ids. ``upstream_ignore_paths`` are regular expressions
+    (valid for :func:`re.compile`) to search in the path after ``/upstream/<model>``;
+    ``log_time_format`` is ``""`` or one of :data:`LOG_TIME_FORMATS`; ``capture_buffer_mb`` 0
+    turns captures off; ``session_id_headers`` may be empty (lookup off); ``performance_every`` is
+    in seconds (at least 5); ``store_path`` ``""`` means no database.
     """
 
     source: str = "<config>"
@@ -224,6 +250,9 @@ class Config:
     send_loading_state: bool = False
     include_aliases_in_list: bool = False
     api_keys: tuple[str, ...] = ()
+    #: the scope of each key when apiKeys has an entry in mapping form; empty when every entry is a
+    #: plain string (each then has full access). ``api_keys`` holds the same keys, in order.
+    api_key_scopes: tuple[ApiKey, ...] = ()
     preload: tuple[str, ...] = ()
     max_wait: float = 30.0
     policy: str = "swap-aware"
@@ -240,11 +269,13 @@ class Config:
     upstream_ignore_paths: tuple[str, ...] = DEFAULT_UPSTREAM_IGNORE_PATHS
     log_time_format: str = ""
     metrics_max_in_memory: int = 1000
-    capture_buffer_mb: int = 10
+    capture_buffer_mb: int = 5
     session_id_headers: tuple[str, ...] = DEFAULT_SESSION_ID_HEADERS
     performance_disabled: bool = False
     performance_every: float = 5.0
     store_path: str = ""
+    #: the top-level ``keepCache`` (a ``keepcache.KeepCache``; ``dir`` is the ``${CACHE_DIR}`` root)
+    keep_cache: Any = None
     warnings: tuple[str, ...] = ()
     later_keys: tuple[str, ...] = ()
 

@@ -10,9 +10,9 @@ This module is longer than the others on purpose: most of it is the table itself
 key, and the page generator stays next to the rows it renders.
 
 Paths are dotted. A user-chosen name is written as a placeholder: ``<id>`` (a model id),
-``<groupId>``, ``<peerId>`` and ``<name>`` (a profile name). Examples are YAML text for the
-value alone; :func:`example_yaml` nests them under their path, with the placeholders replaced
-by the names in :data:`SAMPLE_NAMES`.
+``<groupId>``, ``<peerId>``, ``<name>`` (a profile name) and ``<selectorId>``. Examples are YAML
+text for the value alone; :func:`example_yaml` nests them under their path, with the placeholders
+replaced by the names in :data:`SAMPLE_NAMES`.
 
 This module imports nothing from llamaswap, so the config reader can import it. The package's
 ``__init__`` does not import it either: ``python -m`` must be the first to load it.
@@ -38,7 +38,8 @@ UNSUPPORTED = "not supported"
 LLAMASWAP_ONLY = "llamaswap"
 BASE = "v89"
 
-SAMPLE_NAMES = {"<id>": "llama", "<groupId>": "chat", "<peerId>": "openrouter", "<name>": "coding"}
+SAMPLE_NAMES = {"<id>": "llama", "<groupId>": "chat", "<peerId>": "openrouter", "<name>": "coding",
+                "<selectorId>": "coder"}
 
 
 @attr.s(frozen=True, auto_attribs=True)
@@ -104,25 +105,84 @@ KEYS: tuple[KeyDoc, ...] = (
       "interfaces show that something is happening."),
     K("includeAliasesInList", "boolean", "``false``", "true", "v173",
       "List every alias as its own entry in ``GET /v1/models``."),
-    K("apiKeys", "list of strings", "``[]`` (no authentication)", '["${env.LLAMASWAP_KEY}"]', "v179",
+    K("apiKeys", "list of strings or key mappings", "``[]`` (no authentication)",
+      '\n  - key: "${env.LLAMASWAP_KEY}"\n    name: alice\n    models: ["chat-*"]\n    maxConcurrent: 2',
+      "v179",
       "When not empty, every request must carry one of these keys (except ``GET /health``, the ``/`` and "
       "``/ui`` redirects and ``OPTIONS``): ``Authorization: Bearer <key>``, ``x-api-key: <key>``, or HTTP "
       "Basic with the key as password; otherwise the answer is 401 ``invalid_api_key``. "
       "Each key must be non-empty and contain no whitespace. Write them as ``${env.NAME}`` to keep them "
-      "out of the file. Keys are never logged or echoed in error messages.", secret=True),
+      "out of the file. Keys are never logged or echoed in error messages. A plain string is a key with "
+      "full access. An entry may instead be a mapping that limits the key (llamaswap only; "
+      "docs/sharing.rst): ``key`` (required), ``name`` (shown in the access log and in ``/metrics`` as "
+      "``key``; default ``key<N>`` for the N-th entry), ``models`` (globs of the model ids, aliases, "
+      "profiles and selectors the key may use; default ``*``; any other model is 403 "
+      "``model_not_allowed`` and ``/v1/models`` lists only these), ``admin`` (may unload, load, reload "
+      "the config, cancel requests, read ``/logs`` and use ``/upstream``; when no entry sets ``admin``, "
+      "every key is an admin; a plain string counts as ``admin: true``), ``maxConcurrent`` (requests "
+      "of this key in flight at once, ``0`` for no limit; more get 429 ``key_concurrency_limit``) and "
+      "``priority`` (integer; waiting requests of a higher priority are served first, "
+      "``scheduler.maxWait`` still bounds every wait).", secret=True),
     K("maxRequestBody", "size", "``1GiB``", "256MiB", LLAMASWAP_ONLY,
       "Largest accepted request body. A larger one gets 413 ``request_too_large`` before any model is "
       "started."),
+    K("logTimeFormat", "string", '``""`` (no timestamp)', "rfc3339", "v173",
+      "Timestamp at the start of each line of the daemon's log: ``\"\"`` for none, or one of Go's "
+      "layout names ``ansic``, ``unixdate``, ``rubydate``, ``rfc822``, ``rfc822z``, ``rfc850``, "
+      "``rfc1123``, ``rfc1123z``, ``rfc3339``, ``rfc3339nano``, ``kitchen``, ``stamp``, ``stampmilli``, "
+      "``stampmicro`` or ``stampnano``, in any case. Any other value logs a warning and no timestamp "
+      "is written."),
+    K("metricsMaxInMemory", "integer", "``1000``", "5000", "v140",
+      "How many finished requests the activity record keeps in memory (``/api/metrics`` and the web "
+      "UI's activity page); the oldest are dropped first. Without effect when ``store.path`` is set: "
+      "the database keeps them."),
+    K("captureBuffer", "integer (megabytes)", "``5``", "15", "v190",
+      "Memory for the request and response bodies captured with each request "
+      "(``/api/captures/<id>``); when it is full, the oldest captures are dropped. ``0`` turns "
+      "capturing off."),
+    K("store", "mapping", "none (activity is kept in memory only)", "{path: /var/lib/llamaswap/activity.sqlite}",
+      "v236", "Persistent storage of the request activity."),
+    K("store.path", "string (file path)", "required when ``store`` is set", "/var/lib/llamaswap/activity.sqlite",
+      "v236",
+      "SQLite database file the request activity is written to, so that ``/api/metrics`` and the "
+      "activity page survive a restart. A ``store`` without a path is an error."),
+    K("ui", "mapping", "``{}``", "{activity: {session_id: [X-Session-ID]}}", "v240",
+      "Settings of the web UI."),
+    K("ui.activity", "mapping", "``{}``", "{session_id: [X-Session-ID]}", "v240",
+      "Settings of the activity page."),
+    K("ui.activity.session_id", "list of header names", "``[X-Session-ID, X-Litellm-Session-Id]``",
+      "[X-Session-ID, X-Trace-ID]", "v240",
+      "Request headers that name a client's session, in order: the first one a request carries, "
+      "matched in any case, gives the session shown for it in the activity data. Blank entries and "
+      "repeats are dropped; ``[]`` turns the lookup off."),
+    K("performance", "mapping", "``{}``", "{every: 15s}", "v212",
+      "Sampling of the host's CPU, memory and GPU use, served by ``/api/performance``."),
+    K("performance.disabled", "boolean", "``false``", "true", "v212", "Turn the sampling off."),
+    K("performance.every", "duration", "``5s``", "15s", "v212",
+      "Time between two samples, as a Go duration string: ``15s``, ``1m30s``, ``2h``. At least "
+      "``5s``; ``0s`` means the default. A bare number is nanoseconds, as llama-swap reads it, so "
+      "``every: 10`` is below the minimum (an error that says to write ``10s``)."),
+    K("upstream", "mapping", "``{}``", "{ignorePaths: ['.*\\.ico$']}", "v229",
+      "Settings of the ``/upstream/<model>/<path>`` passthrough."),
+    K("upstream.ignorePaths", "list of regular expressions",
+      "``['.*\\.(js|json|css|png|gif|jpg|jpeg|ico|txt)$']``", "['.*\\.(js|css|png|ico)$', '^/ws$']", "v229",
+      "A passthrough request whose ``<path>`` (with its leading ``/``) matches one of these "
+      "expressions, anywhere unless anchored, never starts or swaps its model: it is forwarded if "
+      "the model is ready, else answered 409. So the static files and polling of a model's web page "
+      "do not swap models. An invalid expression is an error naming it; an empty list means the "
+      "default."),
     K("macros", "mapping of name to string, number or boolean", "``{}``",
       '\n  server: /opt/llama.cpp/bin/llama-server\n  common: "--host 127.0.0.1 --port ${PORT}"', "v123",
       "Global macros: ``${name}`` is replaced in every value of the file, model values included (map "
       "keys are left alone, except those of ``filters.setParamsByID``). Names match "
-      "``[A-Za-z0-9_-]{1,63}``; ``PORT``, ``MODEL_ID`` and ``PID`` are reserved. A macro may use the "
+      "``[A-Za-z0-9_-]{1,63}``; ``PORT``, ``MODEL_ID``, ``PID`` and ``CACHE_DIR`` (``keepCache.dir``) are "
+      "reserved. A macro may use the "
       "macros declared before it. A value that is exactly ``${name}`` keeps the macro's type (a number "
       "stays a number). Any ``${...}`` left after expansion is an error (except ``${PID}`` in "
       "``cmdStop``)."),
     K("models", "mapping of id to model", "``{}``",
-      "\n  llama:\n    cmd: llama-server --port ${PORT} -m /models/llama-3.1-8b.gguf", BASE,
+      "\n  llama:\n    cmd: llama-server --port ${PORT} -m /models/llama-3.1-8b.gguf --slot-save-path ${CACHE_DIR}",
+      BASE,
       "The models, by id. An id is any non-empty string without control characters; it may contain "
       "``/``, ``:`` and ``.``. Requests name a model by id or alias in their ``model`` field."),
 
@@ -197,6 +257,45 @@ KEYS: tuple[KeyDoc, ...] = (
       "Memory this model needs, for ``memory.budget``; it wins over the measured and estimated needs "
       "(see ``memory``). A value larger than ``memory.budget`` is an error. Without a budget it has no "
       "effect."),
+    K(f"{_MODEL}.timeouts", "mapping", "``{}``", "{connect: 5, responseHeader: 600}", "v200",
+      "Network timeouts of the connections to this model's server, in integer seconds; ``0`` means "
+      "no limit. The defaults are Go's standard ones, as in llama-swap."),
+    K(f"{_MODEL}.timeouts.connect", "integer (seconds)", "``30``", "5", "v200",
+      "Longest time to open the TCP connection to the server."),
+    K(f"{_MODEL}.timeouts.keepalive", "integer (seconds)", "``30``", "15", "v200",
+      "TCP keep-alive period of the connections; ``0`` leaves keep-alive probes off."),
+    K(f"{_MODEL}.timeouts.responseHeader", "integer (seconds)", "``0`` (no limit)", "600", "v200",
+      "Longest wait, once the request is sent, for the response headers (for a slow model: the time "
+      "to the first token of a stream, or to the whole answer otherwise). When it passes, the client "
+      "gets a 504."),
+    K(f"{_MODEL}.timeouts.tlsHandshake", "integer (seconds)", "``10``", "5", "v200",
+      "Longest TLS handshake, for an ``https`` proxy URL."),
+    K(f"{_MODEL}.timeouts.expectContinue", "integer (seconds)", "``1``", "2", "v200",
+      "How long a request sent with ``Expect: 100-continue`` waits for the server's go-ahead before "
+      "sending its body anyway."),
+    K(f"{_MODEL}.timeouts.idleConn", "integer (seconds)", "``90``", "30", "v200",
+      "How long an idle connection to the server is kept for reuse."),
+    K(f"{_MODEL}.compat", "mapping", "``{}``", "{ignoreWebsockets: true}", "v249",
+      "Compatibility switches for servers that are not llama-server."),
+    K(f"{_MODEL}.compat.ignoreWebsockets", "boolean", "``false``", "true", "v249",
+      "WebSocket connections to this model (through ``/upstream``) never start it and do not count as "
+      "activity: not toward ``concurrencyLimit``, the ``ttl`` idle time, swap decisions, selector load "
+      "or the in-flight list. A web UI that keeps a WebSocket open then cannot keep the model "
+      "loaded."),
+    K(f"{_MODEL}.capabilities", "mapping", "``{}`` (none listed)", "\n  in: [text, image]\n  tools: true",
+      "v225",
+      "What the model accepts and produces, listed as ``capabilities`` in ``GET /v1/models`` so that "
+      "clients can tell. An empty or all-default mapping lists nothing."),
+    K(f"{_MODEL}.capabilities.in", "list of strings", "``[]``", "[text, image]", "v225",
+      "Input modalities: ``text``, ``audio`` or ``image``; anything else is an error."),
+    K(f"{_MODEL}.capabilities.out", "list of strings", "``[]``", "[text]", "v225",
+      "Output modalities: ``text``, ``audio`` or ``image``; anything else is an error."),
+    K(f"{_MODEL}.capabilities.tools", "boolean", "``false``", "true", "v225",
+      "The model supports function calling."),
+    K(f"{_MODEL}.capabilities.reranker", "boolean", "``false``", "true", "v225",
+      "The model answers ``/v1/rerank``."),
+    K(f"{_MODEL}.capabilities.context", "integer (tokens)", "``0`` (not stated)", "32768", "v225",
+      "The longest context the model supports."),
 
     # -- groups ------------------------------------------------------------------------------
     K("groups", "mapping of group id to group", "``{}``", "\n  chat: {swap: true, members: [llama]}", "v107",
@@ -213,18 +312,73 @@ KEYS: tuple[KeyDoc, ...] = (
     K("groups.<groupId>.persistent", "boolean", "``false``", "true", "v107",
       "Other groups never stop this group's models."),
     K("groups.<groupId>.members", "list of model ids", "``[]``", "[llama]", "v107",
-      "The models in the group: ids, not aliases. A model belongs to one group at most."),
+      "The models in the group: ids, not aliases. A model belongs to one group at most. A name that "
+      "is not a model id logs a warning and is ignored (llama-swap does not check members; its "
+      "example config names models it does not define)."),
 
     # -- profiles ----------------------------------------------------------------------------
-    K("profiles", "mapping of name to list of models", "``{}``", "\n  coding: [llama]", BASE,
-      "Sets of models meant to run together. A request for ``<profile>:<model>`` (an entry of the "
-      "profile) starts that model if needed, stopping the running models outside the profile (except "
-      "members of persistent groups) but never another member. It does not start the whole profile. "
-      "Entries are ids or aliases. A profile name must be non-empty and must not contain ``:``."),
-    K("profiles.<name>", "mapping (``description``, ``pins``)", "none",
-      "{description: Coding, pins: {llm-code: llama}}", "v241",
-      "llama-swap's newer mapping form of a profile (runtime model pins). That profile is ignored, "
-      "with a warning; the list form above works.", status=UNSUPPORTED),
+    K("profiles", "mapping of name to list of models, or to ``{description, pins}``", "``{}``",
+      "\n  coding: [llama]", BASE,
+      "Two kinds of profile, told apart by their value. **A list** (llama-swap v89's form): models "
+      "meant to run together. A request for ``<profile>:<model>`` (an entry of the profile) starts "
+      "that model if needed, stopping the running models outside the profile (except members of "
+      "persistent groups) but never another member. It does not start the whole profile. Entries are "
+      "ids or aliases; the name must be non-empty and must not contain ``:``. **A mapping** (llama-swap "
+      "v241's form, keys below): runtime pins. One such profile or none is active; none is after "
+      "startup and after a reload. ``GET /api/profiles`` lists them and ``PUT /api/profiles/active`` "
+      "switches. While a profile is active, a request for a pinned id goes to the pin's target; "
+      "pins apply before aliases, filters and routing."),
+    K("profiles.<name>.description", "string", '``""``', "Coding-focused models", "v241",
+      "Shown by ``GET /api/profiles`` and the web UI."),
+    K("profiles.<name>.pins", "mapping of requested id to target", "required (at least one)",
+      "{llm-code: llama, old-model: ~}", "v241",
+      "Each requested id (any name: an existing id, alias or peer model is shadowed while the "
+      "profile is active) and its target: a model id, an alias (``setParamsByID`` names included), a "
+      "peer model or a selector id. A target of ``~`` or ``\"\"`` disables the id: requests for it get "
+      "a 404 while the profile is active. A target that names nothing configured logs a warning "
+      "(llama-swap rejects it; its own example config has one). A pinned id may not be the "
+      "``<peerId>/<model>`` name of a peer model."),
+
+    # -- selectors ---------------------------------------------------------------------------
+    K("selectors", "mapping of selector id to selector", "``{}``",
+      "\n  coder:\n    strategy: warm\n    targets: [llama]", "v241",
+      "Virtual model ids: a request for a selector id goes to one of its targets, chosen per request "
+      "by its strategy. Selectors are listed in ``GET /v1/models`` (unless ``unlisted``), apply after "
+      "profile pins, and cannot be used under ``/upstream/``. A selector id may not be a model id, an "
+      "alias or a peer model's ``<peerId>/<model>`` name."),
+    K("selectors.<selectorId>.strategy", "string", "required", "spillover", "v241",
+      "``pin``: always the first target (the others are kept for reference). ``warm``: the first "
+      "target that is ready, else one already starting, else a cold start of the first target; its "
+      "targets must be local models or aliases. ``spillover``: targets in order, each taking up to "
+      "``settings.spillover`` requests in flight before the next one is used (and started); its "
+      "local targets must be able to run together: members of one group with ``swap: false``, or "
+      "together in one set of the matrix (with ``memory.budget``, models in no group also qualify). "
+      "``failover`` (llamaswap only): the first target, and the next one when a target fails to start "
+      "or answers a 5xx or drops the connection before the first byte of its response; a target that "
+      "failed ``settings.failures`` times in a row is skipped for ``settings.cooldown`` seconds. Any "
+      "other value is an error."),
+    K("selectors.<selectorId>.targets", "list of model names", "required (at least one)",
+      "[llama, openrouter/meta-llama/llama-3.1-70b]", "v241",
+      "Model ids, aliases or peer models, in order. A selector id is an error (selectors do not "
+      "chain), so is the same model twice for ``spillover`` and ``failover``. A name that matches "
+      "nothing configured logs a warning and is left out (llama-swap rejects it; its own example "
+      "config has some); a selector left with no target is an error."),
+    K("selectors.<selectorId>.settings", "mapping", "``{}``", "{spillover: 4}", "v241",
+      "Settings of the strategy."),
+    K("selectors.<selectorId>.settings.spillover", "integer", "``1``", "4", "v241",
+      "For ``spillover``: requests in flight per target before the next target is used. At least 1."),
+    K("selectors.<selectorId>.settings.failures", "integer", "``3``", "5", LLAMASWAP_ONLY,
+      "For ``failover``: failures in a row after which a target is skipped. At least 1."),
+    K("selectors.<selectorId>.settings.cooldown", "number (seconds)", "``60``", "30", LLAMASWAP_ONLY,
+      "For ``failover``: how long a skipped target is skipped; then one request tries it again."),
+    K("selectors.<selectorId>.name", "string", '``""``', "Coding model", "v241",
+      "Display name in ``GET /v1/models``."),
+    K("selectors.<selectorId>.description", "string", '``""``', "The best loaded coding model", "v241",
+      "Display description in ``GET /v1/models``."),
+    K("selectors.<selectorId>.unlisted", "boolean", "``false``", "true", "v241",
+      "Leave the selector out of ``GET /v1/models``; it can still be requested."),
+    K("selectors.<selectorId>.metadata", "mapping", "``{}``", "{purpose: coding}", "v241",
+      "Free-form data listed with the selector in ``GET /v1/models``."),
 
     # -- hooks -------------------------------------------------------------------------------
     K("hooks", "mapping", "``{}``", "\n  on_startup: {preload: [llama]}", "v151",
@@ -233,7 +387,8 @@ KEYS: tuple[KeyDoc, ...] = (
       "Actions run after the daemon starts, and after a reload that changes them."),
     K("hooks.on_startup.preload", "list of model names", "``[]``", "[llama]", "v151",
       "Ids or aliases to load after startup, and after every reload that changes this list or a listed "
-      "model. Unknown names log a warning and are skipped; a failed load logs an error."),
+      "model. Unknown names log a warning and are skipped; a failed load logs an error. A selector id "
+      "cannot be preloaded: it is dropped, with a warning."),
 
     # -- peers -------------------------------------------------------------------------------
     K("peers", "mapping of peer id to peer", "``{}``",
@@ -254,8 +409,22 @@ KEYS: tuple[KeyDoc, ...] = (
       "Comma-separated body keys to remove."),
     K("peers.<peerId>.filters.setParams", "mapping", "``{}``", "{temperature: 0.2}", "v184",
       "Body keys to set or override."),
-    K("peers.<peerId>.timeouts", "mapping", "none", "{connect: 5}", "v200",
-      "llama-swap's per-peer network timeouts.", status=UNSUPPORTED),
+    K("peers.<peerId>.timeouts", "mapping", "``{}``", "{connect: 5, responseHeader: 300}", "v200",
+      "Network timeouts of the connections to this peer, in integer seconds, ``0`` for no limit: "
+      "the keys of ``models.<id>.timeouts``, with the same defaults except ``responseHeader``."),
+    K("peers.<peerId>.timeouts.connect", "integer (seconds)", "``30``", "5", "v200",
+      "Longest time to open the TCP connection to the peer."),
+    K("peers.<peerId>.timeouts.keepalive", "integer (seconds)", "``30``", "15", "v200",
+      "TCP keep-alive period of the connections; ``0`` leaves keep-alive probes off."),
+    K("peers.<peerId>.timeouts.responseHeader", "integer (seconds)", "``60``", "300", "v200",
+      "Longest wait, once the request is sent, for the response headers; then the client gets a "
+      "504. ``0`` means no limit."),
+    K("peers.<peerId>.timeouts.tlsHandshake", "integer (seconds)", "``10``", "5", "v200",
+      "Longest TLS handshake, for an ``https`` peer."),
+    K("peers.<peerId>.timeouts.expectContinue", "integer (seconds)", "``1``", "2", "v200",
+      "How long a request sent with ``Expect: 100-continue`` waits for the peer's go-ahead."),
+    K("peers.<peerId>.timeouts.idleConn", "integer (seconds)", "``90``", "30", "v200",
+      "How long an idle connection to the peer is kept for reuse."),
 
     # -- scheduler ---------------------------------------------------------------------------
     K("scheduler", "mapping", "``{}``", "\n  maxWait: 10\n  policy: swap-aware", LLAMASWAP_ONLY,
@@ -300,8 +469,8 @@ KEYS: tuple[KeyDoc, ...] = (
       "it to routing.router.settings.groups)``)."),
     K("routing.router.use", "string", "``group``", "matrix", "v225",
       "``group`` (the groups of ``settings.groups``) or ``matrix`` (``settings.matrix``, which must then "
-      "be set). Any other value is an error. Both settings may be written; only the one in use "
-      "applies, but both are checked."),
+      "be set). Any other value is an error. Both settings may be written; as in llama-swap, only "
+      "the one in use is checked and applies (unknown keys in the other still warn)."),
     K("routing.router.settings", "mapping", "``{}``", "\n  groups:\n    chat: {members: [llama]}", "v225",
       "The settings of each engine."),
     K("routing.router.settings.groups", "mapping of group id to group", "``{}``",
@@ -337,39 +506,107 @@ KEYS: tuple[KeyDoc, ...] = (
       "model 0)", "{llama: 10}", "v225",
       "Among requests waiting for a model to start, a model with a higher priority goes first (ids "
       "or aliases of configured models, integer values). ``scheduler.maxWait`` still bounds every "
-      "wait: a request that has waited that long goes before any that has not, oldest first."),
+      "wait: a request that has waited that long goes before any that has not, oldest first. A name "
+      "that is not a configured model logs a warning and is ignored (llama-swap rejects it, but its "
+      "example config has some)."),
     K("matrix", "mapping", "none", "\n  sets: {solo: llama}", "v202",
       "llama-swap's older spelling of ``routing.router.settings.matrix`` (same keys), which it turns "
       "on. It cannot be used together with ``groups`` or ``routing.router``."),
 
+    # -- keep-alive of a model (llamaswap only; docs/sharing.rst) ------------------------------
+    K(f"{_MODEL}.restart", "string", "``no``", "on-failure", LLAMASWAP_ONLY,
+      "``on-failure`` restarts the model when its server dies without being asked to stop (a crash, "
+      "a start that fails by itself, or ``healthFailures`` failed health checks in a row), after a "
+      "wait that doubles with each restart in a row (``restartDelay``, ``restartMaxDelay``). Meant for "
+      "preloaded models and members of persistent groups. A restart that would stop another model is "
+      "skipped. Each restart is logged with the last lines of the previous run's output. ``no`` "
+      "leaves a dead model stopped until the next request for it."),
+    K(f"{_MODEL}.maxRestarts", "integer", "``5``", "3", LLAMASWAP_ONLY,
+      "Restarts in a row before llamaswap gives up: the model is then shown as ``failed``, with the "
+      "reason, in ``/running`` and ``/api/models`` until a request or ``POST /api/models/load`` starts "
+      "it again. A run that stays ready for ``restartMaxDelay`` seconds starts the count again. ``0`` "
+      "means no limit."),
+    K(f"{_MODEL}.restartDelay", "number (seconds)", "``1``", "2", LLAMASWAP_ONLY,
+      "Wait before the first restart of a row; each further restart waits twice as long as the one "
+      "before. Must be positive."),
+    K(f"{_MODEL}.restartMaxDelay", "number (seconds)", "``60``", "120", LLAMASWAP_ONLY,
+      "The longest wait before a restart (not less than ``restartDelay``)."),
+    K(f"{_MODEL}.healthInterval", "number (seconds)", "``0`` (off)", "30", LLAMASWAP_ONLY,
+      "Poll the ready model's ``checkEndpoint`` this often. After ``healthFailures`` failed polls in a "
+      "row the model is stopped, then restarted when ``restart`` is ``on-failure``, else shown as "
+      "``failed``. Needs a ``checkEndpoint`` other than ``none``."),
+    K(f"{_MODEL}.healthFailures", "integer", "``3``", "5", LLAMASWAP_ONLY,
+      "Failed health polls in a row (an answer other than 200, or none within 2 seconds) that count "
+      "as a failure. At least 1."),
+
+    # -- keepCache and a model's hooks (llamaswap only; docs/kvcache.rst) ----------------------
+    K("keepCache", "boolean or mapping", "``false``", "\n  maxBytes: 8GiB\n  saveTimeout: 20", LLAMASWAP_ONLY,
+      "Default for ``models.<id>.keepCache``: save llama-server's KV cache (its slots) when a model is "
+      "stopped on purpose, and restore it at the next start of the same command, so a conversation "
+      "that comes back after a swap is not processed again (docs/kvcache.rst). The default applies "
+      "only to the models whose ``cmd`` has ``--slot-save-path``. ``true`` turns it on with the "
+      "defaults below; a mapping turns it on unless it sets ``enabled: false``."),
+    K("keepCache.enabled", "boolean", "``true`` (in a mapping)", "false", LLAMASWAP_ONLY,
+      "``false`` keeps the other settings but turns saving and restoring off."),
+    K("keepCache.dir", "string (absolute path)", "beside the state file", "/var/cache/llamaswap", LLAMASWAP_ONLY,
+      "Where ``${CACHE_DIR}`` points: ``<dir>/<model id>`` for each model (an id that is not a safe "
+      "file name gets its other characters replaced by ``_`` and a short hash appended). By default "
+      "``<dir>`` is the state file's name with ``.kvcache`` for ``.json``: "
+      "``$XDG_RUNTIME_DIR/llamaswap/children.kvcache``, else ``/tmp/llamaswap-<uid>/children.kvcache``, "
+      "or ``<pidfile>.children.kvcache`` with ``--pidfile``. Those are often in memory (tmpfs): "
+      "point ``dir`` at a disk for large caches. A relative path is an error."),
+    K("keepCache.maxBytes", "size", "``4GiB``", "16GiB", LLAMASWAP_ONLY,
+      "Per model: after each save the model's files are deleted, oldest first, until they take at "
+      "most this much. Must be more than 0."),
+    K("keepCache.saveTimeout", "number (seconds)", "``10``", "30", LLAMASWAP_ONLY,
+      "How long the saves before a stop may take, in all. A save that fails or runs out of time is "
+      "logged and the stop goes on: it never waits longer than this."),
+    K("keepCache.restoreTimeout", "number (seconds)", "``30``", "60", LLAMASWAP_ONLY,
+      "How long the restores at a start may take, in all; it counts in the model's load time. A "
+      "restore that fails or runs out of time is logged and the model starts cold."),
+    K(f"{_MODEL}.keepCache", "boolean or mapping", "the top-level ``keepCache``", "true", LLAMASWAP_ONLY,
+      "This model's ``keepCache``: the same keys as the top-level one, each unset key taking the "
+      "top-level value. Setting it (to anything but ``false``) needs ``--slot-save-path`` in ``cmd``, "
+      "or the config is invalid: write ``--slot-save-path ${CACHE_DIR}``. ``false`` turns it off for "
+      "this model. The ``--slot-save-path`` directory must be an absolute path; it is created before "
+      "the model starts. The saved files are keyed by the expanded ``cmd`` and ``env``: a changed "
+      "command never restores files saved by another."),
+    K(f"{_MODEL}.keepCache.enabled", "boolean", "``true`` (in a mapping)", "false", LLAMASWAP_ONLY,
+      "As the top-level ``keepCache.enabled``, for this model."),
+    K(f"{_MODEL}.keepCache.dir", "string (absolute path)", "the top-level ``keepCache.dir``", "/fast/kv",
+      LLAMASWAP_ONLY, "This model's ``${CACHE_DIR}`` is ``<dir>/<model id>``."),
+    K(f"{_MODEL}.keepCache.maxBytes", "size", "the top-level ``keepCache.maxBytes``", "8GiB", LLAMASWAP_ONLY,
+      "As the top-level ``keepCache.maxBytes``, for this model."),
+    K(f"{_MODEL}.keepCache.saveTimeout", "number (seconds)", "the top-level ``keepCache.saveTimeout``", "20",
+      LLAMASWAP_ONLY, "As the top-level ``keepCache.saveTimeout``, for this model."),
+    K(f"{_MODEL}.keepCache.restoreTimeout", "number (seconds)", "the top-level ``keepCache.restoreTimeout``",
+      "60", LLAMASWAP_ONLY, "As the top-level ``keepCache.restoreTimeout``, for this model."),
+    K(f"{_MODEL}.hooks", "mapping", "``{}``", "\n  afterReady:\n  - {method: POST, path: /wake_up}",
+      LLAMASWAP_ONLY,
+      "HTTP calls made to the model's own ``proxy`` URL around its planned stops and its starts, for "
+      "servers with their own cache or sleep endpoints (docs/kvcache.rst)."),
+    K(f"{_MODEL}.hooks.beforeStop", "list of HTTP calls", "``[]``",
+      '\n  - {method: POST, path: "/slots/0?action=save", body: {filename: chat.bin}}', LLAMASWAP_ONLY,
+      "Calls made in order before the model is stopped on purpose (a swap, ttl, unload, a reload that "
+      "restarts it, shutdown), after the ``keepCache`` save and before ``cmdStop`` or SIGTERM. Each "
+      "call is a mapping: ``method`` (GET, POST, PUT, PATCH or DELETE; default POST), ``path`` "
+      "(required, starts with ``/``, may carry a query), ``body`` (sent as JSON when present) and "
+      "``timeout`` (seconds, default 10). A call that fails, answers an error or runs out of time is "
+      "logged and the next one runs. A model that crashed gets no calls."),
+    K(f"{_MODEL}.hooks.afterReady", "list of HTTP calls", "``[]``",
+      '\n  - {method: POST, path: "/slots/0?action=restore", body: {filename: chat.bin}}', LLAMASWAP_ONLY,
+      "Calls made in order once the model passes its health check (after the ``keepCache`` restore) "
+      "and before any request is forwarded to it: requests waiting for the start wait for them too, "
+      "and their time counts in the load time. Same form as ``beforeStop``."),
+
     # -- llama-swap keys llamaswap recognises but does not support ---------------------------
-    K("logRequests", "boolean", "none", "true", BASE, "llama-swap's request logging switch.",
-      status=UNSUPPORTED),
-    K("logTimeFormat", "string", "none", '""', "v173", "llama-swap's log timestamp format.",
-      status=UNSUPPORTED),
-    K("metricsMaxInMemory", "integer", "none", "1000", "v140", "llama-swap's in-memory metrics limit.",
-      status=UNSUPPORTED),
-    K("captureBuffer", "integer", "none", "15", "v190", "llama-swap's request/response capture buffer.",
-      status=UNSUPPORTED),
-    K("store", "mapping", "none", "{path: /var/lib/llama-swap/activity.sqlite}", "v236",
-      "llama-swap's activity database.", status=UNSUPPORTED),
-    K("ui", "mapping", "none", "{activity: {session_id: [X-Session-ID]}}", "v240",
-      "llama-swap's web UI settings.", status=UNSUPPORTED),
-    K("performance", "mapping", "none", "{disabled: true}", "v212", "llama-swap's host and GPU sampling.",
-      status=UNSUPPORTED),
-    K("selectors", "mapping", "none", "{coder: {strategy: warm, targets: [llama]}}", "v241",
-      "llama-swap's virtual model ids.", status=UNSUPPORTED),
-    K("upstream", "mapping", "none", "{ignorePaths: ['.*\\.ico$']}", "v229",
-      "llama-swap's ``/upstream`` passthrough settings.", status=UNSUPPORTED),
-    K(f"{_MODEL}.timeouts", "mapping", "none", "{connect: 5}", "v200",
-      "llama-swap's per-model network timeouts.", status=UNSUPPORTED),
-    K(f"{_MODEL}.compat", "mapping", "none", "{ignoreWebsockets: true}", "v249",
-      "llama-swap's compatibility switches.", status=UNSUPPORTED),
-    K(f"{_MODEL}.capabilities", "mapping", "none", "{tools: true}", "v225",
-      "llama-swap's model capability hints.", status=UNSUPPORTED),
+    K("logRequests", "boolean", "none", "true", BASE,
+      "llama-swap's old request logging switch. llama-swap v250 still reads it but nothing uses it, so "
+      "it has no effect there either; llamaswap's access log is always on.", status=UNSUPPORTED),
     K(f"{_MODEL}.healthCheckTimeout", "integer", "none", "300", "v218",
-      "llama-swap's per-model start timeout; llamaswap uses the top-level ``healthCheckTimeout`` for "
-      "every model.", status=UNSUPPORTED),
+      "llama-swap v250 replaces it with the top-level ``healthCheckTimeout`` when it loads a config, so "
+      "it has no effect there either; llamaswap uses the top-level value for every model.",
+      status=UNSUPPORTED),
 )
 
 _BY_PATH = {k.path: k for k in KEYS}
@@ -450,7 +687,8 @@ _SECTIONS = (
     ("top", "Top level"),
     ("models", "Models: ``models.<id>.*``"),
     ("groups", "Model groups"),
-    ("profiles", "Profiles (llama-swap v89 form)"),
+    ("profiles", "Profiles"),
+    ("selectors", "Selectors: virtual model ids"),
     ("hooks", "Startup hooks"),
     ("peers", "Peer servers"),
     ("scheduler", "Scheduler (llamaswap only)"),
@@ -499,12 +737,13 @@ How the file is read
 
 * An unknown key is not an error. It logs ``config: unknown key '<path>' (ignored)``, with a
   suggestion when a valid key is close (``...; did you mean 'ttl'?``).
-* Durations are integer seconds. Sizes are a number of bytes or a string with a unit: ``B``, ``KB``,
-  ``MB``, ``GB``, ``TB`` (powers of 1000) or ``KiB``, ``MiB``, ``GiB``, ``TiB`` (powers of 1024), in
-  any case, e.g. ``"12GiB"``.
+* Durations are integer seconds, except ``performance.every`` (a Go duration such as ``15s``, as in
+  llama-swap). Sizes are a number of bytes or a string with a unit: ``B``, ``KB``, ``MB``, ``GB``,
+  ``TB`` (powers of 1000) or ``KiB``, ``MiB``, ``GiB``, ``TiB`` (powers of 1024), in any case, e.g.
+  ``"12GiB"``.
 
 Paths are written with placeholders for the names you choose: ``<id>`` is a model id, ``<groupId>``
-a group, ``<peerId>`` a peer and ``<name>`` a profile. *Status* is one of:
+a group, ``<peerId>`` a peer, ``<name>`` a profile and ``<selectorId>`` a selector. *Status* is one of:
 
 * **supported**;
 * **not implemented yet**: read and validated, so mistakes are reported, but without effect yet; each

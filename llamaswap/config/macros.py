@@ -24,7 +24,7 @@ __all__ = [
     "model_macros", "nothing_in_use", "read_macros"]
 
 _MACRO_NAME = re.compile(r"^[A-Za-z0-9_-]{1,63}$")
-_RESERVED_MACROS = frozenset({"PORT", "MODEL_ID", "PID"})
+_RESERVED_MACROS = frozenset({"PORT", "MODEL_ID", "PID", "CACHE_DIR"})  # CACHE_DIR: config.keepcache
 _LEFTOVER = re.compile(r"\$\{([^}]*)\}")
 
 

@@ -2,7 +2,10 @@
 
 Keys are read through :class:`~llamaswap.config.reader.Reader`, which returns the value (or its
 default) and *collects* problems as ``<path>: <message>`` lines (CFG-3) and warnings (CFG-4), so
-that one run reports every mistake. Then come the cross-checks: aliases, groups, profiles.
+that one run reports every mistake. Then come the cross-checks: aliases, groups, then selectors
+and profiles (:mod:`~llamaswap.config.selection`). llama-swap v250's self-contained keys
+(timeouts, capabilities, upstream, ui, performance, ...) are read by
+:mod:`~llamaswap.config.sections`.
 
 Effective values are resolved here, once: a model's ``ttl``, ``unloadTimeout``,
 ``sendLoadingState`` and ``healthCheckTimeout`` fall back to the top-level settings, so the rest
@@ -24,12 +27,20 @@ from llamaswap.config import (
     DEFAULT_CONCURRENCY_LIMIT, DEFAULT_HEALTH_CHECK_TIMEOUT, DEFAULT_UNLOAD_TIMEOUT, LOG_LEVELS,
     LOG_TO_STDOUT, MEMORY_POLICIES, MIN_HEALTH_CHECK_TIMEOUT, POLICIES, ROUTERS, Config, ConfigError,
     GroupConfig, ModelConfig, PeerConfig)
+from llamaswap.config.access import read_api_keys
 from llamaswap.config.cmdline import split_cmd
+from llamaswap.config.keepalive import with_keepalive
+from llamaswap.config.keepcache import assign_cache_dirs
+from llamaswap.config.keepcache import read_global as read_keepcache_global
+from llamaswap.config.keepcache import read_model as read_keepcache_model
 from llamaswap.config.keys import KEYS, NOT_IMPLEMENTED, children, find
 from llamaswap.config.macros import (
     Macros, RawModel, assign_ports, check_leftovers, check_model_leftovers, expand_model, model_macros,
     nothing_in_use, read_macros)
-from llamaswap.config.reader import MSG_MAP, MSG_STR, Reader, to_str_list
+from llamaswap.config.reader import MSG_MAP, MSG_STR, Reader
+from llamaswap.config.sections import (
+    MODEL_TIMEOUTS, PEER_TIMEOUTS, read_capabilities, read_ignore_websockets, read_timeouts, read_top_level)
+from llamaswap.config.selection import Names, drop_selector_preloads, read_profiles, read_selectors
 from llamaswap.config.yaml12 import got, index_path, is_scalar, key_path, plain, scalar_text, shown
 from llamaswap.matrix import Matrix, parse_matrix
 
@@ -123,6 +134,9 @@ def _read_model(model: RawModel, settings: Config, errors: list[str],
     name = r.str("name").strip()
     description = r.str("description").strip()
     send_loading_state = r.bool("sendLoadingState", settings.send_loading_state)
+    kv = read_keepcache_model(r, settings.keep_cache, argv)  # keepCache, hooks.beforeStop/afterReady
+    v250 = dict(timeouts=read_timeouts(r, MODEL_TIMEOUTS), ignore_websockets=read_ignore_websockets(r),
+                capabilities=read_capabilities(r))
     if len(errors) > before:
         return None
     return ModelConfig(
@@ -132,7 +146,7 @@ def _read_model(model: RawModel, settings: Config, errors: list[str],
         use_model_name=use_model_name, unlisted=unlisted, name=name, description=description,
         metadata=plain(metadata), concurrency_limit=concurrency, strip_params=strip, set_params=set_params,
         set_params_by_id=by_id, send_loading_state=send_loading_state, unload_timeout=unload,
-        health_check_timeout=settings.health_check_timeout, port=model.port, memory=memory)
+        health_check_timeout=settings.health_check_timeout, port=model.port, memory=memory, **kv, **v250)
 
 
 def _read_env(r: Reader) -> tuple[tuple[str, str], ...]:
@@ -213,16 +227,18 @@ def _read_settings(data: dict, source: str, errors: list[str], warnings: list[st
     unload_timeout = r.int("unloadTimeout", 0) or DEFAULT_UNLOAD_TIMEOUT
     send_loading_state = r.bool("sendLoadingState", False)
     include_aliases_in_list = r.bool("includeAliasesInList", False)
-    api_keys = _read_api_keys(r)
+    api_keys, api_key_scopes = read_api_keys(r)
     max_request_body = r.size("maxRequestBody", 2**30)
     max_wait, policy = _read_scheduler(r.sub("scheduler"))
     preload = _read_preload(r.sub("hooks"))
     memory_budget, memory_overhead, memory_policy = _read_memory(r.sub("memory"))
     return Config(
+        **read_top_level(r),  # upstream, logTimeFormat, metricsMaxInMemory, captureBuffer, store, ui, ...
         source=source, health_check_timeout=health_check_timeout, log_level=log_level,
         log_to_stdout=log_to_stdout, start_port=start_port, global_ttl=global_ttl,
         unload_timeout=unload_timeout, send_loading_state=send_loading_state,
-        include_aliases_in_list=include_aliases_in_list, api_keys=api_keys, preload=preload,
+        include_aliases_in_list=include_aliases_in_list, api_keys=api_keys, api_key_scopes=api_key_scopes,
+        preload=preload,
         max_wait=max_wait, policy=policy, max_request_body=max_request_body, memory_budget=memory_budget,
         memory_overhead=memory_overhead, memory_policy=memory_policy)
 
@@ -242,16 +258,6 @@ def _read_log_level(r: Reader) -> str:
         r.warnings.append(f"config: logLevel '{level}' is not one of debug, info, warn, error; using info")
         return "info"
     return level.lower()
-
-
-def _read_api_keys(r: Reader) -> tuple[str, ...]:
-    api_keys = r.str_list("apiKeys")
-    raw = r.value("apiKeys")
-    for i, item in enumerate(raw if isinstance(raw, list) else ()):
-        key = scalar_text(item) if item is not None and is_scalar(item) else None
-        if key is not None and (not key or any(ch.isspace() for ch in key)):
-            r.errors.append(f"{index_path('apiKeys', i)}: must be non-empty and contain no whitespace")
-    return api_keys
 
 
 def _read_scheduler(s: Reader) -> tuple[float, str]:
@@ -317,8 +323,9 @@ def _read_peers(data: dict, errors: list[str], warnings: list[str]) -> dict[str,
         f.unknown_keys()
         strip = _strip_params(f.str("stripParams"), f.at("stripParams"), warnings)
         set_params = _set_params(f.mapping("setParams"), f.at("setParams"), warnings)
+        timeouts = read_timeouts(p, PEER_TIMEOUTS)
         if len(errors) == before:
-            peers[peer_id] = PeerConfig(peer_id, proxy, p.str("apiKey"), models, strip, set_params)
+            peers[peer_id] = PeerConfig(peer_id, proxy, p.str("apiKey"), models, strip, set_params, timeouts)
     return peers
 
 
@@ -337,8 +344,8 @@ def _read_groups(raw_groups: dict, path: str, models: Mapping[str, Any], errors:
         members = []
         for i, member in enumerate(g.str_list("members")):
             where = index_path(g.at("members"), i)
-            if member not in models:
-                errors.append(f"{where}: unknown model '{member}'")
+            if member not in models:      # llama-swap does not check members: its example names others
+                warnings.append(f"config: '{where}' names unknown model '{member}' (ignored)")
             elif member in members:
                 errors.append(f"{where}: model '{member}' is listed twice")
             elif member in owner:
@@ -377,19 +384,20 @@ def _read_router(top: Reader, router: Reader, models: Mapping[str, Any]
 
     Either the legacy top-level ``groups``/``matrix`` or the ``routing.router`` block, never both;
     ``routing.router.use`` (``group`` by default) picks ``settings.groups`` or ``settings.matrix``
-    (which ``matrix`` requires); top-level ``groups`` and ``matrix`` exclude each other. Unlike
-    llama-swap, the settings of the router not in use are validated too.
+    (which ``matrix`` requires); top-level ``groups`` and ``matrix`` exclude each other. As in
+    llama-swap, only the settings of the router in use are checked (its example config has
+    settings for both); the other's unknown keys still warn.
     """
     router.unknown_keys()
     settings = router.sub("settings")
     settings.unknown_keys()
     use = router.str("use")
+    if use and use not in ROUTERS:
+        router.invalid("use", "must be 'group' or 'matrix'", router.value("use"))
     legacy_groups = top.mapping("groups")
     groups = _read_groups(legacy_groups, "groups", models, top.errors, top.warnings)
     matrix = _read_matrix(top, "matrix", models)
     new_groups = settings.mapping("groups")
-    routed_groups = _read_groups(new_groups, settings.at("groups"), models, top.errors, top.warnings)
-    routed_matrix = _read_matrix(settings, "matrix", models)
     legacy = [key for key, present in (("groups", bool(legacy_groups)), ("matrix", top.has("matrix")))
               if present]
     if legacy and (use or new_groups or settings.has("matrix")):
@@ -402,12 +410,25 @@ def _read_router(top: Reader, router: Reader, models: Mapping[str, Any]
             top.error("matrix", "cannot be used together with groups")
         return ("matrix", {}, matrix) if top.has("matrix") else ("group", groups, None)
     if use == "matrix":
+        _lint_inactive(settings, "groups")
         if not settings.has("matrix"):
             settings.error("matrix", "is required when routing.router.use is 'matrix'")
-        return "matrix", {}, routed_matrix
-    if use and use not in ROUTERS:
-        router.invalid("use", "must be 'group' or 'matrix'", router.value("use"))
-    return "group", routed_groups, None
+        return "matrix", {}, _read_matrix(settings, "matrix", models)
+    _lint_inactive(settings, "matrix")
+    return "group", _read_groups(new_groups, settings.at("groups"), models, top.errors, top.warnings), None
+
+
+def _lint_inactive(settings: Reader, key: str) -> None:
+    """``settings.<key>`` of the router not in use: llama-swap ignores its values (a value that is
+    not a mapping is still an error, as there); unknown keys warn."""
+    value = settings.mapping(key)
+    if key == "matrix":
+        Reader(value, settings.at(key), settings.errors, settings.warnings, _MATRIX).unknown_keys()
+        return
+    for gid, raw in value.items():
+        if isinstance(raw, dict):
+            Reader(raw, key_path(settings.at(key), gid), settings.errors, settings.warnings,
+                   "groups.<groupId>").unknown_keys()
 
 
 def _read_priority(scheduler: Reader, resolve: Callable[[str], str | None]) -> dict[str, int]:
@@ -427,36 +448,13 @@ def _read_priority(scheduler: Reader, resolve: Callable[[str], str | None]) -> d
         model_id = resolve(name)
         if isinstance(value, bool) or not isinstance(value, int):
             fifo.errors.append(f"{where}: must be an integer{got(value)}")
-        elif model_id is None:
-            fifo.errors.append(f"{where}: unknown model '{name}'")
+        elif model_id is None:        # llama-swap rejects it, but its own example names models it lacks
+            fifo.warnings.append(f"config: '{where}' names unknown model '{name}' (ignored)")
         elif model_id in priority:
             fifo.errors.append(f"{where}: model '{model_id}' already has a priority (as '{given_as[model_id]}')")
         else:
             priority[model_id], given_as[model_id] = int(value), name
     return priority
-
-
-def _read_profiles(data: dict, resolve: Callable[[str], str | None], errors: list[str],
-                   warnings: list[str]) -> dict[str, tuple[str, ...]]:
-    profiles: dict[str, tuple[str, ...]] = {}
-    r = Reader(data, "", errors, warnings)
-    for name, raw in r.mapping("profiles").items():
-        path = key_path("profiles", name)
-        if isinstance(raw, dict):
-            warnings.append(f"config: llama-swap key '{path}' is not supported by llamaswap (ignored)")
-            continue
-        if not name or ":" in name:
-            errors.append(f"{path}: a profile name must be non-empty and must not contain ':'")
-            continue
-        ids: list[str] = []
-        for i, entry in enumerate(to_str_list(raw, path, errors)):
-            model_id = resolve(entry)
-            if model_id is None:
-                errors.append(f"{index_path(path, i)}: unknown model '{entry}'")
-            elif model_id not in ids:
-                ids.append(model_id)
-        profiles[name] = tuple(ids)
-    return profiles
 
 
 def _collect_aliases(built: dict[str, ModelConfig], all_ids: Iterable[str],
@@ -537,10 +535,15 @@ def read_config(data: dict, source: str, errors: list[str], warnings: list[str],
     top_reader = Reader(top_data, "", errors, warnings)
     top_reader.unknown_keys()
     settings = _read_settings(top_data, source, errors, warnings)
+    settings = attr.evolve(settings, keep_cache=read_keepcache_global(top_reader, None))
     raw_models = top_reader.mapping("models")
+    failed: dict[str, ModelConfig] = {}
     models = _read_models(raw_models, global_macros, settings, port_in_use or nothing_in_use, errors,
-                          warnings, _memory_budget_as_written(top_data))
-    aliases, models = _collect_aliases(models, raw_models.keys(), errors)
+                          warnings, _memory_budget_as_written(top_data), failed)
+    # A model with mistakes still claims its aliases, so a clash with them is reported too.
+    claimed = {mid: models.get(mid) or failed[mid] for mid in raw_models if mid in models or mid in failed}
+    aliases, claimed = _collect_aliases(claimed, raw_models.keys(), errors)
+    models = {mid: model for mid, model in claimed.items() if mid not in failed}
 
     def resolve(name: str) -> str | None:
         if name in raw_models:
@@ -551,14 +554,17 @@ def read_config(data: dict, source: str, errors: list[str], warnings: list[str],
     routing.unknown_keys()
     router_use, groups, matrix = _read_router(top_reader, routing.sub("router"), raw_models)
     priority = _read_priority(routing.sub("scheduler"), resolve)
-    profiles = _read_profiles(top_data, resolve, errors, warnings)
     peers = _read_peers(top_data, errors, warnings)
+    names = Names(frozenset(raw_models), aliases, peers)
+    selectors = read_selectors(top_reader, names, groups, matrix, settings.memory_budget is not None)
+    profiles, pin_profiles = read_profiles(top_reader, names, selectors)
+    preload = drop_selector_preloads(settings.preload, selectors, warnings)
     if errors:
         raise ConfigError(_dedupe(errors))
     return attr.evolve(
         settings, models=models, groups=groups, profiles=profiles, aliases=aliases, peers=peers,
-        router_use=router_use, matrix=matrix, scheduler_priority=priority,
-        warnings=tuple(_dedupe(warnings)), later_keys=_later_keys(data))
+        router_use=router_use, matrix=matrix, scheduler_priority=priority, pin_profiles=pin_profiles,
+        selectors=selectors, preload=preload, warnings=tuple(_dedupe(warnings)), later_keys=_later_keys(data))
 
 
 def _memory_budget_as_written(data: dict) -> Any:
@@ -568,13 +574,16 @@ def _memory_budget_as_written(data: dict) -> Any:
 
 def _read_models(raw_models: dict, global_macros: list[tuple[str, Any]], settings: Config,
                  port_in_use: Callable[[int], bool], errors: list[str],
-                 warnings: list[str], budget_raw: Any = None) -> dict[str, ModelConfig]:
+                 warnings: list[str], budget_raw: Any = None,
+                 failed: dict[str, ModelConfig] | None = None) -> dict[str, ModelConfig]:
     """Every valid model, in file order: macros, then ``${PORT}``, then typed reading.
 
     A model's ``memory`` may not exceed ``memory.budget`` (``budget_raw``: the budget as written).
+    Each model with mistakes goes to ``failed``, with only the names it claims (:func:`_claims`).
     """
     prepared = [m for m in (_prepare_model(mid, raw, global_macros, errors) for mid, raw in raw_models.items())
                 if m is not None]
+    assign_cache_dirs(prepared, settings.keep_cache)  # ${CACHE_DIR}
     assign_ports(prepared, settings.start_port, port_in_use)
     models: dict[str, ModelConfig] = {}
     for model in prepared:
@@ -582,9 +591,12 @@ def _read_models(raw_models: dict, global_macros: list[tuple[str, Any]], setting
         check_model_leftovers(model, errors)
         if len(errors) > before:
             _read_model(model, settings, errors, warnings)      # still report its type errors
+            _claims(model, failed)
             continue
         cfg = _read_model(model, settings, errors, warnings)
+        cfg = with_keepalive(cfg, model, errors, warnings)
         if cfg is None:
+            _claims(model, failed)
             continue
         budget = settings.memory_budget
         if budget is not None and cfg.memory is not None and cfg.memory > budget:
@@ -592,6 +604,18 @@ def _read_models(raw_models: dict, global_macros: list[tuple[str, Any]], setting
                           f"{got(model.data.get('memory'))}")
         models[model.id] = cfg
     return models
+
+
+def _claims(model: RawModel, failed: dict[str, ModelConfig] | None) -> None:
+    """Record in ``failed`` a model that has mistakes, with only the names it claims (its aliases
+    and ``setParamsByID`` names, read again quietly: their own mistakes are reported already)."""
+    if failed is None:
+        return
+    r = Reader(model.data, model.path, [], [], "models.<id>")
+    by_id = r.sub("filters").mapping("setParamsByID")
+    failed[model.id] = ModelConfig(
+        id=model.id, cmd="", argv=(), aliases=tuple(a for a in r.str_list("aliases") if a),
+        set_params_by_id={name: {} for name, params in by_id.items() if isinstance(params, dict)})
 
 
 def _dedupe(lines: list[str]) -> list[str]:
