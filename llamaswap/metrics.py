@@ -70,16 +70,20 @@ class Metrics:
 
     :param registry: the ``CollectorRegistry`` to register on (a fresh one by default).
     :param models: model ids that get their zero series at once (MET-1).
+    :param key_names: the names of the API keys when ``apiKeys`` has an entry in mapping form:
+        the request and token counters then carry a ``key`` label (the key's name, never the
+        key); None (no scoped keys) keeps their labels unchanged.
     """
 
-    def __init__(self, models: Iterable[str] = (), registry: Optional[CollectorRegistry] = None) -> None:
+    def __init__(self, models: Iterable[str] = (), registry: Optional[CollectorRegistry] = None,
+                 key_names: Optional[Iterable[str]] = None) -> None:
         # A ``*_created`` gauge per counter/histogram series would double the exposition
         # for nothing MET-2 asks for; prometheus_client only has a process-wide switch.
         disable_created_metrics()
         self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
         r = self.registry
-        self.requests = Counter("llamaswap_requests_total", "Finished model-dispatched requests.",
-                                ["model", "endpoint", "status"], registry=r)
+        self._key_names: Optional[tuple[str, ...]] = tuple(key_names) if key_names is not None else None
+        self.requests, self.tokens = self._keyed_counters()
         self.request_duration = Histogram(
             "llamaswap_request_duration_seconds", "From receipt to the last byte sent.",
             ["model", "endpoint"], buckets=DURATION_BUCKETS, registry=r)
@@ -101,8 +105,6 @@ class Metrics:
         self.model_state = Gauge("llamaswap_model_state",
                                  "1 for the model's current state, 0 for the others.",
                                  ["model", "state"], registry=r)
-        self.tokens = Counter("llamaswap_tokens_total", "Tokens parsed from responses.",
-                              ["model", "type"], registry=r)
         self.prompt_tps = Histogram("llamaswap_prompt_tokens_per_second",
                                     "llama.cpp timings.prompt_per_second.", ["model"],
                                     buckets=TPS_BUCKETS, registry=r)
@@ -121,6 +123,20 @@ class Metrics:
                                  "Running models stopped by the router, by reason: evicted for another "
                                  "model (memory, group, matrix, profile), or ttl, unload, reload.",
                                  ["model", "reason"], registry=r)
+        # keepCache (llamaswap.kvcache): series made at a model's first save or restore
+        self.kv_saved_bytes = Counter("llamaswap_kv_saved_bytes_total",
+                                      "Bytes of KV cache saved before planned stops (keepCache).",
+                                      ["model"], registry=r)
+        self.kv_restored_tokens = Counter("llamaswap_kv_restored_tokens_total",
+                                          "Tokens of KV cache restored at starts (keepCache).",
+                                          ["model"], registry=r)
+        self.kv_save_duration = Histogram("llamaswap_kv_save_duration_seconds",
+                                          "Time spent saving a model's KV cache before a planned stop.",
+                                          ["model"], buckets=DURATION_BUCKETS, registry=r)
+        self.kv_restore_duration = Histogram("llamaswap_kv_restore_duration_seconds",
+                                             "Time spent restoring a model's KV cache at a start "
+                                             "(part of its load time).",
+                                             ["model"], buckets=DURATION_BUCKETS, registry=r)
         # memory.budget gauges: registered by the first MemoryChanged with a budget
         self.memory_budget: Optional[Gauge] = None
         self.memory_used: Optional[Gauge] = None
@@ -149,8 +165,7 @@ class Metrics:
         self.queue_wait.labels(model=model_id)
         self.prompt_tps.labels(model=model_id)
         self.generation_tps.labels(model=model_id)
-        for kind in TOKEN_TYPES:
-            self.tokens.labels(model=model_id, type=kind)
+        self._token_series(model_id)
         for reason in STOP_REASONS:
             self.stops.labels(model=model_id, reason=reason)
         for reason in EVICTION_REASONS:
@@ -166,8 +181,6 @@ class Metrics:
             _remove(metric, model_id)
         for state in STATES:
             _remove(self.model_state, model_id, state)
-        for kind in TOKEN_TYPES:
-            _remove(self.tokens, model_id, kind)
         for reason in STOP_REASONS:
             _remove(self.stops, model_id, reason)
         for reason in EVICTION_REASONS:
@@ -177,10 +190,58 @@ class Metrics:
             _remove(self.model_memory, *key)
         for outcome in ("success", "failure"):
             _remove(self.load_duration, model_id, outcome)
-        for metric in (self.requests, self.request_duration, self.ttfb):
+        for metric in (self.requests, self.tokens, self.request_duration, self.ttfb):
             for labels in [s for s in _label_sets(metric) if s[0] == model_id]:
                 _remove(metric, *labels)
         _remove(self.log_dropped, model_id)
+        for metric in (self.kv_saved_bytes, self.kv_restored_tokens, self.kv_save_duration,
+                       self.kv_restore_duration):
+            _remove(metric, model_id)
+
+    # -- the key label (scoped API keys) ----------------------------------------------------------
+
+    def _keyed_counters(self) -> tuple[Counter, Counter]:
+        """``llamaswap_requests_total`` and ``llamaswap_tokens_total``, with a ``key`` label when
+        scoped keys are configured."""
+        extra = ["key"] if self._key_names is not None else []
+        requests = Counter("llamaswap_requests_total", "Finished model-dispatched requests.",
+                           ["model", "endpoint", "status", *extra], registry=self.registry)
+        tokens = Counter("llamaswap_tokens_total", "Tokens parsed from responses.",
+                         ["model", "type", *extra], registry=self.registry)
+        return requests, tokens
+
+    def _token_series(self, model_id: str) -> None:
+        """The zero series of a model's token counter (MET-1), one per key name when keyed."""
+        for kind in TOKEN_TYPES:
+            if self._key_names is None:
+                self.tokens.labels(model=model_id, type=kind)
+            else:
+                for name in self._key_names:
+                    self.tokens.labels(model=model_id, type=kind, key=name)
+
+    def set_key_names(self, names: Optional[Iterable[str]]) -> None:
+        """A reload changed ``apiKeys``: the scoped keys' names, or None without scoped keys.
+
+        Turning the ``key`` label on or off starts both counters afresh (their label set
+        changes; Prometheus reads that as a counter reset); otherwise the series of keys no
+        longer configured are dropped, and new keys get their zero series.
+        """
+        new = tuple(names) if names is not None else None
+        if new == self._key_names:
+            return
+        if (new is None) != (self._key_names is None):
+            self.registry.unregister(self.requests)
+            self.registry.unregister(self.tokens)
+            self._key_names = new
+            self.requests, self.tokens = self._keyed_counters()
+        else:
+            gone = set(self._key_names or ()) - set(new or ())
+            self._key_names = new
+            for metric in (self.requests, self.tokens):
+                for labels in [s for s in _label_sets(metric) if s[-1] in gone]:
+                    _remove(metric, *labels)
+        for model_id in self._models:
+            self._token_series(model_id)
 
     def set_state(self, model_id: str, state: str) -> None:
         for s in STATES:
@@ -259,7 +320,8 @@ class Metrics:
         if model and model not in self._models:
             model = ""  # removed by a reload meanwhile: keep label sets bounded
         endpoint = record.endpoint
-        self.requests.labels(model=model, endpoint=endpoint, status=str(record.status)).inc()
+        keyed = {"key": getattr(record, "key", "")} if self._key_names is not None else {}
+        self.requests.labels(model=model, endpoint=endpoint, status=str(record.status), **keyed).inc()
         duration = record.duration
         if duration is not None:
             self.request_duration.labels(model=model, endpoint=endpoint).observe(max(duration, 0.0))
@@ -278,11 +340,23 @@ class Metrics:
             for kind in TOKEN_TYPES:
                 n = usage.get(kind)
                 if n is not None and n > 0:
-                    self.tokens.labels(model=model, type=kind).inc(n)
+                    self.tokens.labels(model=model, type=kind, **keyed).inc(n)
             if usage.get("prompt_per_second") is not None:
                 self.prompt_tps.labels(model=model).observe(usage["prompt_per_second"])
             if usage.get("tokens_per_second") is not None:
                 self.generation_tps.labels(model=model).observe(usage["tokens_per_second"])
+
+    def kv_saved(self, model_id: str, nbytes: int, seconds: float) -> None:
+        """``KvCache.on_saved``: a save before a planned stop wrote ``nbytes``."""
+        if model_id in self._models:
+            self.kv_saved_bytes.labels(model=model_id).inc(max(nbytes, 0))
+            self.kv_save_duration.labels(model=model_id).observe(max(seconds, 0.0))
+
+    def kv_restored(self, model_id: str, tokens: int, seconds: float) -> None:
+        """``KvCache.on_restored``: a start restored ``tokens``."""
+        if model_id in self._models:
+            self.kv_restored_tokens.labels(model=model_id).inc(max(tokens, 0))
+            self.kv_restore_duration.labels(model=model_id).observe(max(seconds, 0.0))
 
     def log_bytes_dropped(self, source: str, nbytes: int) -> None:
         """``LogBroadcaster.on_dropped``."""

@@ -220,6 +220,11 @@ class UpstreamProcess:
     kill: Callable = attr.ib(default=os.killpg)
     group_alive: Callable = attr.ib(default=group_alive)
     ports: Any = attr.ib(default=None)
+    #: ``llamaswap.kvcache.KvCache`` (or None): ``prepare(model)`` before a spawn,
+    #: ``after_ready(proc)`` between a passed health check and ``ready``, ``before_stop(proc)``
+    #: between a planned stop of a ready child and its SIGTERM; each phase returns None (nothing
+    #: to do) or a Deferred that never fails and ends within its own bounds.
+    lifecycle: Any = attr.ib(default=None)
     log: Logger = attr.ib(factory=lambda: Logger(namespace="llamaswap.process"))
 
     state: State = attr.ib(default=State.STOPPED, init=False)
@@ -242,6 +247,7 @@ class UpstreamProcess:
     _spawned_at: float = attr.ib(default=0.0, init=False)
     _stop_cmd: Any = attr.ib(default=None, init=False)
     _watch: Optional[_ports.Watch] = attr.ib(default=None, init=False)
+    _phase: Optional[Deferred] = attr.ib(default=None, init=False)  # a lifecycle phase under way
 
     @property
     def id(self) -> str:
@@ -286,6 +292,19 @@ class UpstreamProcess:
             self._begin_stop()
         return d
 
+    def probe_health(self) -> Deferred:
+        """One health check of the ready child (``healthInterval``, ``llamaswap.keepalive``):
+        fires with the status code, or None when it was refused, timed out or failed."""
+        if self.state is not State.READY or self.model.check_endpoint is None or self.http is None:
+            return succeed(None)
+        return self._probe()
+
+    @property
+    def exit_description(self) -> Optional[str]:
+        """How the last child ended (``exited with code 1``, ``killed by signal SIGKILL``);
+        None until it has, and again once the next one is spawned."""
+        return _describe_exit(self._exit_reason) if self._exit_reason is not None else None
+
     def shutdown(self) -> Deferred:
         """Stop, then enter the terminal ``shutdown`` state (CLI-9)."""
         d = self.stop()
@@ -311,6 +330,8 @@ class UpstreamProcess:
         self._spawned_at = self.clock.seconds()
         env = {**os.environ, **self.model.env_dict()}
         try:
+            if self.lifecycle is not None:
+                self.lifecycle.prepare(self.model)  # keepCache: the --slot-save-path directory
             argv = self._resolve_argv(self.model.argv, env)
             conflict = self._port_conflict()
             if conflict is None:
@@ -437,6 +458,34 @@ class UpstreamProcess:
     def _became_ready(self) -> None:
         self._cancel_timer("deadline")
         self._cancel_timer("next_check")
+        phase = self.lifecycle.after_ready(self) if self.lifecycle is not None else None
+        if phase is not None:
+            # keepCache restore and hooks.afterReady: still ``starting``, so the requests that
+            # queued wait for them, and their time counts in the load time.
+            self._run_phase(phase, State.STARTING, self._now_ready)
+            return
+        self._now_ready()
+
+    def _run_phase(self, phase: Deferred, state: State, then: Callable[[], None]) -> None:
+        """Call ``then`` once the lifecycle ``phase`` ends, if this child is still in ``state``
+        (a stop, an exit or a new spawn meanwhile cancels the phase instead)."""
+        generation = self._generation
+        self._phase = phase
+
+        def ended(_: object) -> None:
+            if self._phase is phase:
+                self._phase = None
+            if generation == self._generation and self.state is state and not self._leader_gone:
+                then()
+
+        phase.addBoth(ended)
+
+    def _cancel_phase(self) -> None:
+        phase, self._phase = self._phase, None
+        if phase is not None and not phase.called:
+            phase.cancel()
+
+    def _now_ready(self) -> None:
         self.ready_since = self.clock.seconds()
         self._transition(State.READY)
         waiters, self._start_waiters = self._start_waiters, []
@@ -465,19 +514,30 @@ class UpstreamProcess:
         synchronously and may ask for another stop, which must then join this one.
         """
         was_starting = self.state is State.STARTING
+        was_ready = self.state is State.READY
         self._transition(State.STOPPING)
         self._cancel_timer("deadline")
         self._cancel_timer("next_check")
+        self._cancel_phase()  # a restore under way is abandoned with the start
         if self._leader_gone:
             self._kill_group(signal.SIGKILL)  # processEnded completes the stop
         else:
-            self._timers["murder"] = self.clock.callLater(self.model.unload_timeout, self._grace_over)
-            if self.model.cmd_stop_argv:
-                self._run_stop_command()
+            # A planned stop of a ready child: keepCache save and hooks.beforeStop first (bounded).
+            phase = self.lifecycle.before_stop(self) if was_ready and self.lifecycle is not None else None
+            if phase is not None:
+                self._run_phase(phase, State.STOPPING, self._send_stop)
             else:
-                self._kill_group(signal.SIGTERM)
+                self._send_stop()
         if was_starting:
             self._fail_start(failure or f"start of model '{self.id}' was aborted")
+
+    def _send_stop(self) -> None:
+        """``cmdStop`` or SIGTERM, and SIGKILL after ``unloadTimeout``."""
+        self._timers["murder"] = self.clock.callLater(self.model.unload_timeout, self._grace_over)
+        if self.model.cmd_stop_argv:
+            self._run_stop_command()
+        else:
+            self._kill_group(signal.SIGTERM)
 
     def _run_stop_command(self) -> None:
         argv = [a.replace("${PID}", str(self.pid)) for a in self.model.cmd_stop_argv]
@@ -528,6 +588,7 @@ class UpstreamProcess:
         self._exit_reason = reason
         self._cancel_timer("deadline")
         self._cancel_timer("next_check")
+        self._cancel_phase()  # a crash has nothing to save; a restore cannot go on
         # PROC-5/9/10: whatever is left of the group dies with its leader; this also
         # closes pipes a grandchild inherited, so processEnded can follow. The state
         # becomes ``stopped`` once the group is empty (_reaped).
@@ -566,6 +627,7 @@ class UpstreamProcess:
     def _reaped(self) -> None:
         for name in list(self._timers):
             self._cancel_timer(name)
+        self._cancel_phase()
         if self._pool is not None:
             self._pool.closeCachedConnections()
         self.on_reap(self)
