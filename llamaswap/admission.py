@@ -29,6 +29,7 @@ class Ticket:
     profile: Optional[str] = attr.ib(default=None)
     counted: bool = attr.ib(default=True)  # loads (EP-7, preload) are not requests (SCHED-1)
     d: Deferred = attr.ib(default=None)
+    priority: int = attr.ib(default=0)  # the request's API key priority (apiKeys[].priority)
 
 
 @attr.s(eq=False)

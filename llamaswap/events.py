@@ -139,6 +139,7 @@ class EventHub(Service):
         self.records: deque[dict] = deque(maxlen=history)
         self._ids = itertools.count()
         self._clients: list[Subscriber] = []
+        self._no_logs: set[Subscriber] = set()  # clients that get no logData (non-admin API keys)
         self._decoders = {s: codecs.getincrementaldecoder("utf-8")("replace") for s in _LOG_SOURCES}
         self._pending_logs: dict[str, list[str]] = {}
         self._status_dirty = False
@@ -151,16 +152,22 @@ class EventHub(Service):
 
     # -- clients ----------------------------------------------------------------------------------
 
-    def add_client(self, request: Any) -> Subscriber:
-        """Send the EVT-1 snapshot to ``request`` (headers already set), then live events."""
+    def add_client(self, request: Any, with_logs: bool = True) -> Subscriber:
+        """Send the EVT-1 snapshot to ``request`` (headers already set), then live events.
+
+        ``with_logs`` false leaves out every ``logData`` message (an API key that is no admin's
+        may not read the logs, which can hold prompts).
+        """
         self._flush()  # what is pending is in the history the new client is about to get
         if not self._clients:  # output was not decoded while nobody listened: start afresh
             for source in _LOG_SOURCES:
                 self._decoders[source].reset()
         client = Subscriber(request, Disconnect(self.max_unsent, self._too_slow), on_close=self._remove)
         self._clients.append(client)
+        if not with_logs:
+            self._no_logs.add(client)
         client.attach()
-        for source in _LOG_SOURCES:
+        for source in _LOG_SOURCES if with_logs else ():
             text = self.logs.history(source).decode("utf-8", "replace")
             client.send(frame("logData", {"source": source, "data": text}))
         client.send(frame("modelStatus", model_status(self.models, self.live)))
@@ -176,14 +183,16 @@ class EventHub(Service):
         self.log.info("events client dropped: more than {limit} bytes unsent", limit=self.max_unsent)
 
     def _remove(self, client: Subscriber) -> None:
+        self._no_logs.discard(client)
         if client in self._clients:
             self._clients.remove(client)
         if not self._clients and self._keepalive.running:
             self._keepalive.stop()
 
-    def _broadcast(self, data: bytes) -> None:
+    def _broadcast(self, data: bytes, skip: frozenset | set = frozenset()) -> None:
         for client in list(self._clients):
-            client.send(data)
+            if client not in skip:
+                client.send(data)
 
     def _send_keepalive(self) -> None:
         self._broadcast(KEEPALIVE)
@@ -263,7 +272,8 @@ class EventHub(Service):
             return
         for source in _LOG_SOURCES:
             if source in logs:
-                self._broadcast(frame("logData", {"source": source, "data": "".join(logs[source])}))
+                self._broadcast(frame("logData", {"source": source, "data": "".join(logs[source])}),
+                                skip=self._no_logs)
         if dirty:
             self._broadcast(frame("modelStatus", model_status(self.models, self.live)))
 
@@ -293,5 +303,5 @@ class EventsPage(JSONResource):
         request.setHeader(b"cache-control", b"no-cache")
         request.setHeader(b"x-accel-buffering", b"no")
         request.write(b"")  # headers now: a quiet daemon must not look like a hung request
-        self.hub.add_client(request)
+        self.hub.add_client(request, with_logs=getattr(request, "admin", True))
         return NOT_DONE_YET

@@ -43,6 +43,7 @@ class Waiter:
     seq: int = attr.ib()  # admission order, unique and increasing
     admitted: float = attr.ib()  # admission time, seconds
     profile: Optional[str] = attr.ib(default=None)  # "P" of a "P:M" request
+    priority: int = attr.ib(default=0)  # the request's API key priority (apiKeys[].priority)
 
 
 @attr.s(frozen=True, slots=True)
@@ -282,17 +283,22 @@ def _candidate_order(snap: Snapshot) -> Callable[[ModelView], tuple]:
     Oldest waiter first. With priorities (``routing.scheduler.settings.fifo.priority``) a
     higher-priority model goes before a lower one, except that a request that has waited
     ``scheduler.maxWait`` goes before every request that has not, oldest first: priority
-    reorders the queue but never starves anyone beyond ``maxWait``.
+    reorders the queue but never starves anyone beyond ``maxWait``. A waiter's own priority
+    (its API key's, ``Waiter.priority``) counts before the model's.
     """
-    if not snap.priority:
+    if not snap.priority and not any(w.priority for m in snap.models.values() for w in m.waiting):
         return lambda m: m.waiting[0].seq
     priority, now, max_wait = snap.priority, snap.now, snap.max_wait
 
     def key(m: ModelView) -> tuple:
         first = m.waiting[0]
         if now - first.admitted >= max_wait:
-            return (0, 0, first.seq)
-        return (1, -priority.get(m.id, 0), first.seq)
+            return (0, 0, 0, first.seq)
+        # The request's own priority (its API key's) first, then the model's: a request of a
+        # higher-priority key goes before older ones of lower keys, whatever model it wants.
+        best = max(w.priority for w in m.waiting)
+        seq = min(w.seq for w in m.waiting if w.priority == best)
+        return (1, -best, -priority.get(m.id, 0), seq)
 
     return key
 

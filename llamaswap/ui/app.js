@@ -3,7 +3,8 @@
 // actions use POST /api/models/load/<id> and /api/models/unload[/<id>];
 // the memory bar (only with memory.budget set) polls GET /running.
 // Credentials: same-origin requests carry the browser's Basic-auth credentials (when apiKeys is set);
-// nothing is stored by the UI.
+// nothing is stored by the UI. GET /api/me tells what the key may do: for a key that is no admin's,
+// the admin actions (load, unload, logs, upstream links) are hidden.
 "use strict";
 
 const LOG_LIMIT = 256 * 1024;        // characters kept in the log view
@@ -17,6 +18,7 @@ const logView = $("#log");
 const logSource = $("#log-source");
 const pending = new Map();           // model id -> "load" | "unload" while a request runs
 let models = [];
+let me = { admin: true, name: null };  // the scope of our API key, from GET /api/me
 
 function el(tag, attrs, ...children) {
   const node = document.createElement(tag);
@@ -77,7 +79,7 @@ function renderModels() {
       el("span", { class: "id" }, m.id),
       m.unlisted ? el("span", { class: "tag", title: "not listed in /v1/models" }, "unlisted") : null,
       m.name ? el("div", { class: "name" }, m.name) : null);
-    const actions = el("td", { class: "actions" },
+    const actions = !me.admin ? el("td", { class: "actions", hidden: true }) : el("td", { class: "actions" },
       el("button", { type: "button", class: "load", disabled: !!busy || m.state === "ready",
                      onclick: () => modelAction(m.id, "load") }, busy === "load" ? "Loading…" : "Load"),
       el("button", { type: "button", class: "unload", disabled: !!busy || !running && m.state !== "stopping",
@@ -108,7 +110,7 @@ function updateSourceOptions() {
   const current = logSource.value;
   logSource.replaceChildren(...wanted.map((v) => el("option", { value: v }, v === "" ? "combined" : v)));
   logSource.value = wanted.includes(current) ? current : "";
-  if (logSource.value !== current) openLog();
+  if (logSource.value !== current && me.admin) openLog();
 }
 
 // -- recent requests -----------------------------------------------------------------------------
@@ -408,6 +410,20 @@ $("#log-clear").addEventListener("click", () => { logView.replaceChildren(); log
 fetch("/api/version").then((r) => r.ok ? r.json() : null).then((v) => {
   if (v && v.version) $("#version").textContent = `v${v.version}`;
 }).catch(() => {});
-connectEvents();
-openLog();
-scheduleMemory(0);
+
+async function loadScope() {
+  // Without /api/me (an older daemon) the page keeps every action; the daemon still decides.
+  try {
+    const resp = await fetch("/api/me", { headers: { "Accept": "application/json" }, cache: "no-store" });
+    if (resp.ok) me = await resp.json();
+  } catch (e) { /* keep the default */ }
+  for (const node of document.querySelectorAll(".admin-only")) node.hidden = !me.admin;
+  $("#whoami").textContent = me.name ? `key: ${me.name}${me.admin ? "" : " (read-only)"}` : "";
+  renderModels();
+}
+
+loadScope().then(() => {
+  connectEvents();
+  if (me.admin) openLog();   // the logs are an admin's: other keys would only get 403s
+  scheduleMemory(0);
+});

@@ -35,6 +35,10 @@ class LlamaSwapRequest(Request):
     _parsePOSTFormSubmission = False
     client_gone = False
     record: Optional[RequestRecord] = None
+    #: the configured key the request carried (``llamaswap.auth``; None without one) and whether
+    #: it may use the management endpoints; set by the root before any lookup.
+    api_key: Any = None
+    admin = True
     _work: Optional[Deferred] = None  # cancelled when the client leaves
     _received = 0
     _refused = False
@@ -53,7 +57,8 @@ class LlamaSwapRequest(Request):
     def begin_record(self, endpoint: str) -> RequestRecord:
         """Make this a model-dispatched request at ``endpoint`` (a route pattern)."""
         self.record = RequestRecord(endpoint=endpoint, started=self._site.clock.seconds(),
-                                    id=self._site.app.request_ids())
+                                    id=self._site.app.request_ids(),
+                                    key=self.api_key.name if self.api_key is not None else "")
         return self.record
 
     def cancel_when_gone(self, work: Deferred) -> None:
@@ -185,4 +190,7 @@ class AccessLogSite(Site):
         line = (f'Request {ip} "{request.method.decode("latin-1")} {request.uri.decode("latin-1")} '
                 f'{request.clientproto.decode("latin-1")}" {status} {request.sentLength} '
                 f'"{agent}" {duration:.3f}s')
+        key = getattr(request, "api_key", None)
+        if key is not None and self.app.config.api_key_scopes:
+            line += f" key={key.name}"  # the key's name only, never the key
         self.alog.info("{line}", line=line)
