@@ -8,6 +8,10 @@ the target), arms TTL timers, and fails waiters with the right error.
 What happens to the models is published as typed events (``llamaswap.observe``) to
 ``router.observers``; observers never call back into the router for state.
 
+Before any of that, ``resolve`` applies the active profile's pins and the selectors
+(``llamaswap.selectors``; docs/profiles-and-selectors.rst): a selector picks its target from the
+slots' states and loads at the moment the request is admitted.
+
 Memory (``memory.budget``; docs/memory.rst): the router's ``MemoryAccounting``
 (``llamaswap.memory``) describes each model's need, expected load time and decayed demand to the
 scheduler, measures ready models and raises a need after an out-of-memory start; the router fails
@@ -25,7 +29,7 @@ from collections import deque
 from typing import TYPE_CHECKING, Callable, Optional
 
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, DeferredList, fail
+from twisted.internet.defer import Deferred, DeferredList, fail, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -40,6 +44,7 @@ from llamaswap.observe import (
     ModelEvent, Observers, QueueChanged, Reloaded, Removed, Replaced, StartFailed, Started, Starting,
     StateChanged, Stopping)
 from llamaswap.process import State, UpstreamProcess
+from llamaswap.selectors import TargetView, UnknownProfile, choose, pin_of
 
 if TYPE_CHECKING:
     from twisted.internet.interfaces import IReactorTime
@@ -81,6 +86,10 @@ class ModelRouter(Service):
         self._shutting_down = False
         self._deciding = False
         self._again = False
+        self._active_profile: Optional[str] = None
+        #: models the keep-alive supervisor (``llamaswap.keepalive``) gave up on: id -> why;
+        #: shown as ``failed`` until the next start
+        self.failed: dict[str, str] = {}
         self.observers = Observers(self.log)
         self.memory = MemoryAccounting(
             lambda: self.config, clock, needs if needs is not None else NeedBook(None),
@@ -128,28 +137,98 @@ class ModelRouter(Service):
 
     # -- resolution (RT-2, RT-4) --------------------------------------------------------------
 
-    def resolve(self, name: str) -> Resolved:
-        """Map a requested name to a model id; raise ``ModelNotFound``."""
-        model_id = self.config.resolve(name)
+    def resolve(self, name: str, selectors: bool = True) -> Resolved:
+        """Map a requested name to a model id; raise ``ModelNotFound``.
+
+        The active profile's pin and a selector's choice apply first (:meth:`rewrite`);
+        ``Resolved.name`` is the name they lead to (``setParamsByID`` reads it). With
+        ``selectors`` false a selector id is not resolved (``/upstream`` refuses them).
+        """
+        concrete = self.rewrite(name, selectors)
+        model_id = self.config.resolve(concrete)
         if model_id is not None:
-            return Resolved(model_id, None, name)
-        if ":" in name:
-            profile, member = name.split(":", 1)
+            return Resolved(model_id, None, concrete)
+        if ":" in concrete:
+            profile, member = concrete.split(":", 1)
             members = self.config.profiles.get(profile)
             if members is not None:
                 member_id = self.config.resolve(member)
                 if member_id is None or member_id not in members:
                     raise ModelNotFound(f"model '{member}' is not a member of profile '{profile}'")
                 return Resolved(member_id, profile, member)
+        if concrete != name:
+            raise ModelNotFound(f"model '{name}' stands for '{concrete}', which is not a local model")
         raise ModelNotFound.named(name, self.config)
+
+    # -- profile pins and selectors (llamaswap.selectors) ---------------------------------------
+
+    @property
+    def active_profile(self) -> Optional[str]:
+        """The active pin profile (``profiles.<name>: {pins}``), or None; none after startup and
+        after every reload."""
+        return self._active_profile
+
+    def set_active_profile(self, name: Optional[str]) -> bool:
+        """Activate the pin profile ``name``; None or ``""`` deactivates. Returns whether the
+        active profile changed.
+
+        :raises UnknownProfile: when no profile has that name (the active one stays).
+        """
+        name = name or None
+        if name is not None and name not in self.config.pin_profiles:
+            raise UnknownProfile.named(name, self.config)
+        if name == self._active_profile:
+            return False
+        self._active_profile = name
+        self.log.info("active profile changed to {profile}",
+                      profile=repr(name) if name is not None else "none")
+        return True
+
+    def rewrite(self, name: str, selectors: bool = True) -> str:
+        """The name a request for ``name`` stands for right now: the active profile's pin of
+        ``name`` applied, then, unless ``selectors`` is false, the choice of the selector it
+        names. Pure apart from reading the models' states and loads: asking twice in one turn
+        gives the same answer.
+
+        :raises ModelNotFound: when the active profile pins ``name`` to nothing.
+        :raises NoSelectorTarget: when a spillover selector has no target to offer.
+        """
+        pinned, target = pin_of(self.config, self._active_profile, name)
+        if pinned:
+            if target is None:
+                raise ModelNotFound(f"model '{name}' is disabled by the active profile "
+                                    f"'{self._active_profile}'")
+            name = target
+        selector = self.config.selectors.get(name) if selectors else None
+        if selector is None:
+            return name
+        chosen = choose(selector, [self._target_view(t) for t in selector.targets])
+        self.log.debug("selector {selector}: {target}", selector=name, target=chosen)
+        return chosen
+
+    def target_state(self, name: str) -> Optional[str]:
+        """The process state of the local model ``name`` (an id or alias) names, else None."""
+        model_id = self.config.resolve(name)
+        slot = self._slots.get(model_id) if model_id is not None else None
+        if slot is None or slot.removed:
+            return None
+        return slot.proc.state.value
+
+    def _target_view(self, name: str) -> TargetView:
+        state = self.target_state(name)
+        if state is None:
+            return TargetView(name)
+        inflight, waiting = self.counts(self.config.resolve(name))
+        return TargetView(name, state, inflight + waiting)
 
     # -- admission and grants -------------------------------------------------------------------
 
-    def acquire(self, model_id: str, profile: Optional[str] = None) -> Deferred:
+    def acquire(self, model_id: str, profile: Optional[str] = None, priority: int = 0) -> Deferred:
         """Admit a request for ``model_id``; fire with a ``Lease`` once it may be forwarded.
 
         Raises ``ConcurrencyLimit`` (429) at once when the model's limit is reached
         (SCHED-1). Cancelling the Deferred while it waits frees its slot (SCHED-8).
+        ``priority`` (the request's API key's) orders it among the waiting requests.
         """
         if self._shutting_down:
             return fail(ShuttingDown())
@@ -161,7 +240,7 @@ class ModelRouter(Service):
         if inflight + waiting >= limit:
             return fail(ConcurrencyLimit(f"too many requests for model '{model_id}' (limit {limit})"))
         self.memory.requested(slot)
-        return self._enqueue(model_id, profile, counted=True)
+        return self._enqueue(model_id, profile, counted=True, priority=priority)
 
     def load(self, model_id: str) -> Deferred:
         """EP-7 / preload: start ``model_id`` through the scheduler; fire once it is ready."""
@@ -173,9 +252,9 @@ class ModelRouter(Service):
         d.addCallback(lambda lease: lease.release())
         return d
 
-    def _enqueue(self, model_id: str, profile: Optional[str], counted: bool) -> Deferred:
+    def _enqueue(self, model_id: str, profile: Optional[str], counted: bool, priority: int = 0) -> Deferred:
         slot = self._slots[model_id]
-        ticket = Ticket(model_id, next(self._seq), self.clock.seconds(), profile, counted)
+        ticket = Ticket(model_id, next(self._seq), self.clock.seconds(), profile, counted, priority=priority)
         ticket.d = Deferred(lambda d: self._cancel(ticket))
         slot.waiting.append(ticket)
         self._cancel_ttl(slot)
@@ -242,7 +321,7 @@ class ModelRouter(Service):
                 # a model being replaced by reload takes no new work: to the scheduler it
                 # is stopping, so its waiters wait for the new child (RLD-3)
                 model_id, "stopping" if slot.replacing else slot.proc.state.value, slot.inflight,
-                tuple(scheduler.Waiter(t.seq, t.admitted, t.profile) for t in slot.waiting),
+                tuple(scheduler.Waiter(t.seq, t.admitted, t.profile, t.priority) for t in slot.waiting),
                 **(self.memory.view(model_id, slot, now) if budget is not None else {}))
             for model_id, slot in self._slots.items()}
         memory = (budget, self.config.memory_policy) if budget is not None else ()
@@ -328,6 +407,7 @@ class ModelRouter(Service):
             self._end_swap(swap)
             return
         slot.start_began, slot.stop_asked = self.clock.seconds(), False
+        self.failed.pop(swap.target, None)  # a request or a load starts a failed model again
         self._publish(Starting(swap.target, evicted))
         d = slot.proc.start()
         d.addCallbacks(lambda _: self._started(swap, slot), lambda f: self._start_failed(swap, slot, f))
@@ -418,7 +498,8 @@ class ModelRouter(Service):
         Unchanged models keep their child (same pid, logs, TTL clock, in-flight requests);
         changed ones drain and are replaced once idle, and restarted if they were starting
         or ready; removed ones stop once idle and their waiters get 404; added ones start
-        stopped. Everything else takes effect for new requests at once.
+        stopped. Everything else takes effect for new requests at once. No pin profile is
+        active afterwards.
         """
         old = self.config
         added = sorted(config.models.keys() - old.models.keys())
@@ -428,6 +509,9 @@ class ModelRouter(Service):
                    if old.models[m].process_key() != config.models[m].process_key()]
         unchanged = [m for m in common if m not in changed]
         self.config = config
+        if self._active_profile is not None:
+            self.log.info("active profile {profile} deactivated by the reload", profile=repr(self._active_profile))
+            self._active_profile = None
         for model_id in added:
             self._add(config.models[model_id])
         for model_id in unchanged:
@@ -487,6 +571,27 @@ class ModelRouter(Service):
         self.schedule()
 
     # -- unload and shutdown ----------------------------------------------------------------------
+
+    def evicts_to_start(self, model_id: str) -> frozenset:
+        """The running models a start of ``model_id`` would stop now, by the group rules or the
+        swap matrix (the keep-alive supervisor restarts a model only if this is empty)."""
+        running = frozenset(s.proc.id for s in self._slots.values()
+                            if s.proc.state in (State.STARTING, State.READY, State.STOPPING)) - {model_id}
+        solver = self._solver()
+        if solver is not None:
+            return frozenset(solver.solve(model_id, running)) - {model_id}
+        return frozenset(self._evict_for(model_id, None, running)) - {model_id}
+
+    def stop_model(self, model_id: str, reason: str) -> Deferred:
+        """Stop one model's child for ``reason`` (``unhealthy``: failed health checks), as a
+        stop the router asked for; fire once it is gone."""
+        slot = self._slots.get(model_id)
+        if slot is None or slot.proc.state not in (State.STARTING, State.READY):
+            return succeed(None)
+        self._cancel_ttl(slot)
+        d = self._stop(slot, reason)
+        d.addCallback(lambda _: self.schedule())
+        return d
 
     def unload(self, model_ids: Optional[list[str]] = None) -> Deferred:
         """EP-6: stop the models (busy ones too) in parallel; waiters get 503 model_unloaded.

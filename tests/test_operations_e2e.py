@@ -181,8 +181,8 @@ def test_two_daemons_one_forwards_to_the_other(tmp_path):
         a.start()
         status, models = a.json("GET", "/v1/models")
         assert status == 200
-        assert [m["id"] for m in models["data"]] == ["local", "b/remote-model"], models
-        assert models["data"][1]["meta"] == {"llamaswap": {"peerID": "b"}}
+        assert [m["id"] for m in models["data"]] == ["b/remote-model", "local"], models  # sorted by id
+        assert models["data"][0]["meta"] == {"llamaswap": {"type": "peer", "peerID": "b"}}
 
         for name in ("b/remote-model", "remote-model"):
             status, body = a.chat(name)

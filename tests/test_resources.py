@@ -490,10 +490,10 @@ class ManagementTests(HTTPCase):
         self.assertEqual([e["id"] for e in body["data"]], ["a", "b"])
         a, b = body["data"]
         self.assertEqual(a, {"id": "a", "object": "model", "created": STARTED, "owned_by": "llama-swap",
-                             "status": {"value": "unloaded"}})
+                             "status": {"value": "unloaded"}, "meta": {"llamaswap": {"type": "model"}}})
         self.assertEqual(b["name"], "B model")
         self.assertEqual(b["description"], "second")
-        self.assertEqual(b["meta"], {"llamaswap": {"family": "x", "port": 5801, "aliases": ["bee"]}})
+        self.assertEqual(b["meta"], {"llamaswap": {"family": "x", "port": 5801, "aliases": ["bee"], "type": "model"}})
         _, same = self.call_json(b"GET", "/models")
         self.assertEqual(same, body)
 
@@ -512,7 +512,7 @@ class ManagementTests(HTTPCase):
         _, body = self.call_json(b"GET", "/v1/models")
         self.assertEqual([e["id"] for e in body["data"]], ["a", "b", "bee"])
         bee = body["data"][2]
-        self.assertEqual(bee["meta"], {"llamaswap": {"type": "alias", "modelID": "b"}})
+        self.assertEqual(bee["meta"], {"llamaswap": {"family": "x", "port": 5801, "type": "alias", "modelID": "b"}})
         self.assertEqual(bee["name"], "B model")
 
     def test_running_shape(self):

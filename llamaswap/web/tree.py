@@ -22,6 +22,9 @@ from llamaswap.web.dispatch import INFERENCE_ROUTES, ModelDispatch, UpstreamReso
 from llamaswap.web.manage import (
     ApiModels, ApiModelsLoad, ApiModelsUnload, ConfigReload, Health, LogStream, Logs, ModelList, Running,
     Unload, Version)
+from llamaswap.web.manage import Me
+from llamaswap.web.profiles import routes as profile_routes
+from llamaswap.web.inflight import routes as inflight_routes
 from llamaswap.web.render import NOT_FOUND, ErrorResource, JSONResource, Redirect
 from llamaswap.web.ui import UiFiles
 
@@ -43,12 +46,15 @@ def routes(app: WebContext) -> dict[str, Resource]:
         "/api/models/unload": ApiModelsUnload(app),
         "/api/models/load": ApiModelsLoad(app),
         "/api/version": Version(),
+        "/api/me": Me(app),
         "/api/config/reload": ConfigReload(app),
         "/health": Health(),
         "/logs": Logs(app),
         "/logs/stream": LogStream(app),
         "/ui": UiFiles(),
     })
+    table.update(profile_routes(app))  # /api/profiles*, and /upstream refusing selectors
+    table.update(inflight_routes(app))  # /api/inflight (list, cancel), /api/captures/<id>
     return table
 
 
@@ -101,6 +107,7 @@ class Root(JSONResource):
     def __init__(self, app: WebContext, table: dict[str, Resource]) -> None:
         super().__init__()
         self.app = app
+        self._key_limits = auth.KeyLimits()  # each scoped key's requests in flight (maxConcurrent)
         self._table = _Node()
         for path, resource in table.items():
             node = self._table
@@ -111,14 +118,36 @@ class Root(JSONResource):
     def getChildWithDefault(self, path: bytes, request: Request) -> Resource:
         if request.method == b"OPTIONS":
             return _CORS
-        if not auth.check(request, self.app.config.api_keys):
+        config = self.app.config
+        allowed, key = auth.identify(request, config)
+        if not allowed:
             endpoint = dispatched_endpoint(request.path)
             if endpoint is not None:  # a 401 on an inference route is counted too
                 request.begin_record(endpoint)
             return ErrorResource(InvalidAPIKey())
+        request.api_key, request.admin = key, auth.is_admin(key, config)
+        refused = self._refuse(request, key)
+        if refused is not None:
+            return ErrorResource(refused)
         if path == b"" and not request.postpath:
             return self  # "GET /" renders the root itself: to the UI
         return self._lookup(path, request)
+
+    def _refuse(self, request: Request, key: Optional[auth.ApiKey]) -> Optional[auth.LlamaSwapError]:
+        """What the key's scope forbids here: a management endpoint for a key that is no
+        admin's (403), or one request more than the key's ``maxConcurrent`` (429)."""
+        if not request.admin and auth.admin_only(request.method, request.path):
+            return auth.AdminRequired("this API key may not use this endpoint (an admin key is needed)")
+        endpoint = dispatched_endpoint(request.path)
+        if key is None or endpoint is None or not key.max_concurrent:
+            return None
+        try:
+            self._key_limits.admit(key)
+        except auth.KeyConcurrencyLimit as e:
+            request.begin_record(endpoint)  # counted, with the key's name
+            return e
+        request.notifyFinish().addBoth(lambda _: self._key_limits.release(key))
+        return None
 
     def _lookup(self, path: bytes, request: Request) -> Resource:
         """The resource of the longest listed prefix; its segments move to ``prepath``."""
