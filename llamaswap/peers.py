@@ -8,7 +8,8 @@ with ``model`` rewritten to the peer's own name and the peer's filters applied
 There is no process, TTL, health check, swap or concurrency limit; a transport failure
 before response headers is 502 ``peer_unreachable``. The response is relayed by the same
 ``Forwarder`` as local models (streaming, back-pressure, PROXY-9), through the treq client
-and connection pool of :class:`PeerPool` (the web context's ``peer_http``).
+and connection pool :class:`PeerPool` keeps for each peer (the web context's ``peer_http``),
+with the peer's ``timeouts`` (connect, idle connections, response headers: 504).
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from typing import TYPE_CHECKING, Any, Optional
 
 import attr
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, DeferredList
 
 from llamaswap.errors import ModelNotFound, PeerUnreachable
 from llamaswap.proxy import RelayOutcome, UsageTap, make_http_client, upstream_headers
@@ -76,26 +77,63 @@ def find_peer(config: Config, name: str) -> Optional[PeerTarget]:
     return None
 
 
+class PeerClients:
+    """The peers' treq clients: one per peer, each on a connection pool of its own, made when the
+    peer is first used. ``for_peer`` gives a peer's client with the peer's current ``timeouts``
+    applied; used as a client itself, it is the first one made (a peer-less default).
+
+    :param clock: the reactor the clients connect with.
+    :param make_client: ``(reactor) -> (client, pool)``; ``proxy.make_http_client``.
+    """
+
+    def __init__(self, clock: Any, make_client: Any = make_http_client) -> None:
+        self._clock, self._make_client = clock, make_client
+        self._clients: dict[str, tuple] = {}
+        self._default: Optional[tuple] = None
+
+    def for_peer(self, peer: PeerConfig) -> Any:
+        made = self._clients.get(peer.id)
+        if made is None:
+            made = self._clients[peer.id] = self._make_client(self._clock)
+        client = made[0]
+        apply = getattr(client, "apply_timeouts", None)
+        if apply is not None:
+            apply(peer.timeouts)
+        return client
+
+    def pools(self) -> list:
+        made = list(self._clients.values()) + ([self._default] if self._default is not None else [])
+        return [pool for _, pool in made]
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("_"):
+            raise AttributeError(name)
+        if self._default is None:
+            self._default = self._make_client(self._clock)
+        return getattr(self._default[0], name)  # request, get, post, ...: the default client's
+
+
 class PeerPool(Service):
-    """The one treq client, on a connection pool of its own, that every peer request uses.
+    """The treq clients, each on a connection pool of its own, that peer requests use.
 
     Peers are remote and long-lived, so their connections are kept alive across requests
     (unlike a child's, whose pool lives as long as the child). Stopping closes the idle
     ones; the router has stopped by then, so no request still uses them.
 
-    :param clock: the reactor the client connects with.
+    :param clock: the reactor the clients connect with.
     :param make_client: ``(reactor) -> (client, pool)``; ``proxy.make_http_client``.
-    :ivar http: the client (the web context's ``peer_http``).
+    :ivar http: the ``PeerClients`` (the web context's ``peer_http``).
     """
 
     name = "peer-pool"
 
     def __init__(self, clock: Any, make_client: Any = make_http_client) -> None:
-        self.http, self._pool = make_client(clock)
+        self.http = PeerClients(clock, make_client)
 
     def stopService(self) -> Deferred:
         super().stopService()
-        return self._pool.closeCachedConnections()
+        closing = [pool.closeCachedConnections() for pool in self.http.pools()]
+        return DeferredList(closing, consumeErrors=True).addCallback(lambda _: None)
 
 
 def peer_headers(request: Any, peer: PeerConfig, strip_auth: bool, scheme: bytes) -> Any:
@@ -121,22 +159,39 @@ def listing(config: Config, created: int) -> list[dict]:
 
 
 async def forward(app: Any, request: Any, record: Any, target: PeerTarget, url: bytes,
-                  body: Any) -> RelayOutcome:
-    """Forward to the peer and relay its answer; ``PeerUnreachable`` before any header.
+                  body: Any, watch: Any = None) -> RelayOutcome:
+    """Forward to the peer and relay its answer; ``PeerUnreachable`` before any header,
+    ``UpstreamTimeout`` (504) when the peer's ``timeouts.responseHeader`` passes first.
 
-    ``record`` (the request's ``RequestRecord``) gets the stream error and parsed usage.
+    ``record`` (the request's ``RequestRecord``) gets the stream error and parsed usage;
+    ``watch`` (``on_headers()``, ``on_data(chunk)``: the in-flight entry and capture) sees the
+    relayed headers and body.
     """
     scheme = b"https" if request.isSecure() else b"http"
     headers = peer_headers(request, target.peer, bool(app.config.api_keys), scheme)
     tap = UsageTap(app.response_observer_factory)
+    http = app.peer_http
+    for_peer = getattr(http, "for_peer", None)
+    if for_peer is not None:
+        http = for_peer(target.peer)
 
     def unreachable(reason: str) -> PeerUnreachable:
         return PeerUnreachable(f"peer '{target.peer.id}' unreachable for model '{target.label}': {reason}")
 
+    def on_headers(response: Any) -> None:
+        tap.on_headers(response)
+        if watch is not None:
+            watch.on_headers()
+
+    def on_data(chunk: bytes) -> None:
+        tap.on_data(chunk)
+        if watch is not None:
+            watch.on_data(chunk)
+
     try:
         outcome = await app.forwarder.forward(
-            request, http=app.peer_http, url=url, headers=headers, body=body,
-            model_id=target.label, still_ready=lambda: True, on_headers=tap.on_headers, on_data=tap.on_data,
+            request, http=http, url=url, headers=headers, body=body,
+            model_id=target.label, still_ready=lambda: True, on_headers=on_headers, on_data=on_data,
             unreachable=unreachable)
     finally:
         record.usage = tap.usage()

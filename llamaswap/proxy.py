@@ -18,7 +18,7 @@ from typing import Any, BinaryIO, Callable, Optional
 import attr
 import treq.client
 from twisted.internet.defer import CancelledError, Deferred, fail, succeed
-from twisted.internet.protocol import Protocol
+from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from hyperlink import EncodedURL
@@ -32,12 +32,30 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer
 from zope.interface import implementer
 
-from llamaswap.errors import UpstreamUnreachable, error_body
+from llamaswap.errors import LlamaSwapError, UpstreamUnreachable, error_body
 
 log = Logger(namespace="llamaswap.proxy")
 
-#: PROXY-8: connect timeout; no response timeout (long generations are legitimate).
+
+class UpstreamTimeout(LlamaSwapError):
+    """No response headers within the model's (or peer's) ``timeouts.responseHeader``."""
+
+    status, kind, code = 504, "server_error", "upstream_timeout"
+
+
+class ResponseHeaderTimeout(Exception):
+    """The transport-level failure behind ``UpstreamTimeout``: ``seconds`` passed without headers."""
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__(f"no response headers within {seconds:g} s")
+        self.seconds = seconds
+
+
+#: PROXY-8: connect timeout until a model's ``timeouts.connect`` applies; no response timeout
+#: unless ``timeouts.responseHeader`` asks for one (long generations are legitimate).
 CONNECT_TIMEOUT = 10
+#: ``timeouts.idleConn: 0`` (no limit): idle connections are kept this long (a day)
+IDLE_FOREVER = 86400.0
 #: PROXY-2: hop-by-hop headers never cross the proxy.
 HOP_BY_HOP = frozenset({
     b"connection", b"keep-alive", b"proxy-authorization", b"proxy-authenticate", b"te",
@@ -168,6 +186,12 @@ class _UpstreamEndpointFactory(_StandardEndpointFactory):
         super().__init__(reactor, BrowserLikePolicyForHTTPS(), connect_timeout, None)
         self._cache: dict = {}
 
+    def set_connect_timeout(self, seconds: Optional[float]) -> None:
+        """New connections time out after ``seconds`` (None: never)."""
+        if seconds != self._connectTimeout:
+            self._connectTimeout = seconds
+            self._cache.clear()
+
     def endpointForURI(self, uri: Any) -> Any:
         key = (uri.scheme, uri.host, uri.port)
         endpoint = self._cache.get(key)
@@ -198,10 +222,34 @@ class ProxyHTTPClient(treq.client.HTTPClient):
     (health checks, tests) is treq's own.
     """
 
-    def __init__(self, agent: Any, cookiejar: Any, data_to_body_producer: Callable) -> None:
+    #: the ``config.Timeouts`` applied (``apply_timeouts``), or None
+    timeouts: Any = None
+
+    def __init__(self, agent: Any, cookiejar: Any, data_to_body_producer: Callable, clock: Any = None,
+                 pool: Any = None, endpoints: Any = None) -> None:
         super().__init__(agent, cookiejar=cookiejar, data_to_body_producer=data_to_body_producer)
         self._decoding = ContentDecoderAgent(agent, [(b"gzip", GzipDecoder)])
         self._uris: dict = {}
+        #: the pool and endpoint factory it connects through (``make_http_client``'s), or None
+        self._clock, self.pool, self.endpoints = clock, pool, endpoints
+        self._header_timeout = 0.0
+
+    def apply_timeouts(self, timeouts: Any) -> None:
+        """Use a model's or peer's ``timeouts`` (a ``config.Timeouts``; 0 = no limit) from now on.
+
+        ``connect`` bounds each new connection, ``idle_conn`` how long an idle one stays pooled,
+        ``response_header`` the wait for the headers once the request body is sent (forwarded
+        requests only: a health check has its own timeout). Cheap when nothing changed, so it
+        can be called before every request (a reload may change them).
+        """
+        if timeouts == self.timeouts:
+            return
+        self.timeouts = timeouts
+        if self.endpoints is not None:
+            self.endpoints.set_connect_timeout(timeouts.connect or None)
+        if self.pool is not None:
+            self.pool.cachedConnectionTimeout = timeouts.idle_conn or IDLE_FOREVER
+        self._header_timeout = float(timeouts.response_header or 0) if self._clock is not None else 0.0
 
     def request(self, method: str, url: Any, **kwargs: Any) -> Deferred:
         data = kwargs.get("data")
@@ -216,9 +264,79 @@ class ProxyHTTPClient(treq.client.HTTPClient):
                     self._uris.clear()
                 self._uris[url] = uri
             producer = self._data_to_body_producer(data) if data else None
-            return self._decoding.request(method.encode("ascii").upper(), uri,
-                                          headers=kwargs["headers"], bodyProducer=producer)
+            if not self._header_timeout:
+                return self._decoding.request(method.encode("ascii").upper(), uri,
+                                              headers=kwargs["headers"], bodyProducer=producer)
+            deadline = _HeaderDeadline(self._clock, self._header_timeout)
+            if producer is not None:
+                producer = _SentBody(producer, deadline.start)
+            d = self._decoding.request(method.encode("ascii").upper(), uri,
+                                       headers=kwargs["headers"], bodyProducer=producer)
+            return deadline.watch(d, started=producer is None)
         return super().request(method, url, **kwargs)
+
+
+class _HeaderDeadline:
+    """``timeouts.responseHeader`` of one request: armed once its body is sent (at once without
+    a body); on expiry the request is cancelled and fails with ``ResponseHeaderTimeout``."""
+
+    def __init__(self, clock: Any, seconds: float) -> None:
+        self.clock, self.seconds = clock, seconds
+        self.d: Optional[Deferred] = None
+        self.call: Any = None
+        self.sent = False
+        self.expired = False
+        self.answered = False  # (``d.called`` is true as soon as the connection is made)
+
+    def watch(self, d: Deferred, started: bool) -> Deferred:
+        self.d = d
+        d.addBoth(self._done)
+        if started or self.sent:
+            self.start()
+        return d
+
+    def start(self) -> None:
+        self.sent = True
+        if self.d is not None and not self.answered and self.call is None:
+            self.call = self.clock.callLater(self.seconds, self._expire)
+
+    def _expire(self) -> None:
+        self.call = None
+        self.expired = True
+        self.d.cancel()
+
+    def _done(self, result: Any) -> Any:
+        self.answered = True
+        if self.call is not None and self.call.active():
+            self.call.cancel()
+        self.call = None
+        if self.expired and isinstance(result, Failure):
+            return Failure(ResponseHeaderTimeout(self.seconds))
+        return result
+
+
+@implementer(IBodyProducer)
+class _SentBody:
+    """A body producer that reports when the whole body was written."""
+
+    def __init__(self, inner: Any, on_sent: Callable[[], None]) -> None:
+        self._inner, self._on_sent = inner, on_sent
+        self.length = inner.length
+
+    def startProducing(self, consumer: Any) -> Deferred:
+        def sent(result: Any) -> Any:
+            self._on_sent()
+            return result
+        return self._inner.startProducing(consumer).addCallback(sent)
+
+    def pauseProducing(self) -> None:
+        self._inner.pauseProducing()
+
+    def resumeProducing(self) -> None:
+        self._inner.resumeProducing()
+
+    def stopProducing(self) -> None:
+        self._inner.stopProducing()
 
 
 def make_http_client(reactor: Any, persistent: bool = True, max_per_host: int = 64):
@@ -227,9 +345,11 @@ def make_http_client(reactor: Any, persistent: bool = True, max_per_host: int = 
     pool._factory = _QuietClientFactory
     pool.maxPersistentPerHost = max_per_host
     pool.retryAutomatically = False  # PROXY-10 retries are ours, for every method
-    agent = Agent.usingEndpointFactory(reactor, _UpstreamEndpointFactory(reactor, CONNECT_TIMEOUT), pool=pool)
+    endpoints = _UpstreamEndpointFactory(reactor, CONNECT_TIMEOUT)
+    agent = Agent.usingEndpointFactory(reactor, endpoints, pool=pool)
     no_cookies = CookieJar(DefaultCookiePolicy(allowed_domains=[]))
-    client = ProxyHTTPClient(agent, cookiejar=no_cookies, data_to_body_producer=_to_body_producer)
+    client = ProxyHTTPClient(agent, cookiejar=no_cookies, data_to_body_producer=_to_body_producer,
+                             clock=reactor, pool=pool, endpoints=endpoints)
     return client, pool
 
 
@@ -326,6 +446,15 @@ class _BodyRelay(Protocol):
         self.nbytes = 0
 
     def _cancel(self, done: Deferred) -> None:
+        """Stop the transfer (the client left, or the request was cancelled): the upstream
+        connection is closed so the server stops generating, and the client's response no
+        longer pulls from it."""
+        if self.registered:
+            self.registered = False
+            try:
+                self.request.unregisterProducer()
+            except (AttributeError, RuntimeError):
+                pass
         if self.transport is not None:
             self.transport.stopProducing()
 
@@ -421,12 +550,23 @@ class Forwarder:
             if failure.check(CancelledError):
                 return failure
             e = failure.value
+            if _cancelled(e):
+                # the request was cancelled (client gone, or /api/inflight/<id>/cancel): Agent
+                # wraps that in ResponseNeverReceived, which must not be retried
+                return Failure(CancelledError())
+            if isinstance(e, ResponseHeaderTimeout):
+                raise UpstreamTimeout(f"upstream for model '{model_id}' sent no response headers within "
+                                      f"{e.seconds:g} s (timeouts.responseHeader)")
             if may_retry and isinstance(e, _RETRYABLE) and still_ready():
                 # PROXY-10: llama-server drops kept-alive connections after a stream; retry
                 # once on a connection of its own, whatever the method.
                 log.debug("retrying request to {model} on a new connection ({why})",
                           model=model_id, why=_reason(e))
-                return attempt(self.fresh_client(), False)
+                fresh = self.fresh_client()
+                timeouts = getattr(http, "timeouts", None)
+                if timeouts is not None and hasattr(fresh, "apply_timeouts"):
+                    fresh.apply_timeouts(timeouts)
+                return attempt(fresh, False)
             if unreachable is None:
                 raise UpstreamUnreachable(f"upstream for model '{model_id}' unreachable: {_reason(e)}")
             raise unreachable(_reason(e))
@@ -472,6 +612,173 @@ class Forwarder:
         if on_headers is not None:
             on_headers(response)
         return self.relay(request, response, model_id=model_id, sse=sse, on_data=on_data)
+
+
+# -- WebSocket passthrough -----------------------------------------------------------------------
+
+#: the longest upstream answer head to a WebSocket upgrade that is read
+_MAX_UPGRADE_HEAD = 64 * 1024
+
+
+def is_websocket_upgrade(request: Any) -> bool:
+    """A WebSocket upgrade request (``Connection: upgrade`` and ``Upgrade: websocket``, any case,
+    comma-separated or repeated), as llama-swap recognises one."""
+    def has(name: bytes, token: bytes) -> bool:
+        return any(part.strip().lower() == token for value in request.requestHeaders.getRawHeaders(name, [])
+                   for part in value.split(b","))
+    return request.method == b"GET" and has(b"connection", b"upgrade") and has(b"upgrade", b"websocket")
+
+
+class WebSocketRefused(LlamaSwapError):
+    """The upstream did not switch protocols (no ``101``) for a WebSocket upgrade."""
+
+    status, kind, code = 502, "server_error", "upstream_error"
+
+
+class _UpstreamSide(Protocol):
+    """The upstream end of a WebSocket tunnel: first its answer head, then raw frames."""
+
+    def __init__(self) -> None:
+        self.head: Deferred = Deferred(lambda d: self.transport and self.transport.abortConnection())
+        self.closed: Deferred = Deferred()
+        self.buffer = b""
+        self.peer: Any = None  # the client's transport, once the tunnel is open
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.peer is not None:
+            self.peer.write(data)
+            return
+        self.buffer += data
+        end = self.buffer.find(b"\r\n\r\n")
+        if end >= 0 and not self.head.called:
+            self.head.callback(end + 4)
+        elif len(self.buffer) > _MAX_UPGRADE_HEAD and not self.head.called:
+            self.head.errback(WebSocketRefused("upstream answered the WebSocket upgrade with an oversized head"))
+
+    def connectionLost(self, reason: Failure) -> None:
+        if not self.head.called:
+            self.head.errback(reason)
+        if self.peer is not None:
+            self.peer.loseConnection()
+        if not self.closed.called:
+            self.closed.callback(None)
+
+
+class _ClientSide(Protocol):
+    """The client end of a WebSocket tunnel (the connection twisted.web hands over)."""
+
+    def __init__(self, upstream: _UpstreamSide) -> None:
+        self.upstream = upstream
+
+    def dataReceived(self, data: bytes) -> None:
+        self.upstream.transport.write(data)
+
+    def connectionLost(self, reason: Failure) -> None:
+        self.upstream.transport.loseConnection()
+
+
+class _OneProtocol(Factory):
+    noisy = False
+
+    def __init__(self, protocol: Protocol) -> None:
+        self.protocol_instance = protocol
+
+    def buildProtocol(self, addr: Any) -> Protocol:
+        return self.protocol_instance
+
+
+def websocket_request_head(method: bytes, url: bytes, headers: Headers, request: Any) -> tuple[bytes, Any]:
+    """The upgrade request sent upstream, and the endpoint URI: ``headers`` (PROXY-2's) plus the
+    ``Connection``/``Upgrade`` pair a WebSocket needs and the upstream's ``Host``."""
+    from twisted.web.client import URI
+
+    uri = URI.fromBytes(url)
+    upgrade = request.requestHeaders.getRawHeaders(b"upgrade", [b"websocket"])[0]
+    lines = [method + b" " + (uri.originForm or b"/") + b" HTTP/1.1", b"Host: " + uri.netloc,
+             b"Connection: Upgrade", b"Upgrade: " + upgrade]
+    for name, values in headers.getAllRawHeaders():
+        if name.lower() in (b"host", b"connection", b"upgrade"):
+            continue
+        lines.extend(name + b": " + value for value in values)
+    return b"\r\n".join(lines) + b"\r\n\r\n", uri
+
+
+async def tunnel_websocket(reactor: Any, request: Any, url: bytes, headers: Headers, model_id: str,
+                           endpoints: Any = None) -> None:
+    """Pass a WebSocket upgrade through to ``url`` and relay frames both ways until either side
+    closes (``/upstream`` only; llama-swap passes WebSockets there too).
+
+    The upstream's ``101`` head is relayed as is, then twisted.web hands the client's connection
+    over (the request is then ``client_gone``: nothing more is written through it). No ``101``:
+    ``WebSocketRefused`` (502) naming the upstream's status line; no connection:
+    ``UpstreamUnreachable``.
+
+    :param endpoints: an endpoint factory (the model's client's, for its connect timeout); a
+        plain one on ``reactor`` by default.
+    """
+    head, uri = websocket_request_head(b"GET", url, headers, request)
+    factory = endpoints if endpoints is not None else _UpstreamEndpointFactory(reactor, CONNECT_TIMEOUT)
+    upstream = _UpstreamSide()
+    try:
+        await factory.endpointForURI(uri).connect(_OneProtocol(upstream))
+    except CancelledError:
+        raise
+    except Exception as e:
+        raise UpstreamUnreachable(f"upstream for model '{model_id}' unreachable: {_reason(e)}") from None
+    try:
+        upstream.transport.write(head)
+        end = await upstream.head
+    except CancelledError:
+        upstream.transport.abortConnection()
+        raise
+    except LlamaSwapError:
+        upstream.transport.abortConnection()
+        raise
+    except Exception as e:
+        raise UpstreamUnreachable(f"upstream for model '{model_id}' unreachable: {_reason(e)}") from None
+    answer, upstream.buffer = upstream.buffer[:end], upstream.buffer[end:]
+    status_line = answer.split(b"\r\n", 1)[0]
+    if status_line.split(b" ")[1:2] != [b"101"]:
+        upstream.transport.abortConnection()
+        raise WebSocketRefused(f"upstream for model '{model_id}' did not accept the WebSocket upgrade: "
+                               f"{status_line.decode('latin-1')}")
+    _take_over(request, upstream, answer)
+    await upstream.closed
+
+
+def _take_over(request: Any, upstream: _UpstreamSide, answer: bytes) -> None:
+    """Hand the client's connection from twisted.web to the tunnel (Twisted's own WebSocket
+    resource does it the same way)."""
+    channel = request.channel
+    client = channel.transport
+    request.client_gone = True  # the HTTP exchange is over: never finish() this request
+    request.record = None  # and a tunnel is no request of the activity
+    client.write(answer + upstream.buffer)
+    upstream.buffer = b""
+    pending = b"".join(getattr(channel, "_dataBuffer", None) or [])  # sent early by the client
+    side = _ClientSide(upstream)
+    upgrade = getattr(channel, "_protocolUpgradeForWebsockets", None)
+    if upgrade is not None:
+        upgrade(side)
+    else:  # an older Twisted lacks it: do what it does
+        channel.dataReceived, channel.connectionLost = side.dataReceived, side.connectionLost
+        side.makeConnection(client)
+    upstream.peer = client
+    if pending:
+        upstream.transport.write(pending)
+    try:  # back-pressure both ways: a slow reader pauses the other side
+        client.unregisterProducer()
+        client.registerProducer(upstream.transport, True)
+        upstream.transport.registerProducer(client, True)
+    except (AttributeError, RuntimeError):
+        pass
+    client.resumeProducing()
+
+
+def _cancelled(e: BaseException) -> bool:
+    """A transport failure that is a cancellation (``ResponseNeverReceived([CancelledError])``)."""
+    reasons = getattr(e, "reasons", None) or ()
+    return bool(reasons) and all(isinstance(r, Failure) and r.check(CancelledError) for r in reasons)
 
 
 def _reason(e: BaseException) -> str:

@@ -189,7 +189,9 @@ class FailureAndListingTests(PeerCase):
         ids = [e["id"] for e in body["data"]]
         self.assertEqual(ids, ["local", "p1/m1", "p1/org/big", "p1/shared", "p2/both", "p2/m2", "p2/shared"])
         self.assertEqual(body["data"][1], {"id": "p1/m1", "object": "model", "created": STARTED,
-                                           "owned_by": "llama-swap", "meta": {"llamaswap": {"peerID": "p1"}}})
+                                           "owned_by": "llama-swap", "name": "p1: m1",
+                                           "meta": {"llamaswap": {"type": "peer", "peerID": "p1"}},
+                                           "status": {"value": "unloaded"}})
 
     def test_no_peers(self):
         self.build_peers({})

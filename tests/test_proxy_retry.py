@@ -73,3 +73,27 @@ class RetryTests(SynchronousTestCase):
         f = self.failureResultOf(d, ValueError)
         self.assertIn("nope", str(f.value))
         self.assertNotIn("unreachable", str(f.value))
+
+    def test_cancelled_request_is_not_retried(self):
+        """A request cancelled before its response (the client left, or /api/inflight/<id>/cancel)
+        reaches Agent as ResponseNeverReceived([CancelledError]): it ends there, as a cancellation,
+        never as a second upstream request."""
+        from twisted.internet.defer import CancelledError
+
+        pooled = ScriptedClient(ResponseNeverReceived([Failure(CancelledError())]))
+        fresh = ScriptedClient("response")
+        self.failureResultOf(self.send(pooled, fresh), CancelledError)
+        self.assertEqual(fresh.calls, [])
+
+    def test_retry_keeps_the_timeouts(self):
+        """The fresh connection of a retry gets the model's timeouts too."""
+        from llamaswap.config import Timeouts
+
+        timeouts = Timeouts(response_header=9)
+        pooled = ScriptedClient(never_received())
+        pooled.timeouts = timeouts
+        fresh = ScriptedClient("response")
+        fresh.applied = []
+        fresh.apply_timeouts = fresh.applied.append
+        self.successResultOf(self.send(pooled, fresh))
+        self.assertEqual(fresh.applied, [timeouts])

@@ -7,7 +7,9 @@ from typing import Any, Callable, Optional
 import attr
 from twisted.logger import Logger
 
+from llamaswap.captures import CaptureBuffer
 from llamaswap.proxy import Forwarder
+from llamaswap.web.inflight import InflightRequests
 
 __all__ = ["RequestRecord", "WebContext"]
 
@@ -45,9 +47,14 @@ class RequestRecord:
     queue_wait: Optional[float] = attr.ib(default=None)
     stream_error: Optional[str] = attr.ib(default=None)
     usage: Optional[dict] = attr.ib(default=None)
+    #: the name of the API key the request carried ("" without one); never the key itself
+    key: str = attr.ib(default="")
     #: ``serve`` still runs (the forwarder may end the response before ``serve`` learns
     #: how the stream ended): the record is emitted when ``serve`` lets go of it.
     serving: bool = attr.ib(default=False, repr=False)
+    #: the request's ``captures.CaptureDraft`` while it runs (captures on, a captured route);
+    #: ``WebContext.emit`` hands it to the capture ring.
+    capture: Any = attr.ib(default=None, repr=False)
 
     def end(self, status: int, now: float, sent: int) -> bool:
         """The response ended with ``status`` after ``sent`` body bytes.
@@ -89,9 +96,13 @@ class WebContext:
     :param response_observer_factory: ``(status, upstream headers) -> parser | None``; a
         parser's ``feed(chunk)`` sees every relayed body chunk and its ``result()`` becomes
         the record's ``usage``.
-    :param peer_http: the treq client every peer request goes through (``peers.PeerPool``).
+    :param peer_http: what peer requests go through: ``peers.PeerClients`` (a client per peer,
+        with its timeouts), or any treq client.
     :param request_ids: ``() -> int``: the next request's activity id (the activity store seeds it
         past the ids it already holds); a counter from 1 by default.
+    :param inflight: the ``InflightRequests`` (``/api/inflight``); one on ``clock`` by default.
+    :param captures: the ``CaptureBuffer`` (``/api/captures``); by default one sized by the
+        current config's ``captureBuffer``.
     """
 
     router: Any = attr.ib()
@@ -106,13 +117,23 @@ class WebContext:
     response_observer_factory: Optional[Callable[[int, Any], Any]] = attr.ib(kw_only=True, default=None)
     peer_http: Any = attr.ib(kw_only=True, default=None)
     request_ids: Callable[[], int] = attr.ib(kw_only=True, factory=lambda: itertools.count(1).__next__)
+    inflight: Any = attr.ib(kw_only=True, default=attr.Factory(
+        lambda self: InflightRequests(self.clock, self.log), takes_self=True))
+    captures: Any = attr.ib(kw_only=True, default=attr.Factory(
+        lambda self: CaptureBuffer(lambda: self.router.config.capture_buffer_mb), takes_self=True))
 
     @property
     def config(self) -> Any:
         return self.router.config
 
     def emit(self, record: RequestRecord) -> None:
-        """Hand a finished request's record to every listener; one failing spoils nothing."""
+        """Hand a finished request's record to every listener; one failing spoils nothing.
+        Its capture, if any, is kept first."""
+        if record.capture is not None:
+            try:
+                self.captures.request_finished(record)
+            except Exception:
+                self.log.failure("keeping the capture of request {id} failed", id=record.id)
         for listener in self.request_listeners:
             try:
                 listener(record)
