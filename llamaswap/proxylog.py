@@ -4,7 +4,10 @@ llamaswap's own log: the observer behind every llamaswap ``Logger`` (LOG-4, LOG-
 * :class:`ProxyLogObserver` filters by ``logLevel`` and stores ``[LEVEL] message`` lines in
   the ``proxy`` log source of a ``LogBroadcaster``;
 * :class:`TwistdLogCopy` decides, by ``logToStdout``, what also goes to the twistd log: proxy
-  events (from the observer) and child output lines (from the broadcaster).
+  events (from the observer) and child output lines (from the broadcaster);
+* :func:`format_log_time` prefixes a proxy line with the time as ``logTimeFormat`` names it
+  (llama-swap's Go layout names), and :func:`rfc3339nano` writes the timestamps of the JSON
+  APIs the way Go encodes a ``time.Time``.
 
 The two share one :class:`TwistdLogCopy`, built first, so that each is built complete::
 
@@ -21,7 +24,8 @@ module-level global (pitfall 13)::
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Optional
+from datetime import datetime, timedelta
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from twisted.logger import (
     FilteringLogObserver,
@@ -39,11 +43,14 @@ if TYPE_CHECKING:
 
 __all__ = [
     "LEVELS",
+    "LOG_TIME_FORMATS",
     "LOG_TO_STDOUT_VALUES",
     "ProxyLogObserver",
     "TwistdLogCopy",
+    "format_log_time",
     "format_proxy_line",
     "make_logger",
+    "rfc3339nano",
 ]
 
 LEVELS = ("debug", "info", "warn", "error")
@@ -64,6 +71,112 @@ def _check_to_stdout(value: str) -> str:
     if value not in LOG_TO_STDOUT_VALUES:
         raise ValueError(f"unknown logToStdout {value!r}; use one of {', '.join(LOG_TO_STDOUT_VALUES)}")
     return value
+
+
+# -- time formats ----------------------------------------------------------------------------------
+# llama-swap's logTimeFormat names one of Go's time package layout constants (any case, trimmed);
+# anything else, "" included, means no timestamp. Go writes English names whatever the locale,
+# so the names are spelled out here instead of strftime's %a/%b.
+
+_DAYS = ("Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday")
+_MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
+
+
+def _offset(t: datetime, colon: bool) -> str:
+    """Go's ``-0700`` (or ``-07:00``)."""
+    minutes = int((t.utcoffset() or timedelta(0)).total_seconds() // 60)
+    sign = "-" if minutes < 0 else "+"
+    hours, minutes = divmod(abs(minutes), 60)
+    return f"{sign}{hours:02d}{':' if colon else ''}{minutes:02d}"
+
+
+def _z_offset(t: datetime) -> str:
+    """Go's ``Z07:00``: ``Z`` for a zero offset."""
+    return "Z" if not (t.utcoffset() or timedelta(0)) else _offset(t, colon=True)
+
+
+def _zone(t: datetime) -> str:
+    """Go's ``MST``: the zone's abbreviation, else its offset (Python names an unnamed
+    fixed zone ``UTC-07:00``; Go writes ``-0700``)."""
+    name = t.tzname() or ""
+    return name if name and not (name.startswith("UTC") and name != "UTC") else _offset(t, colon=False)
+
+
+def _day(t: datetime) -> str:
+    return _DAYS[t.weekday()][:3]
+
+
+def _month(t: datetime) -> str:
+    return _MONTHS[t.month - 1]
+
+
+def _clock(t: datetime) -> str:
+    return f"{t.hour:02d}:{t.minute:02d}:{t.second:02d}"
+
+
+def _stamp(t: datetime) -> str:
+    """Go's ``Jan _2 15:04:05`` (``_2``: the day padded with a space)."""
+    return f"{_month(t)} {t.day:2d} {_clock(t)}"
+
+
+def _nanos(t: datetime) -> str:
+    """Nine fraction digits; Python time stops at microseconds."""
+    return f"{t.microsecond:06d}000"
+
+
+def _rfc3339(t: datetime, nano: bool) -> str:
+    fraction = _nanos(t).rstrip("0") if nano else ""
+    return (f"{t.year:04d}-{t.month:02d}-{t.day:02d}T{_clock(t)}"
+            f"{'.' + fraction if fraction else ''}{_z_offset(t)}")
+
+
+def _kitchen(t: datetime) -> str:
+    return f"{(t.hour % 12) or 12}:{t.minute:02d}{'PM' if t.hour >= 12 else 'AM'}"
+
+
+#: logTimeFormat name -> how Go's layout of that name writes a local time.
+_LAYOUTS: dict[str, Callable[[datetime], str]] = {
+    "ansic": lambda t: f"{_day(t)} {_stamp(t)} {t.year:04d}",                       # Mon Jan _2 15:04:05 2006
+    "unixdate": lambda t: f"{_day(t)} {_stamp(t)} {_zone(t)} {t.year:04d}",         # ... MST 2006
+    "rubydate": lambda t: (f"{_day(t)} {_month(t)} {t.day:02d} {_clock(t)} {_offset(t, False)} "
+                           f"{t.year:04d}"),                                       # Mon Jan 02 15:04:05 -0700 2006
+    "rfc822": lambda t: f"{t.day:02d} {_month(t)} {t.year % 100:02d} {t:%H:%M} {_zone(t)}",
+    "rfc822z": lambda t: f"{t.day:02d} {_month(t)} {t.year % 100:02d} {t:%H:%M} {_offset(t, False)}",
+    "rfc850": lambda t: (f"{_DAYS[t.weekday()]}, {t.day:02d}-{_month(t)}-{t.year % 100:02d} {_clock(t)} "
+                         f"{_zone(t)}"),                                           # Monday, 02-Jan-06 15:04:05 MST
+    "rfc1123": lambda t: f"{_day(t)}, {t.day:02d} {_month(t)} {t.year:04d} {_clock(t)} {_zone(t)}",
+    "rfc1123z": lambda t: f"{_day(t)}, {t.day:02d} {_month(t)} {t.year:04d} {_clock(t)} {_offset(t, False)}",
+    "rfc3339": lambda t: _rfc3339(t, nano=False),                                  # 2006-01-02T15:04:05Z07:00
+    "rfc3339nano": lambda t: _rfc3339(t, nano=True),                               # .999999999: zeros trimmed
+    "kitchen": _kitchen,                                                           # 3:04PM
+    "stamp": _stamp,
+    "stampmilli": lambda t: f"{_stamp(t)}.{t.microsecond // 1000:03d}",
+    "stampmicro": lambda t: f"{_stamp(t)}.{t.microsecond:06d}",
+    "stampnano": lambda t: f"{_stamp(t)}.{_nanos(t)}",
+}
+
+#: every name ``logTimeFormat`` accepts, besides "" (no timestamp).
+LOG_TIME_FORMATS = tuple(_LAYOUTS)
+
+
+def _local(seconds: float, tz: Optional[Any] = None) -> datetime:
+    return datetime.fromtimestamp(seconds, tz) if tz is not None else datetime.fromtimestamp(seconds).astimezone()
+
+
+def format_log_time(name: str, seconds: float, tz: Optional[Any] = None) -> str:
+    """``seconds`` (a POSIX time) as the Go layout ``name`` writes it, in local time (or ``tz``).
+
+    :returns: "" when ``name`` is "" or not one of :data:`LOG_TIME_FORMATS` (any case):
+        llama-swap then logs no timestamp.
+    """
+    layout = _LAYOUTS.get(name.strip().lower())
+    return layout(_local(seconds, tz)) if layout else ""
+
+
+def rfc3339nano(seconds: float, tz: Optional[Any] = None) -> str:
+    """A time as Go's JSON encoding of ``time.Time`` writes it: RFC 3339, the fraction's
+    trailing zeros dropped, ``Z`` for a zero offset; local time unless ``tz`` is given."""
+    return _rfc3339(_local(seconds, tz), nano=True)
 
 
 class TwistdLogCopy:
@@ -122,6 +235,9 @@ class ProxyLogObserver:
     :param to_stdout: ``proxy``, ``upstream``, ``both`` or ``none`` (CFG-12); used only when
         ``copy`` is not given.
     :param copy: the :class:`TwistdLogCopy` shared with the broadcaster's line observer.
+    :param time_format: ``logTimeFormat``: a Go layout name (:data:`LOG_TIME_FORMATS`) whose
+        rendering of the event's time starts each stored line, as llama-swap's proxy log does;
+        "" or an unknown name stores no time.
     :raises ValueError: for any other ``level`` / ``to_stdout``.
     """
 
@@ -132,8 +248,10 @@ class ProxyLogObserver:
         level: str = "info",
         to_stdout: str = "proxy",
         copy: Optional[TwistdLogCopy] = None,
+        time_format: str = "",
     ) -> None:
         self._broadcaster = broadcaster
+        self.time_format = time_format
         self._predicate = LogLevelFilterPredicate(defaultLogLevel=_log_level(level))
         self._filtered = FilteringLogObserver(self._emit, [self._predicate])
         self._copy = copy if copy is not None else TwistdLogCopy(forward, to_stdout)
@@ -154,12 +272,16 @@ class ProxyLogObserver:
         """Change what goes to the twistd log (config reload, CFG-12)."""
         self._copy.set_to_stdout(value)
 
+    def set_time_format(self, value: str) -> None:
+        """Change ``logTimeFormat`` (config reload)."""
+        self.time_format = value
+
     def __call__(self, event: dict) -> None:
         self._filtered(event)
 
     def _emit(self, event: dict) -> None:
         """Store and forward one event that passed the level filter."""
-        self._broadcaster.write_proxy(format_proxy_line(event, _LABEL[event["log_level"]]))
+        self._broadcaster.write_proxy(format_proxy_line(event, _LABEL[event["log_level"]], self.time_format))
         self._copy.proxy_event(event)
 
     def upstream_line(self, model_id: str, line: str) -> None:
@@ -167,10 +289,15 @@ class ProxyLogObserver:
         self._copy.upstream_line(model_id, line)
 
 
-def format_proxy_line(event: dict, label: str) -> bytes:
-    """``[LABEL] message\\n`` in UTF-8, with a failure's traceback after the message (LOG-4)."""
+def format_proxy_line(event: dict, label: str, time_format: str = "") -> bytes:
+    """``[LABEL] message\\n`` in UTF-8, with a failure's traceback after the message (LOG-4).
+
+    With a ``time_format`` (``logTimeFormat``), the line starts with the event's ``log_time``
+    in that layout and a space, as llama-swap writes ``<time> [LEVEL] message``.
+    """
     text = eventAsText(event, includeTraceback=True, includeTimestamp=False, includeSystem=False)
-    return f"[{label}] {text.rstrip(chr(10))}\n".encode("utf-8", errors="replace")
+    stamp = format_log_time(time_format, event.get("log_time", 0.0)) if time_format else ""
+    return f"{stamp + ' ' if stamp else ''}[{label}] {text.rstrip(chr(10))}\n".encode("utf-8", errors="replace")
 
 
 def make_logger(observer: ILogObserver, namespace: str) -> Logger:

@@ -9,6 +9,8 @@ and the long-lived ones are child services, added in the order they must start::
     ├─ LogBroadcaster       log rings and /logs streams: first in, last out
     ├─ StateFileService     children.json: written once the daemon runs, removed at the end
     ├─ EventHub             /api/events clients, ended cleanly at shutdown
+    ├─ ActivityLog          /api/metrics/*: pending activity written to store.path before it stops
+    ├─ PerformanceMonitor   /api/performance samples (absent with performance.disabled)
     ├─ HTTPPools            per-child upstream pools: idle connections closed
     ├─ PeerPool             the peers' client and pool: idle connections closed
     ├─ ModelRouter          the models; its stop waits until every child is gone
@@ -30,14 +32,20 @@ from twisted.internet.defer import Deferred, DeferredList, ensureDeferred, maybe
 from twisted.logger import Logger, globalLogPublisher
 
 from llamaswap import __version__, ports
+from llamaswap.activity import ActivityLog
+from llamaswap.captures import CaptureBuffer
 from llamaswap.errors import ShuttingDown
 from llamaswap.events import EventHub, EventsPage
+from llamaswap.config.keepcache import cache_root_for, rebase_cache_root
 from llamaswap.footprint import NeedBook, needbook_path
+from llamaswap.kvcache import KvCache
 from llamaswap.listener import ListenerService, StartupError, describe_port
+from llamaswap.keepalive import KeepAlive
 from llamaswap.logs import LogBroadcaster
 from llamaswap.metrics import Metrics, MetricsPage, response_parser
 from llamaswap.observe import ModelEvent, Removed
 from llamaswap.peers import PeerPool
+from llamaswap.performance import make_performance_monitor
 from llamaswap.pools import HTTPPools
 from llamaswap.process import UpstreamProcess
 from llamaswap.proxy import Forwarder
@@ -45,6 +53,7 @@ from llamaswap.proxylog import ProxyLogObserver, TwistdLogCopy, make_logger
 from llamaswap.router import ModelRouter
 from llamaswap.statefile import ChildRegistry, cleanup_leftovers
 from llamaswap.watch import ConfigDirWatcher, ConfigWatcher
+from llamaswap.web.activity import activity_pages
 from llamaswap.web.context import WebContext
 from llamaswap.web.site import AccessLogSite
 from llamaswap.web.tree import build_root
@@ -155,6 +164,8 @@ class LlamaSwapService(SequentialMultiService):
                  watch_config: bool = False, listen_label: Optional[str] = None,
                  pidfile: Optional[str] = None, config_dir: Optional[str] = None) -> None:
         super().__init__()
+        self._cache_root = cache_root_for(state_file)  # keepCache: ${CACHE_DIR} beside the state file
+        config = rebase_cache_root(config, self._cache_root)
         self.config = config
         self.config_dir = config_dir
         self.config_path = config_path or (None if config_dir else config.source)
@@ -169,16 +180,25 @@ class LlamaSwapService(SequentialMultiService):
         self._bound = False
 
         # what observes comes first: everything built below reports to it
-        self.metrics = Metrics(config.models)
+        self.metrics = Metrics(config.models, key_names=[k.name for k in config.api_key_scopes] or None)
         stdout_copy = TwistdLogCopy(globalLogPublisher, to_stdout=config.log_to_stdout)
         self.logs = LogBroadcaster(on_dropped=self.metrics.log_bytes_dropped,
                                    upstream_line_observer=stdout_copy.upstream_line)
         for model_id in config.models:
             self.logs.add_source(model_id)
-        self.proxy_log = ProxyLogObserver(self.logs, level=config.log_level, copy=stdout_copy)
+        self.proxy_log = ProxyLogObserver(self.logs, level=config.log_level, copy=stdout_copy,
+                                          time_format=config.log_time_format)
         self.log = make_logger(self.proxy_log, "llamaswap")
         self.events = EventHub(config.models, self.logs, reactor,
                                log=make_logger(self.proxy_log, "llamaswap.events"))
+        # request activity (memory or store.path) and host samples for /api/metrics/*, /api/performance
+        # request/response captures (captureBuffer, read at each capture): /api/captures, has_capture
+        self.captures = CaptureBuffer(lambda: self.config.capture_buffer_mb)
+        self.activity = ActivityLog(reactor, make_logger(self.proxy_log, "llamaswap.activity"),
+                                    store_path=config.store_path, max_in_memory=config.metrics_max_in_memory,
+                                    has_capture=self.captures.has)
+        self.performance = make_performance_monitor(reactor, config.performance_disabled, config.performance_every,
+                                                    make_logger(self.proxy_log, "llamaswap.performance"))
 
         # the models: what each child needs, then the router that builds them
         self.registry = ChildRegistry(state_file, self.log, pidfile=pidfile)
@@ -187,24 +207,37 @@ class LlamaSwapService(SequentialMultiService):
         if self.needs.last_error:
             self.log.warn("{error}; measured memory needs start afresh", error=self.needs.last_error)
         self.pools = HTTPPools()
+        # keepCache and hooks (llamaswap.kvcache): every process's lifecycle around starts and stops
+        self.kv = KvCache(reactor, make_logger(self.proxy_log, "llamaswap.kvcache"), config.models,
+                          on_saved=self.metrics.kv_saved, on_restored=self.metrics.kv_restored)
         self.router = ModelRouter(config, self._make_process, reactor,
                                   make_logger(self.proxy_log, "llamaswap.router"), needs=self.needs)
         for observer in (self._on_model_removed, self.metrics.observe, self.events.observe):
             self.router.observers.add(observer)
+        # restart: on-failure and healthInterval (llamaswap.keepalive); it observes the router too
+        self.keepalive = KeepAlive(self.router, reactor, self.logs,
+                                   make_logger(self.proxy_log, "llamaswap.keepalive"))
+        self.router.observers.add(self.kv.observe)  # a removed model's saved KV cache is deleted
 
         # the web side: one context for every resource, the site, the socket
         self.peers = PeerPool(reactor)
         web = WebContext(self.router, self.logs, Forwarder(reactor), reactor,
                          log=make_logger(self.proxy_log, "llamaswap.http"), reload=self.reload,
-                         request_listeners=(self.metrics.request_finished, self.events.request_finished),
-                         response_observer_factory=response_parser, peer_http=self.peers.http)
+                         request_listeners=(self.metrics.request_finished, self.events.request_finished,
+                                            self.activity.request_finished),
+                         request_ids=self.activity.next_id,
+                         response_observer_factory=response_parser, peer_http=self.peers.http,
+                         captures=self.captures)
         extra = {"/metrics": MetricsPage(self.metrics.registry), "/api/events": EventsPage(self.events)}
+        extra.update(activity_pages(self.activity, self.performance,
+                                    make_logger(self.proxy_log, "llamaswap.http")))
         self.site = AccessLogSite(build_root(web, extra), web, reactor,
                                   make_logger(self.proxy_log, "llamaswap.access"))
         self.listener = ListenerService(listen, self.site, reactor, self._listening, label=listen_label)
 
-        children = [self.logs, StateFileService(self.registry, self.log), self.events, self.pools,
-                    self.peers, self.router, self.listener]
+        children = [self.logs, StateFileService(self.registry, self.log), self.events, self.activity,
+                    *([self.performance] if self.performance else []), self.pools,
+                    self.peers, self.router, self.keepalive, self.listener]
         if watch_config and self.config_path:
             children.append(ConfigWatcher(self.config_path, reactor, self._safe_reload, self.log))
         if watch_config and config_dir:
@@ -216,7 +249,8 @@ class LlamaSwapService(SequentialMultiService):
         return UpstreamProcess(
             model=model, reactor=self.reactor, clock=self.reactor, logs=self.logs, on_transition=on_transition,
             on_spawn=self.registry.spawned, on_reap=self.registry.reaped, ports=ports.SYSTEM,
-            http_factory=self.pools.for_child, log=make_logger(self.proxy_log, "llamaswap.process"))
+            http_factory=self.pools.for_child, lifecycle=self.kv,
+            log=make_logger(self.proxy_log, "llamaswap.process"))
 
     # -- startup ----------------------------------------------------------------------------------
 
@@ -232,6 +266,7 @@ class LlamaSwapService(SequentialMultiService):
             return
         cleanup_leftovers(self.registry.path, self.log)
         self.registry.remove()  # a dead daemon's record, dealt with: ours is written once we run
+        self.activity.open()  # an unusable store.path is a StartupError naming it
         self.listener.bind()
         self._bound = True
 
@@ -347,6 +382,7 @@ class LlamaSwapService(SequentialMultiService):
                            errors="\n".join(e.errors))
             self.metrics.reload("failure")
             raise
+        new = rebase_cache_root(new, self._cache_root)
         old = self.config
         for model_id in new.models.keys() - old.models.keys():
             self.logs.add_source(model_id)
@@ -354,6 +390,11 @@ class LlamaSwapService(SequentialMultiService):
         self.config = new
         self.proxy_log.set_level(new.log_level)
         self.proxy_log.set_to_stdout(new.log_to_stdout)
+        self.metrics.set_key_names([k.name for k in new.api_key_scopes] or None)
+        self.proxy_log.set_time_format(new.log_time_format)
+        self.activity.reconfigure(new.store_path, new.metrics_max_in_memory)
+        if self.performance is not None:
+            self.performance.reconfigure(new.performance_disabled, new.performance_every)
         for warning in new.warnings:
             self.log.warn("{warning}", warning=warning)
         self.log.info("config reloaded: added=[{added}] removed=[{removed}] changed=[{changed}] "

@@ -11,7 +11,7 @@ from twisted.web.http import Request
 from twisted.web.test.requesthelper import DummyChannel
 
 from llamaswap.logs import LINE_BUFFER_LIMIT, QUEUE_LIMIT, LogBroadcaster, drop_marker
-from llamaswap.proxylog import ProxyLogObserver, make_logger
+from llamaswap.proxylog import LOG_TIME_FORMATS, ProxyLogObserver, format_log_time, make_logger
 
 
 class FakeConsumer:
@@ -670,6 +670,63 @@ class ProxyLogObserverTests(SynchronousTestCase):
         observer = ProxyLogObserver(self.logs, forward=publisher, level="warn")
         Logger(namespace="x", observer=observer).emit(LogLevel.warn, "w {a}", a=1)
         self.assertEqual([e["a"] for e in seen], [1])
+
+
+class LogTimeFormatTests(SynchronousTestCase):
+    """logTimeFormat: a Go layout name puts the event's time before each proxy line."""
+
+    # Wed 2025-12-31 17:04:05.123456 at UTC-7, i.e. Thu 2026-01-01 00:04:05.123456 UTC
+    WHEN = 1767225845.123456
+
+    def test_every_layout(self):
+        """Each name writes what Go's layout of that name writes."""
+        from datetime import timedelta, timezone
+        utc, west = timezone.utc, timezone(timedelta(hours=-7))
+        expected = {
+            "ansic": ("Thu Jan  1 00:04:05 2026", "Wed Dec 31 17:04:05 2025"),
+            "unixdate": ("Thu Jan  1 00:04:05 UTC 2026", "Wed Dec 31 17:04:05 -0700 2025"),
+            "rubydate": ("Thu Jan 01 00:04:05 +0000 2026", "Wed Dec 31 17:04:05 -0700 2025"),
+            "rfc822": ("01 Jan 26 00:04 UTC", "31 Dec 25 17:04 -0700"),
+            "rfc822z": ("01 Jan 26 00:04 +0000", "31 Dec 25 17:04 -0700"),
+            "rfc850": ("Thursday, 01-Jan-26 00:04:05 UTC", "Wednesday, 31-Dec-25 17:04:05 -0700"),
+            "rfc1123": ("Thu, 01 Jan 2026 00:04:05 UTC", "Wed, 31 Dec 2025 17:04:05 -0700"),
+            "rfc1123z": ("Thu, 01 Jan 2026 00:04:05 +0000", "Wed, 31 Dec 2025 17:04:05 -0700"),
+            "rfc3339": ("2026-01-01T00:04:05Z", "2025-12-31T17:04:05-07:00"),
+            "rfc3339nano": ("2026-01-01T00:04:05.123456Z", "2025-12-31T17:04:05.123456-07:00"),
+            "kitchen": ("12:04AM", "5:04PM"),
+            "stamp": ("Jan  1 00:04:05", "Dec 31 17:04:05"),
+            "stampmilli": ("Jan  1 00:04:05.123", "Dec 31 17:04:05.123"),
+            "stampmicro": ("Jan  1 00:04:05.123456", "Dec 31 17:04:05.123456"),
+            "stampnano": ("Jan  1 00:04:05.123456000", "Dec 31 17:04:05.123456000"),
+        }
+        self.assertEqual(set(expected), set(LOG_TIME_FORMATS))
+        for name, (in_utc, in_west) in expected.items():
+            self.assertEqual(format_log_time(name, self.WHEN, utc), in_utc, name)
+            self.assertEqual(format_log_time(name, self.WHEN, west), in_west, name)
+
+    def test_names_match_the_config_reader(self):
+        """The config accepts exactly the names the log can write."""
+        from llamaswap.config import LOG_TIME_FORMATS as ACCEPTED
+        self.assertEqual(set(ACCEPTED), set(LOG_TIME_FORMATS))
+
+    def test_name_any_case_unknown_or_empty(self):
+        """Names match in any case; "" or an unknown name (a custom layout) gives no time."""
+        self.assertEqual(format_log_time(" RFC3339 ", 0), format_log_time("rfc3339", 0))
+        self.assertEqual(format_log_time("", 0), "")
+        self.assertEqual(format_log_time("2006-01-02 15:04:05", 0), "")
+
+    def test_proxy_line_prefix(self):
+        """With a format, stored proxy lines start '<time> [LEVEL]'; a reload can change or drop it."""
+        logs = LogBroadcaster()
+        observer = ProxyLogObserver(logs, forward=lambda e: None, time_format="rfc3339")
+        log = make_logger(observer, "llamaswap.test")
+        observer({"log_format": "started {model}", "model": "qwen", "log_level": LogLevel.info,
+                  "log_namespace": "llamaswap.test", "log_time": self.WHEN})
+        stamp = format_log_time("rfc3339", self.WHEN).encode()
+        self.assertEqual(logs.history("proxy"), stamp + b" [INFO] started qwen\n")
+        observer.set_time_format("")
+        log.info("plain")
+        self.assertTrue(logs.history("proxy").endswith(b"\n[INFO] plain\n"))
 
 
 class RealRequestTests(SynchronousTestCase):

@@ -345,8 +345,8 @@ def test_make_service_builds_tree_on_injected_reactor(tmp_path):
     reactor = MemoryReactorClock()
     service = tap.make_service(options, reactor=reactor)
     names = [type(s).__name__ for s in service]
-    assert names == ["LogBroadcaster", "StateFileService", "EventHub", "HTTPPools", "PeerPool", "ModelRouter",
-                     "ListenerService"]
+    assert names == ["LogBroadcaster", "StateFileService", "EventHub", "ActivityLog", "PerformanceMonitor",
+                     "HTTPPools", "PeerPool", "ModelRouter", "KeepAlive", "ListenerService"]
     service.privilegedStartService()
     service.startService()
     assert reactor.tcpServers and reactor.tcpServers[0][0] == 0
