@@ -228,7 +228,9 @@ def test_readme_configs_load_cleanly():
     assert configs, "README.rst shows no config"
     for text in configs:
         try:
-            config = parse_config(text, "README.rst", environ={})
+            # the keys a config takes from the environment get a value, as a user's shell would
+            environ = {name: f"sk-{name.lower()}" for name in re.findall(r"\$\{env\.(\w+)\}", text)}
+            config = parse_config(text, "README.rst", environ=environ)
         except ConfigError as e:
             pytest.fail("a README config does not load:\n" + text + "\n" + "\n".join(e.errors))
         assert config.models
@@ -267,3 +269,16 @@ def test_readme_starts_with_two_setup_commands_and_ci_runs_the_second():
         assert "LLAMA_CPP_BUILD_JOBS=$(nproc)" in command  # an unbounded build can exhaust memory
     ci = (ROOT / ".ci" / "run").read_text().splitlines()
     assert test in [line.strip() for line in ci if not line.lstrip().startswith("#")]
+
+
+def test_readme_lists_every_config_key():
+    """The README's "Configuration" section names every key of the key table (each leaf name),
+    so a user can see at a glance what is supported and what is not."""
+    from llamaswap.config.keys import KEYS
+
+    text = read(README)
+    section = text[text.index("Configuration\n-------------\n"):text.index("Several models at once")]
+    literals = " ".join(re.findall(r"``(.+?)``", section, re.S))
+    named = set(re.findall(r"[A-Za-z_][A-Za-z0-9_]*", literals))
+    missing = sorted({k.path for k in KEYS if k.path.rsplit(".", 1)[-1] not in named})
+    assert not missing, missing
