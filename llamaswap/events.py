@@ -7,14 +7,26 @@ client as SSE messages framed the llama-swap way::
     data:{"type":"modelStatus","data":"[{\\"id\\":\\"qwen\\", ...}]"}
 
 (``data`` is itself a JSON document encoded as a string). A new client first gets a
-snapshot: ``logData`` (proxy history), ``logData`` (upstream history), ``modelStatus`` and
-``metrics`` (the last 100 request records), then live events:
+snapshot: ``logData`` (proxy history), ``logData`` (upstream history), ``modelStatus``,
+``metrics`` (the last 100 request records), ``profileChanged`` (``{"active": <name or
+null>}``) and ``inflight`` (``{"operation": "snapshot", "requests": [...]}``, as
+``GET /api/inflight`` answers), then live events:
 
 * ``modelStatus`` after model events (state changes, queue changes, reload, unload): the
   hub is an ``IModelObserver`` (:meth:`EventHub.observe`) and keeps each model's state and
   counts from the events themselves;
 * ``logData`` for new output of the ``proxy`` and ``upstream`` log sources;
-* ``metrics``, one record per finished model-dispatched request.
+* ``metrics``, one record per finished model-dispatched request;
+* ``inflight``, llama-swap's in-flight updates: ``{"operation": "upsert", "request": {...}}``
+  when a request enters the list, gets its response headers or relays more bytes (at most
+  every 0.25 s), ``{"operation": "remove", "id": "7"}`` when it ends (the hub is one of the
+  ``InflightRequests.observers``, see :meth:`EventHub.watch_inflight`);
+* ``profileChanged`` then ``modelStatus`` when the active profile changes: ``PUT
+  /api/profiles/active`` publishes :class:`ProfileChanged` to the router's observers, and a
+  reload, which leaves no profile active, deactivates it.
+
+A client whose API key is no admin's gets neither ``logData`` nor ``inflight`` (log output
+and in-flight requests' headers may show other people's prompts or clients).
 
 Model status and log output are coalesced per reactor turn (``callLater(0)`` on the
 injected clock): a burst of child output or of grants becomes one event, not hundreds.
@@ -46,7 +58,7 @@ from llamaswap.observe import ModelEvent, QueueChanged, Reloaded, Removed, Repla
 from llamaswap.web.render import JSONResource
 
 __all__ = ["EventHub", "EventsPage", "KEEPALIVE_INTERVAL", "MAX_UNSENT", "HISTORY_RECORDS",
-           "ModelLive", "frame", "model_status"]
+           "ModelLive", "ProfileChanged", "frame", "model_status"]
 
 #: EVT-1: a ``: keepalive`` comment this often.
 KEEPALIVE_INTERVAL = 15.0
@@ -63,6 +75,19 @@ def frame(kind: str, payload: Any) -> bytes:
     inner = json.dumps(payload, ensure_ascii=False, separators=(",", ":"))
     outer = json.dumps({"type": kind, "data": inner}, ensure_ascii=False, separators=(",", ":"))
     return b"event:message\ndata:" + outer.encode("utf-8") + b"\n\n"
+
+
+@attr.frozen
+class ProfileChanged:
+    """A model event (``llamaswap.observe``): the active pin profile is now ``active`` (None: none).
+
+    ``PUT /api/profiles/active`` publishes it on the router's observers when the profile changed.
+    """
+
+    active: Optional[str]
+
+
+_NO_INFLIGHT = {"operation": "snapshot", "requests": []}
 
 
 @attr.s(slots=True)
@@ -119,7 +144,8 @@ class EventHub(Service):
     """The live state behind ``/api/events`` and its connected clients.
 
     Add :meth:`observe` to ``router.observers``: model events keep the hub's view of every
-    model (``models``, ``live``) up to date, with no call back into the router.
+    model (``models``, ``live``) and of the active profile up to date, with no call back into
+    the router. :meth:`watch_inflight` makes it follow the requests in flight.
 
     :param models: the config's ``{id: ModelConfig}`` (names, descriptions, aliases);
         ``Reloaded`` events bring the new one.
@@ -139,7 +165,9 @@ class EventHub(Service):
         self.records: deque[dict] = deque(maxlen=history)
         self._ids = itertools.count()
         self._clients: list[Subscriber] = []
-        self._no_logs: set[Subscriber] = set()  # clients that get no logData (non-admin API keys)
+        self._not_admin: set[Subscriber] = set()  # clients that get no logData nor inflight
+        self.active_profile: Optional[str] = None  # none at startup, as in the router
+        self.inflight: Any = None  # the InflightRequests followed (watch_inflight)
         self._decoders = {s: codecs.getincrementaldecoder("utf-8")("replace") for s in _LOG_SOURCES}
         self._pending_logs: dict[str, list[str]] = {}
         self._status_dirty = False
@@ -155,8 +183,9 @@ class EventHub(Service):
     def add_client(self, request: Any, with_logs: bool = True) -> Subscriber:
         """Send the EVT-1 snapshot to ``request`` (headers already set), then live events.
 
-        ``with_logs`` false leaves out every ``logData`` message (an API key that is no admin's
-        may not read the logs, which can hold prompts).
+        ``with_logs`` false leaves out every ``logData`` and ``inflight`` message (an API key
+        that is no admin's may not read the logs, which can hold prompts, nor other clients'
+        request headers).
         """
         self._flush()  # what is pending is in the history the new client is about to get
         if not self._clients:  # output was not decoded while nobody listened: start afresh
@@ -165,13 +194,16 @@ class EventHub(Service):
         client = Subscriber(request, Disconnect(self.max_unsent, self._too_slow), on_close=self._remove)
         self._clients.append(client)
         if not with_logs:
-            self._no_logs.add(client)
+            self._not_admin.add(client)
         client.attach()
         for source in _LOG_SOURCES if with_logs else ():
             text = self.logs.history(source).decode("utf-8", "replace")
             client.send(frame("logData", {"source": source, "data": text}))
         client.send(frame("modelStatus", model_status(self.models, self.live)))
         client.send(frame("metrics", list(self.records)))
+        client.send(frame("profileChanged", {"active": self.active_profile}))
+        if with_logs:
+            client.send(frame("inflight", self.inflight.snapshot() if self.inflight is not None else _NO_INFLIGHT))
         if not self._keepalive.running:
             self._keepalive.start(self._keepalive_interval, now=False)
         return client
@@ -183,7 +215,7 @@ class EventHub(Service):
         self.log.info("events client dropped: more than {limit} bytes unsent", limit=self.max_unsent)
 
     def _remove(self, client: Subscriber) -> None:
-        self._no_logs.discard(client)
+        self._not_admin.discard(client)
         if client in self._clients:
             self._clients.remove(client)
         if not self._clients and self._keepalive.running:
@@ -199,8 +231,41 @@ class EventHub(Service):
 
     # -- feeds ------------------------------------------------------------------------------------
 
+    def watch_inflight(self, inflight: Any) -> None:
+        """Follow ``inflight`` (an ``InflightRequests``): its snapshot goes to each new admin
+        client, its updates to every admin client as ``inflight``. Watching the one already
+        watched changes nothing."""
+        if inflight is self.inflight:
+            return
+        if self.inflight is not None:
+            self.inflight.observers.remove(self._inflight_update)
+        self.inflight = inflight
+        inflight.observers.append(self._inflight_update)
+
+    def _inflight_update(self, update: dict) -> None:
+        if len(self._not_admin) == len(self._clients):
+            return  # no admin listens: a new one gets the snapshot
+        self._flush()  # keep the order: what happened before this update went first
+        self._broadcast(frame("inflight", update), skip=self._not_admin)
+
+    def _profile_changed(self, active: Optional[str], status: bool = True) -> None:
+        """llama-swap's ``profileChanged`` to every client, then (``status``) ``modelStatus``."""
+        if active == self.active_profile:
+            return
+        self.active_profile = active
+        if self._clients:
+            self._flush()
+            self._broadcast(frame("profileChanged", {"active": active}))
+            if status:
+                self._broadcast(frame("modelStatus", model_status(self.models, self.live)))
+
     def observe(self, event: ModelEvent) -> None:
-        """``IModelObserver``: keep each model's state and counts; a change becomes ``modelStatus``."""
+        """``IModelObserver``: keep each model's state and counts; a change becomes ``modelStatus``.
+        :class:`ProfileChanged`, and a reload (which leaves no profile active), become
+        ``profileChanged``."""
+        if isinstance(event, ProfileChanged):
+            self._profile_changed(event.active)
+            return
         if isinstance(event, QueueChanged):
             live = self._live(event.model)
             live.inflight, live.waiting = event.inflight, event.waiting
@@ -212,6 +277,7 @@ class EventHub(Service):
             self.models = event.models
             for model_id in event.added:
                 self.live.pop(model_id, None)
+            self._profile_changed(None, status=False)  # the new models' modelStatus follows
         elif isinstance(event, Removed):
             self.live.pop(event.model, None)
         else:
@@ -273,7 +339,7 @@ class EventHub(Service):
         for source in _LOG_SOURCES:
             if source in logs:
                 self._broadcast(frame("logData", {"source": source, "data": "".join(logs[source])}),
-                                skip=self._no_logs)
+                                skip=self._not_admin)
         if dirty:
             self._broadcast(frame("modelStatus", model_status(self.models, self.live)))
 
@@ -290,7 +356,11 @@ class EventHub(Service):
 
 
 class EventsPage(JSONResource):
-    """EP-12: ``GET /api/events``."""
+    """EP-12: ``GET /api/events``.
+
+    The hub follows the in-flight requests of the site's ``WebContext`` (``request.site.app``)
+    from the first client on.
+    """
 
     isLeaf = True
 
@@ -303,5 +373,8 @@ class EventsPage(JSONResource):
         request.setHeader(b"cache-control", b"no-cache")
         request.setHeader(b"x-accel-buffering", b"no")
         request.write(b"")  # headers now: a quiet daemon must not look like a hung request
+        app = getattr(getattr(request, "site", None), "app", None)
+        if getattr(app, "inflight", None) is not None:
+            self.hub.watch_inflight(app.inflight)
         self.hub.add_client(request, with_logs=getattr(request, "admin", True))
         return NOT_DONE_YET

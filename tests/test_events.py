@@ -1,5 +1,6 @@
-"""``GET /api/events`` (EVT-1..EVT-3): framing, the snapshot, live events,
-keepalives on the injected clock, and slow clients dropped without stalling others.
+"""``GET /api/events`` (EVT-1..EVT-3): framing, the snapshot, live events (llama-swap's
+``inflight`` updates and ``profileChanged`` included), keepalives on the injected clock, and slow
+clients dropped without stalling others.
 
 The router is the real ``ModelRouter`` over fake processes (tests/test_resources.py's
 ``HTTPCase``); most tests attach a ``FakeEventRequest`` to the hub directly, and one goes
@@ -11,10 +12,12 @@ import json
 
 from treq.testing import RequestTraversalAgent
 
-from llamaswap.events import KEEPALIVE_INTERVAL, MAX_UNSENT, EventHub, EventsPage, frame
+from llamaswap.config import ProfileConfig
+from llamaswap.events import KEEPALIVE_INTERVAL, MAX_UNSENT, EventHub, EventsPage, ProfileChanged, frame
 from llamaswap.observe import QueueChanged, StateChanged
 from llamaswap.web.context import RequestRecord
 from llamaswap.web.site import AccessLogSite
+from llamaswap.web.inflight import UPDATE_INTERVAL
 from llamaswap.web.tree import build_root
 from tests.factories import make_config, make_model
 from tests.fakes import FakeStreamRequest, capture_logger
@@ -48,7 +51,8 @@ class FakeEventRequest(FakeStreamRequest):
 class EventsCase(HTTPCase):
     def setUp(self) -> None:
         self.build([make_model(id="b", unlisted=True, name="B", description="second"),
-                    make_model(id="a", aliases=("gpt",), name="Model A", description="first")])
+                    make_model(id="a", aliases=("gpt",), name="Model A", description="first")],
+                   pin_profiles={"coding": ProfileConfig("coding", "", {"public": "b"})})
         self.hub = EventHub(self.config.models, self.logs, self.reactor, log=capture_logger(self.events))
         self.router.observers.add(self.hub.observe)
         self.rewire(request_listeners=[self.hub.request_finished])
@@ -56,9 +60,9 @@ class EventsCase(HTTPCase):
     def tearDown(self) -> None:
         self.hub.stopService()
 
-    def connect(self) -> FakeEventRequest:
+    def connect(self, admin: bool = True) -> FakeEventRequest:
         request = FakeEventRequest()
-        self.hub.add_client(request)
+        self.hub.add_client(request, with_logs=admin)
         return request
 
     def turn(self) -> None:
@@ -87,7 +91,8 @@ class FramingTests(EventsCase):
         collect = self.collect(response)
         fake = FakeEventRequest()
         fake.data = collect.data
-        self.assertEqual([t for t, _ in fake.messages()], ["logData", "logData", "modelStatus", "metrics"])
+        self.assertEqual([t for t, _ in fake.messages()], ["logData", "logData", "modelStatus", "metrics",
+                                                           "profileChanged", "inflight"])
         self.assertNoResult(collect.done)
         self.logs.write_proxy(b"[INFO] live\n")
         self.flush()
@@ -109,7 +114,8 @@ class SnapshotTests(EventsCase):
         self.call(b"POST", "/v1/chat/completions", b'{"model":"nope"}')
         request = self.connect()
         messages = request.messages()
-        self.assertEqual([t for t, _ in messages], ["logData", "logData", "modelStatus", "metrics"])
+        self.assertEqual([t for t, _ in messages], ["logData", "logData", "modelStatus", "metrics",
+                                                    "profileChanged", "inflight"])
         self.assertEqual(messages[0][1]["source"], "proxy")
         self.assertIn("[INFO] hello\n", messages[0][1]["data"])
         self.assertEqual(messages[1][1], {"source": "upstream", "data": "[a] child says hi\n"})
@@ -122,6 +128,8 @@ class SnapshotTests(EventsCase):
         self.assertEqual(record["model"], "")
         self.assertEqual(record["status"], 404)
         self.assertEqual(record["endpoint"], "/v1/chat/completions")
+        self.assertEqual(messages[4][1], {"active": None})
+        self.assertEqual(messages[5][1], {"operation": "snapshot", "requests": []})
 
     def test_snapshot_keeps_last_100_records(self):
         """EVT-1: at most the last 100 records, ids increasing."""
@@ -256,6 +264,165 @@ class LiveTests(EventsCase):
         self.assertEqual((record["input_tokens"], record["output_tokens"], record["cached_tokens"]),
                          (25, 10, 0))
         self.assertEqual((record["prompt_per_second"], record["tokens_per_second"]), (100.0, 10.0))
+
+
+class InflightTests(EventsCase):
+    """llama-swap's ``inflight`` messages: the snapshot, then upsert/remove as requests come and go,
+    for admin clients only (the entries carry request headers)."""
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.hub.watch_inflight(self.app.inflight)
+
+    @staticmethod
+    def inflight(request: FakeEventRequest) -> list:
+        return [p for t, p in request.messages() if t == "inflight"]
+
+    def test_upsert_then_remove_for_admins_only(self):
+        admin, other = self.connect(), self.connect(admin=False)
+        self.assertEqual(self.inflight(admin), [{"operation": "snapshot", "requests": []}])
+        admin.clear()
+        other.clear()
+        self.upstream.hold = True
+        d = self.request(b"POST", "/v1/chat/completions", b'{"model":"a","stream":true}',
+                         headers={b"X-Session-ID": b"s1"})
+        up, _ = self.upstream.requests[0]
+        up.setHeader(b"content-type", b"text/event-stream")
+        [begun] = self.inflight(admin)
+        self.assertEqual(begun["operation"], "upsert")
+        entry = begun["request"]
+        self.assertEqual((entry["model"], entry["req_path"], entry["method"], entry["resp_bytes"],
+                          entry["resp_headers"], entry["session_id"]),
+                         ("a", "/v1/chat/completions", "POST", 0, {}, "s1"))
+        self.assertEqual(entry["req_headers"]["X-Session-Id"], "s1")
+        self.assertEqual(entry, self.app.inflight.snapshot()["requests"][0])
+        # a client connecting now finds it in its snapshot
+        late = self.connect()
+        self.assertEqual(self.inflight(late), [{"operation": "snapshot", "requests": [entry]}])
+
+        up.write(b"data: 1\n\n")
+        self.flush()
+        updates = self.inflight(admin)
+        self.assertEqual([u["operation"] for u in updates], ["upsert", "upsert"])
+        self.assertEqual(updates[1]["request"]["resp_headers"]["Content-Type"], "text/event-stream")
+        up.write(b"data: [DONE]\n\n")
+        up.finish()
+        self.flush()
+        self.successResultOf(d)
+        self.assertEqual(self.inflight(admin)[-1], {"operation": "remove", "id": entry["id"]})
+        self.assertEqual(self.inflight(late)[-1], {"operation": "remove", "id": entry["id"]})
+        self.assertEqual(self.inflight(other), [])
+        self.assertNotIn(b"s1", other.data)
+        self.assertNotIn(b"req_headers", other.data)
+
+    def test_bytes_relayed_at_llama_swaps_pace(self):
+        """More bytes: one upsert at most every 0.25 s per request, the last one's total in it."""
+        admin = self.connect()
+        d, up = self.open_stream(first=b"data: 1\n\n")
+        admin.clear()
+        for _ in range(3):
+            up.write(b"data: 22\n\n")
+            self.flush()
+        self.assertEqual(self.inflight(admin), [])  # the headers' upsert was just now
+        self.reactor.advance(UPDATE_INTERVAL)
+        [paced] = self.inflight(admin)
+        self.assertEqual(paced["request"]["resp_bytes"], 9 + 3 * 10)
+        self.assertEqual(paced["request"]["elapsed_ms"], int(UPDATE_INTERVAL * 1000))
+        admin.clear()
+        self.reactor.advance(1)
+        up.write(b"data: 333\n\n")
+        self.flush()
+        [at_once] = self.inflight(admin)  # the last update is old: no wait
+        self.assertEqual(at_once["request"]["resp_bytes"], 9 + 3 * 10 + 11)
+        up.write(b"data: 4\n\n")
+        self.flush()
+        up.finish()
+        self.flush()
+        self.successResultOf(d)
+        self.assertEqual([u["operation"] for u in self.inflight(admin)], ["upsert", "remove"])
+        # the pending paced update went with the request
+        self.assertEqual([c for c in self.reactor.getDelayedCalls()
+                          if getattr(c.func, "__name__", "") == "_paced_upsert"], [])
+        self.reactor.advance(UPDATE_INTERVAL)
+        self.assertEqual([u["operation"] for u in self.inflight(admin)], ["upsert", "remove"])
+
+    def test_no_admin_listening_costs_nothing(self):
+        """Without clients (or with non-admin ones only), updates are dropped, not queued."""
+        other = self.connect(admin=False)
+        self.call(b"POST", "/v1/chat/completions", b'{"model":"a"}')
+        self.assertEqual(self.inflight(other), [])
+        admin = self.connect()
+        self.assertEqual(self.inflight(admin), [{"operation": "snapshot", "requests": []}])
+
+    def test_events_page_follows_the_sites_inflight_requests(self):
+        """``GET /api/events`` binds the hub to the in-flight requests of the site's web context."""
+        hub = EventHub(self.config.models, self.logs, self.reactor)
+        self.addCleanup(hub.stopService)
+        root = build_root(self.app, {"/api/events": EventsPage(hub)})
+        self.agent = RequestTraversalAgent(root)
+        self.agent._serverFactory = AccessLogSite(root, self.app, reactor=self.agent._memoryReactor,
+                                                  log=capture_logger(self.access))
+        self.assertIsNone(hub.inflight)
+        response = self.successResultOf(self.request(b"GET", "/api/events"))
+        collect = self.collect(response)
+        self.assertIs(hub.inflight, self.app.inflight)
+        self.successResultOf(self.request(b"GET", "/api/events"))  # a second client: bound once
+        self.assertEqual(self.app.inflight.observers.count(hub._inflight_update), 1)
+        self.successResultOf(self.request(b"POST", "/v1/chat/completions", b'{"model":"a"}'))
+        self.flush()
+        fake = FakeEventRequest()
+        fake.data = collect.data
+        self.assertEqual([p["operation"] for t, p in fake.messages() if t == "inflight"],
+                         ["snapshot", "upsert", "upsert", "remove"])
+        from tests.fakes import drop_clients
+        drop_clients(self.agent)
+
+
+class ProfileTests(EventsCase):
+    """llama-swap's ``profileChanged`` (``{"active": <name or null>}``), then ``modelStatus``."""
+
+    def put(self, name) -> int:
+        response, _ = self.call(b"PUT", "/api/profiles/active", json.dumps({"name": name}).encode())
+        return response.code
+
+    def test_put_active_profile_sends_profile_changed(self):
+        request = self.connect()
+        request.clear()
+        self.assertEqual(self.put("coding"), 200)
+        self.turn()
+        self.assertEqual([t for t, _ in request.messages()], ["profileChanged", "modelStatus"])
+        self.assertEqual(request.messages()[0][1], {"active": "coding"})
+        request.clear()
+        self.assertEqual(self.put("coding"), 200)  # no change: nothing sent
+        self.assertEqual(self.put("nope"), 404)
+        self.turn()
+        self.assertEqual(request.messages(), [])
+        self.assertEqual(self.connect(admin=False).messages()[-1], ("profileChanged", {"active": "coding"}))
+        self.assertEqual(self.put(None), 200)
+        self.assertEqual(request.messages()[0], ("profileChanged", {"active": None}))
+
+    def test_reload_deactivates_the_profile(self):
+        """A reload leaves no profile active: clients are told, before the new models' status."""
+        request = self.connect()
+        self.put("coding")
+        request.clear()
+        self.router.reconfigure(self.config)
+        self.flush()
+        self.assertEqual([t for t, _ in request.messages()], ["profileChanged", "modelStatus"])
+        self.assertEqual(request.messages()[0][1], {"active": None})
+        request.clear()
+        self.router.reconfigure(self.config)  # none was active: nothing to say
+        self.flush()
+        self.assertEqual([t for t, _ in request.messages()], ["modelStatus"])
+
+    def test_profile_changed_is_a_model_event_others_ignore(self):
+        """Published on the router's observers; the hub keeps it for the next snapshot."""
+        seen = []
+        self.router.observers.add(seen.append)
+        self.put("coding")
+        self.assertEqual(seen, [ProfileChanged("coding")])
+        self.assertEqual(self.hub.active_profile, "coding")
+        self.assertEqual([p for t, p in self.connect().messages() if t == "profileChanged"], [{"active": "coding"}])
 
 
 class KeepaliveTests(EventsCase):

@@ -44,6 +44,10 @@ from llamaswap.web.render import JSON_TYPE, AppResource, write_error, write_json
 
 __all__ = ["InflightEntry", "InflightPage", "InflightRequests", "RequestCancelled", "routes", "run_tracked"]
 
+#: llama-swap's pace of ``upsert`` updates while a response's bytes are relayed: at most one per
+#: request this often.
+UPDATE_INTERVAL = 0.25
+
 
 class RequestCancelled(LlamaSwapError):
     """The request was cancelled through ``POST /api/inflight/<id>/cancel``."""
@@ -93,6 +97,10 @@ class InflightEntry:
     tail: bytes = attr.ib(default=b"")
     work: Optional[Deferred] = attr.ib(default=None)
     cancelled: bool = attr.ib(default=False)
+    #: ``InflightRequests``'s hook for relayed bytes (the paced ``upsert``), set by ``begin``
+    progress: Optional[Callable[["InflightEntry"], None]] = attr.ib(default=None, repr=False)
+    last_emitted: float = attr.ib(default=0.0, repr=False)
+    progress_call: Any = attr.ib(default=None, repr=False)
 
     def on_response(self, headers: Headers) -> None:
         """The response's status and headers were relayed (``headers``: as sent to the client)."""
@@ -101,7 +109,9 @@ class InflightEntry:
 
     def on_data(self, chunk: bytes) -> None:
         self.resp_bytes += len(chunk)
-        self.tail = (self.tail + chunk)[-4:]
+        self.tail = chunk[-4:] if len(chunk) >= 4 else (self.tail + chunk)[-4:]
+        if self.progress is not None and chunk:
+            self.progress(self)
 
     def cancel(self) -> None:
         self.cancelled = True
@@ -122,7 +132,8 @@ class InflightRequests:
     :param clock: ``IReactorTime``: elapsed times come from it.
     :ivar observers: each called with llama-swap's update message (``{"operation": "upsert",
         "request": {...}}`` or ``{"operation": "remove", "id": "7"}``) when a request enters the
-        list, gets its response headers, or leaves it.
+        list, gets its response headers, relays more bytes (at most once per ``UPDATE_INTERVAL``),
+        or leaves it.
     """
 
     def __init__(self, clock: Any, log: Optional[Logger] = None) -> None:
@@ -139,18 +150,40 @@ class InflightRequests:
             method=request.method.decode("latin-1"), req_headers=header_map(headers),
             remote_ip=_remote_ip(request), session_id=session_id(headers, session_headers))
         self._entries[entry.id] = entry
-        self._notify({"operation": "upsert", "request": entry.as_json(self.clock.seconds())})
+        entry.last_emitted, entry.progress = self.clock.seconds(), self._progress
+        self._upsert(entry)
         return entry
 
     def responded(self, entry: InflightEntry, headers: Headers) -> None:
         entry.on_response(headers)
         if self._entries.get(entry.id) is entry:
-            self._notify({"operation": "upsert", "request": entry.as_json(self.clock.seconds())})
+            entry.last_emitted = self.clock.seconds()
+            self._upsert(entry)
+
+    def _progress(self, entry: InflightEntry) -> None:
+        """More bytes relayed: an ``upsert`` now when the last update is ``UPDATE_INTERVAL`` old,
+        else one when it is (llama-swap's pace); nothing while nobody observes."""
+        if not self.observers or entry.progress_call is not None or self._entries.get(entry.id) is not entry:
+            return
+        wait = entry.last_emitted + UPDATE_INTERVAL - self.clock.seconds()
+        if wait > 0:
+            entry.progress_call = self.clock.callLater(wait, self._paced_upsert, entry)
+            return
+        self._paced_upsert(entry)
+
+    def _paced_upsert(self, entry: InflightEntry) -> None:
+        entry.progress_call = None
+        if self._entries.get(entry.id) is entry:
+            entry.last_emitted = self.clock.seconds()
+            self._upsert(entry)
 
     def end(self, entry: InflightEntry) -> None:
+        if entry.progress_call is not None and entry.progress_call.active():
+            entry.progress_call.cancel()
         if self._entries.get(entry.id) is entry:
             del self._entries[entry.id]
-            self._notify({"operation": "remove", "id": str(entry.id)})
+            if self.observers:
+                self._notify({"operation": "remove", "id": str(entry.id)})
 
     def get(self, request_id: int) -> Optional[InflightEntry]:
         return self._entries.get(request_id)
@@ -170,6 +203,10 @@ class InflightRequests:
 
     def __len__(self) -> int:
         return len(self._entries)
+
+    def _upsert(self, entry: InflightEntry) -> None:
+        if self.observers:  # the message is built only for someone
+            self._notify({"operation": "upsert", "request": entry.as_json(self.clock.seconds())})
 
     def _notify(self, update: dict) -> None:
         for observer in list(self.observers):

@@ -7,6 +7,8 @@
   ``{"name": null}`` (or ``""``) deactivates; the answer is ``{"active": <name or null>}``.
 
 The active profile lives in the router (``ModelRouter.active_profile``), which applies its pins.
+A change is published to the router's observers as ``llamaswap.events.ProfileChanged``, so
+``/api/events`` sends llama-swap's ``profileChanged``.
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ from urllib.parse import unquote
 from twisted.web.server import NOT_DONE_YET, Request
 
 from llamaswap.errors import InvalidJSON, LlamaSwapError, ModelNotFound
+from llamaswap.events import ProfileChanged
 from llamaswap.web.dispatch import UpstreamResource
 from llamaswap.web.render import JSON_TYPE, AppResource, write_error, write_json
 
@@ -54,10 +57,13 @@ class ActiveProfile(AppResource):
     def render_PUT(self, request: Request):
         try:
             name = _requested_profile(request)
-            self.app.router.set_active_profile(name)
+            router = self.app.router
+            changed = router.set_active_profile(name)
         except LlamaSwapError as e:
             write_error(request, e)
             return NOT_DONE_YET
+        if changed:
+            router.observers.publish(ProfileChanged(router.active_profile))
         write_json(request, 200, _active(self.app.router))
         return NOT_DONE_YET
 
