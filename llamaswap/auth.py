@@ -44,7 +44,7 @@ OPEN = frozenset({
 #: everyone, change the config, or show other people's prompts (logs, captures, the upstream
 #: servers' own pages).
 ADMIN_PREFIXES = (b"/unload", b"/api/models/unload", b"/api/models/load", b"/api/config/reload",
-                  b"/logs", b"/upstream", b"/api/captures")
+                  b"/logs", b"/upstream", b"/api/captures", b"/api/inflight")
 
 
 class ModelNotAllowed(LlamaSwapError):
@@ -155,14 +155,15 @@ def is_admin(key: Optional[ApiKey], config: Any) -> bool:
 
 
 def admin_only(method: bytes, path: bytes) -> bool:
-    """The management endpoints: unload, load, config reload, in-flight cancel, ``/logs*``,
-    ``/upstream``, captures, and activating a profile."""
+    """The management endpoints: unload, load, config reload, the in-flight list (it shows
+    everyone's requests and their headers) and cancel, ``/logs*``, ``/upstream``, captures, and
+    activating a profile."""
     for prefix in ADMIN_PREFIXES:
         if path == prefix or path.startswith(prefix + b"/"):
             return True
     if path.rstrip(b"/") == b"/api/profiles/active" and method not in (b"GET", b"HEAD"):
         return True  # activating a profile changes what everyone's requests reach
-    return path.startswith(b"/api/inflight/") and path.rstrip(b"/").endswith(b"/cancel")
+    return False
 
 
 def _names(name: str, config: Any) -> set[str]:

@@ -139,11 +139,12 @@ class ScopeUnitTests(SynchronousTestCase):
                      b"/upstream/a/props", b"/api/inflight/7/cancel", b"/api/captures/7",
                      b"/api/profiles/active"):
             self.assertTrue(auth.admin_only(b"POST", path), path)
+        self.assertTrue(auth.admin_only(b"GET", b"/api/inflight"))  # everyone's requests, with headers
         self.assertTrue(auth.admin_only(b"PUT", b"/api/profiles/active"))
         self.assertFalse(auth.admin_only(b"GET", b"/api/profiles/active"))
         self.assertFalse(auth.admin_only(b"GET", b"/api/profiles"))
         for path in (b"/running", b"/api/models", b"/v1/models", b"/api/events", b"/api/me", b"/logsx",
-                     b"/v1/chat/completions", b"/api/inflight", b"/metrics", b"/ui/"):
+                     b"/v1/chat/completions", b"/api/inflightx", b"/metrics", b"/ui/"):
             self.assertFalse(auth.admin_only(b"GET", path), path)
 
     def test_find_key_compares_every_key(self):
@@ -368,8 +369,9 @@ class KeyNameTests(ScopedHTTPCase):
             fake = FakeEventRequest()
             fake.data = collect.data
             kinds[name] = [t for t, _ in fake.messages()]
-        self.assertEqual(kinds["root"], ["logData", "logData", "modelStatus", "metrics", "logData"])
-        self.assertEqual(kinds["alice"], ["modelStatus", "metrics"])
+        self.assertEqual(kinds["root"], ["logData", "logData", "modelStatus", "metrics", "profileChanged",
+                                         "inflight", "logData"])
+        self.assertEqual(kinds["alice"], ["modelStatus", "metrics", "profileChanged"])
         self.assertNotIn(b"prompt", streams["alice"].data)
         from tests.fakes import drop_clients
         drop_clients(self.agent)
