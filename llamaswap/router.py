@@ -44,6 +44,7 @@ from llamaswap.observe import (
     ModelEvent, Observers, QueueChanged, Reloaded, Removed, Replaced, StartFailed, Started, Starting,
     StateChanged, Stopping)
 from llamaswap.process import State, UpstreamProcess
+from llamaswap.failover import Breakers
 from llamaswap.selectors import TargetView, UnknownProfile, choose, pin_of
 
 if TYPE_CHECKING:
@@ -90,6 +91,8 @@ class ModelRouter(Service):
         #: models the keep-alive supervisor (``llamaswap.keepalive``) gave up on: id -> why;
         #: shown as ``failed`` until the next start
         self.failed: dict[str, str] = {}
+        #: the circuit breakers of the failover selectors' targets (``llamaswap.failover``)
+        self.failover = Breakers(clock, lambda: self.config, self.log)
         self.observers = Observers(self.log)
         self.memory = MemoryAccounting(
             lambda: self.config, clock, needs if needs is not None else NeedBook(None),

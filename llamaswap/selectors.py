@@ -15,7 +15,11 @@ llama-swap HEAD rewrites a request's model in two steps before aliases, filters 
      busy) takes requests while its load is below ``settings.spillover``; the least busy one
      is used, the earliest listed among equals. When every active target is full, the first
      cold (stopped) target is started; when there is none, the least busy active target takes
-     the request anyway and it queues there.
+     the request anyway and it queues there;
+   * ``failover``: the targets in order, moving on to the next one when a target fails before
+     answering; a circuit breaker skips a target that keeps failing. That needs the request
+     itself and the targets' history, so the web layer runs it (``llamaswap.failover``);
+     :func:`failover_of` tells it which requests are for such a selector.
 
 Everything here is pure: :func:`choose` reads a :class:`TargetView` per target, which the
 router builds from its slots, and returns the name to use. A target's *load* is every request
@@ -34,7 +38,8 @@ from llamaswap.errors import LlamaSwapError
 if TYPE_CHECKING:
     from llamaswap.config import Config, SelectorConfig
 
-__all__ = ["NoSelectorTarget", "TargetView", "UnknownProfile", "choose", "pin_of", "selector_status"]
+__all__ = ["NoSelectorTarget", "TargetView", "UnknownProfile", "choose", "failover_of", "pin_of",
+           "selector_status"]
 
 #: the process states in which a target takes no new work
 _UNAVAILABLE = ("stopping", "shutdown")
@@ -84,8 +89,8 @@ def choose(selector: SelectorConfig, targets: Sequence[TargetView]) -> str:
     :param targets: one view per ``selector.targets`` entry, in the same order.
     :raises NoSelectorTarget: for a spillover selector whose every target is stopping.
 
-    Any other strategy (``failover`` reads the targets' failure history, which is not here)
-    gets the first target, as ``pin`` does.
+    ``failover`` is decided per request by ``llamaswap.failover``, which tries the targets in
+    order; here it gets its first target, as ``pin`` does.
     """
     if not targets:
         raise NoSelectorTarget(f"selector '{selector.id}' has no targets")
@@ -148,3 +153,15 @@ def pin_of(config: Config, profile: Optional[str], name: str) -> tuple[bool, Opt
         return False, None
     target = pins.pins[name]
     return True, (target or None)
+
+
+def failover_of(config: Config, profile: Optional[str], name: str) -> Optional[SelectorConfig]:
+    """The ``failover`` selector a request for ``name`` reaches (the active ``profile``'s pin of
+    ``name`` applied first), or None."""
+    pinned, target = pin_of(config, profile, name)
+    if pinned:
+        if target is None:
+            return None  # disabled: resolving it answers the 404
+        name = target
+    selector = config.selectors.get(name)
+    return selector if selector is not None and selector.strategy == "failover" else None

@@ -42,6 +42,7 @@ from llamaswap.kvcache import KvCache
 from llamaswap.listener import ListenerService, StartupError, describe_port
 from llamaswap.keepalive import KeepAlive
 from llamaswap.logs import LogBroadcaster
+from llamaswap.failover import BreakerCollector
 from llamaswap.metrics import Metrics, MetricsPage, response_parser
 from llamaswap.observe import ModelEvent, Removed
 from llamaswap.peers import PeerPool
@@ -214,6 +215,7 @@ class LlamaSwapService(SequentialMultiService):
                                   make_logger(self.proxy_log, "llamaswap.router"), needs=self.needs)
         for observer in (self._on_model_removed, self.metrics.observe, self.events.observe):
             self.router.observers.add(observer)
+        self.metrics.registry.register(BreakerCollector(self.router.failover))  # failover selectors
         # restart: on-failure and healthInterval (llamaswap.keepalive); it observes the router too
         self.keepalive = KeepAlive(self.router, reactor, self.logs,
                                    make_logger(self.proxy_log, "llamaswap.keepalive"))

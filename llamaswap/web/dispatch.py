@@ -16,13 +16,16 @@ from urllib.parse import parse_qsl, quote, unquote, urlencode
 
 from twisted.web.server import NOT_DONE_YET, Request
 
-from llamaswap import auth, peers
+import attr
+
+from llamaswap import auth, failover, peers
 from llamaswap.errors import LlamaSwapError, MethodNotAllowed, MissingModel, ModelNotFound
 from llamaswap.loading import LoadingProgress
 from llamaswap.process import State
 from llamaswap.proxy import (
     FileSliceProducer, UsageTap, file_size, is_websocket_upgrade, tunnel_websocket, upstream_headers)
 from llamaswap.requestbody import apply_filters, find_form_field, multipart_boundary, parse_json_body
+from llamaswap.selectors import failover_of
 from llamaswap.web.context import RequestRecord, WebContext
 from llamaswap.web.inflight import InflightEntry, run_tracked
 from llamaswap.web.render import AppResource, async_render, write_error
@@ -187,6 +190,10 @@ class ModelDispatch(AppResource):
         record = request.record
         target = self._prepare(request)
         auth.require_model(request, target.requested, self.app.config)  # 403 model_not_allowed
+        selector = failover_of(self.app.config, self.app.router.active_profile, target.requested)
+        if selector is not None:
+            await self._failover(request, record, target, selector)
+            return
         try:
             resolved = self.app.router.resolve(target.requested)
         except ModelNotFound:
@@ -246,6 +253,58 @@ class ModelDispatch(AppResource):
 
         await run_tracked(self.app.inflight, request, record, _text(path), work,
                           self.app.config.session_id_headers)
+
+    async def _failover(self, request: Request, record: RequestRecord, target: "_DispatchBody",
+                        selector: Any) -> None:
+        """A ``failover`` selector (``llamaswap.failover``): its targets in order, each sent the
+        kept body with its own filters and model name; one in-flight entry and one capture (of
+        the first body sent) for the whole request. No loading-state output: the response must
+        not begin before a target answered."""
+        app = self.app
+        path = upstream_path(request.uri.partition(b"?")[0])
+
+        async def work(entry: InflightEntry) -> None:
+            draft: Any = None
+
+            async def attempt(name: str, more: bool) -> Any:
+                nonlocal draft
+                forwarder = failover.FailoverForwarder(app.forwarder, name, more)
+                via = attr.evolve(app, forwarder=forwarder)  # serve and peers relay through it
+                config = app.config
+                model_id = config.resolve(name)
+                peer = peers.find_peer(config, name) if model_id is None else None
+                if model_id is not None:
+                    model = config.models[model_id]
+                    upstream_model = model.use_model_name or name
+                    body = target.body_for(model, name, upstream_model)
+                elif peer is not None:
+                    upstream_model = peer.model
+                    body = target.body_for(peers.filters_of(peer.peer), peer.model, peer.model)
+                else:
+                    raise ModelNotFound(f"selector '{selector.id}': target '{name}' names no model")
+                uri = _rewrite_query(request.uri, upstream_model) if target.from_query else request.uri
+                query = uri.partition(b"?")[2]
+                entry.model = model_id or peer.label  # in flight: the target being tried
+                if draft is None:
+                    draft = self._capture(request, record, path, body)
+                watch = _Watch(app, request, entry, draft)
+                if peer is None:
+                    await serve(via, request, record, model_id, None, path, query, body, watch=watch)
+                else:
+                    record.model = peer.label
+                    record.serving = True
+                    try:
+                        await peers.forward(via, request, record, peer, join_url(peer.peer.proxy, path, query),
+                                            body, watch=watch)
+                    finally:
+                        if record.let_go():
+                            app.emit(record)
+                return forwarder.verdict(request)
+
+            await failover.run(app.router.failover, selector, attempt, app.log)
+
+        record.model = selector.id  # until a target is tried
+        await run_tracked(app.inflight, request, record, _text(path), work, app.config.session_id_headers)
 
     def _prepare(self, request: Request) -> "_DispatchBody":
         if request.method == b"GET":  # llama-swap reads a GET's model from the query only

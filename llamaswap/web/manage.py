@@ -193,7 +193,8 @@ class Running(AppResource):
 
     With ``memory.budget`` set, each entry also has ``memory``, ``memory_source`` and
     ``load_time``, and the answer ``memory_budget``, ``memory_used`` (the needs of the models
-    listed, summed) and ``memory_free`` (budget - used, at least 0)."""
+    listed, summed) and ``memory_free`` (budget - used, at least 0). With failover selectors
+    configured, ``selectors`` lists each one's targets with their circuit breakers."""
 
     def render_GET(self, request: Request) -> bytes:
         router = self.app.router
@@ -218,6 +219,10 @@ class Running(AppResource):
         if budget is not None:
             used = router.memory_used()
             body.update(memory_budget=budget, memory_used=used, memory_free=max(0, budget - used))
+        breakers = getattr(router, "failover", None)
+        selectors = breakers.snapshot() if breakers is not None else []
+        if selectors:  # failover selectors and their targets' circuit breakers (llamaswap.failover)
+            body["selectors"] = selectors
         request.setHeader(b"content-type", JSON_TYPE)
         return _json(body)
 
