@@ -59,8 +59,8 @@ def entry_from_record(record: Any, now: float) -> Optional[ActivityEntry]:
 
     :param now: when the request ended (the entry's time, whole seconds kept).
     """
-    if not record.model:
-        return None
+    if not record.model or getattr(record, "method", "POST") not in ("POST", ""):
+        return None  # llama-swap records the POSTs that reached a model, nothing else
     status = record.status or 0
     usage = record.usage
     tokens: dict = {}

@@ -187,6 +187,11 @@ class ModelRouter(Service):
                       profile=repr(name) if name is not None else "none")
         return True
 
+    def rewrite_pin(self, name: str) -> Optional[str]:
+        """``name`` with the active profile's pin applied (None: the pin disables it)."""
+        pinned, target = pin_of(self.config, self._active_profile, name)
+        return target if pinned else name
+
     def rewrite(self, name: str, selectors: bool = True) -> str:
         """The name a request for ``name`` stands for right now: the active profile's pin of
         ``name`` applied, then, unless ``selectors`` is false, the choice of the selector it

@@ -249,8 +249,6 @@ def activity_rows(d: Daemon) -> list[dict]:
     return sorted(activity["data"], key=lambda row: row["id"])
 
 
-@pytest.mark.xfail(strict=True, reason="the request record the activity log reads carries neither the "
-                   "request's method and path, nor the response's content type, nor the selector")
 def test_activity_rows_as_llama_swap_records_them(daemon):
     """llama-swap records a POST to a model-dispatched path only (the GET /upstream/<model>/info
     above is none), with the request's path, the response's content type and the selector."""

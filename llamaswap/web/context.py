@@ -49,6 +49,13 @@ class RequestRecord:
     usage: Optional[dict] = attr.ib(default=None)
     #: the name of the API key the request carried ("" without one); never the key itself
     key: str = attr.ib(default="")
+    #: the request's method and path (no query string), as the client sent them
+    method: str = attr.ib(default="")
+    path: str = attr.ib(default="")
+    #: the response's ``Content-Type`` ("" when it had none)
+    content_type: str = attr.ib(default="")
+    #: ``{"selector": id}`` when a selector chose the model (llama-swap's activity metadata)
+    metadata: Optional[dict] = attr.ib(default=None)
     #: ``serve`` still runs (the forwarder may end the response before ``serve`` learns
     #: how the stream ended): the record is emitted when ``serve`` lets go of it.
     serving: bool = attr.ib(default=False, repr=False)

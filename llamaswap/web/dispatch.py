@@ -194,6 +194,9 @@ class ModelDispatch(AppResource):
         if selector is not None:
             await self._failover(request, record, target, selector)
             return
+        selector_id = self.app.router.rewrite_pin(target.requested)
+        if selector_id in self.app.config.selectors:
+            record.metadata = {"selector": selector_id}  # llama-swap's activity metadata
         try:
             resolved = self.app.router.resolve(target.requested)
         except ModelNotFound:
@@ -304,6 +307,7 @@ class ModelDispatch(AppResource):
             await failover.run(app.router.failover, selector, attempt, app.log)
 
         record.model = selector.id  # until a target is tried
+        record.metadata = {"selector": selector.id}
         await run_tracked(app.inflight, request, record, _text(path), work, app.config.session_id_headers)
 
     def _prepare(self, request: Request) -> "_DispatchBody":

@@ -58,7 +58,9 @@ class LlamaSwapRequest(Request):
         """Make this a model-dispatched request at ``endpoint`` (a route pattern)."""
         self.record = RequestRecord(endpoint=endpoint, started=self._site.clock.seconds(),
                                     id=self._site.app.request_ids(),
-                                    key=self.api_key.name if self.api_key is not None else "")
+                                    key=self.api_key.name if self.api_key is not None else "",
+                                    method=self.method.decode("latin-1"),
+                                    path=self.path.decode("latin-1", "replace"))
         return self.record
 
     def cancel_when_gone(self, work: Deferred) -> None:
@@ -147,6 +149,10 @@ class LlamaSwapRequest(Request):
         now = site.clock.seconds()
         site.access_log(self, status, now - self._started)
         record, self.record = self.record, None
+        if record is not None:
+            ctype = self.responseHeaders.getRawHeaders(b"content-type")
+            if ctype:
+                record.content_type = ctype[0].decode("latin-1")
         if record is not None and record.end(status, now, self.sentLength):
             site.app.emit(record)
 
