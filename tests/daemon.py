@@ -346,6 +346,14 @@ class Daemon:
             self.proc.send_signal(signal.SIGTERM)
         return self.wait(timeout)
 
+    def stop_clean(self) -> None:
+        """Stop, assert the daemon exited 0 (its output in the message), and kill what is left."""
+        try:
+            rc = self.stop()
+            assert rc == 0, self.output()
+        finally:
+            self.kill()
+
     def kill(self) -> None:
         """Backstop: SIGKILL the daemon's process group and every child group it recorded or we saw."""
         if self.proc is None:

@@ -22,14 +22,6 @@ from tests.daemon import Daemon, fake_cmd, free_port_range, http_request, open_s
 KEY = "sk-e2e-secret"
 
 
-def _stop(d: Daemon) -> None:
-    try:
-        rc = d.stop()
-        assert rc == 0, d.output()
-    finally:
-        d.kill()
-
-
 # -- preload ----------------------------------------------------------------------------------------
 
 def test_preload_at_startup(tmp_path):
@@ -68,7 +60,7 @@ def test_preload_at_startup(tmp_path):
         assert status == 200, body
         assert {m["model"]: m["pid"] for m in d.running()}["fast"] == pid  # served by the preloaded child
     finally:
-        _stop(d)
+        d.stop_clean()
 
 
 # -- apiKeys with the openai SDK --------------------------------------------------------------------
@@ -88,7 +80,7 @@ def secured(tmp_path_factory):
     d = Daemon(cfg, tmp_path_factory.mktemp("secured"), env={"LLAMASWAP_E2E_KEY": KEY})
     d.start()
     yield d
-    _stop(d)
+    d.stop_clean()
 
 
 def sdk(daemon: Daemon, key: str) -> openai.OpenAI:
@@ -207,7 +199,7 @@ def test_two_daemons_one_forwards_to_the_other(tmp_path):
             conn.close()
         assert raw.rstrip().endswith(b"data: [DONE]"), raw
 
-        _stop(b)
+        b.stop_clean()
         r = a.request("POST", "/v1/chat/completions", {"model": "b/remote-model", "messages": []})
         assert r.status == 502, r
         assert r.headers["Content-Type"] == "application/json"
@@ -216,6 +208,6 @@ def test_two_daemons_one_forwards_to_the_other(tmp_path):
     finally:
         try:
             if a is not None:
-                _stop(a)
+                a.stop_clean()
         finally:
             b.kill()

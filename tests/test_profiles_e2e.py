@@ -43,14 +43,6 @@ def _config() -> str:
         """)
 
 
-def _stop(d: Daemon) -> None:
-    try:
-        rc = d.stop()
-        assert rc == 0, d.output()
-    finally:
-        d.kill()
-
-
 def test_profiles_and_selectors(tmp_path):
     """PUT a profile active -> a pinned id goes to its target; GET /api/profiles; a warm selector
     is served by the target that is ready; a reload leaves no profile active."""
@@ -102,4 +94,4 @@ def test_profiles_and_selectors(tmp_path):
         status, body = d.chat("a")
         assert status == 200 and body["responseMessage"] == "from a", body
     finally:
-        _stop(d)
+        d.stop_clean()

@@ -365,13 +365,10 @@ def parse_config(text: str, source: str = "<config>", environ: Mapping[str, str]
         raise ConfigError([f"{source}: the YAML is nested too deeply"]) from None
 
 
-def load_config(path: str, port_in_use: Callable[[int], bool] | None = None) -> Config:
-    """Read and parse the config file at ``path``.
+def read_config_text(path: str) -> str:
+    """The config file at ``path`` as text (UTF-8, a BOM dropped).
 
-    ``${PORT}`` allocation skips ports ``port_in_use`` says are taken; by default, ports
-    something on this machine listens on.
-
-    :raises ConfigError: when the file cannot be read or is not valid UTF-8, or is invalid.
+    :raises ConfigError: when it cannot be read or is not valid UTF-8, naming the file.
     """
     try:
         with open(path, "rb") as f:
@@ -383,8 +380,18 @@ def load_config(path: str, port_in_use: Callable[[int], bool] | None = None) -> 
     except UnicodeDecodeError as e:
         raise ConfigError([f"{path}: cannot read config: not valid UTF-8 ({e.reason} at byte {e.start})"]) \
             from None
-    if text.startswith("\ufeff"):
-        text = text[1:]
+    return text[1:] if text.startswith("\ufeff") else text
+
+
+def load_config(path: str, port_in_use: Callable[[int], bool] | None = None) -> Config:
+    """Read and parse the config file at ``path``.
+
+    ``${PORT}`` allocation skips ports ``port_in_use`` says are taken; by default, ports
+    something on this machine listens on.
+
+    :raises ConfigError: when the file cannot be read or is not valid UTF-8, or is invalid.
+    """
+    text = read_config_text(path)
     if port_in_use is None:
         from llamaswap.ports import port_in_use
     return parse_config(text, path, port_in_use=port_in_use)

@@ -33,7 +33,7 @@ from typing import Any, Callable, Mapping, Optional
 
 import attr
 
-from llamaswap.config import Config, ConfigError
+from llamaswap.config import Config, ConfigError, read_config_text
 
 __all__ = ["CONFIG_SUFFIXES", "IDENTITY_MAPS", "Provenance", "is_config_file", "list_config_files",
            "load_sources", "merge_documents", "sources_label"]
@@ -89,21 +89,6 @@ def sources_label(config_path: Optional[str], config_dir: Optional[str]) -> str:
 # Reading the sources
 
 
-def _read_text(path: str) -> str:
-    """The file as text (UTF-8, a BOM dropped), as :func:`llamaswap.config.load_config` reads one."""
-    try:
-        with open(path, "rb") as f:
-            raw = f.read()
-    except OSError as e:
-        raise ConfigError([f"{path}: cannot read config: {e.strerror or e}"]) from None
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise ConfigError([f"{path}: cannot read config: not valid UTF-8 ({e.reason} at byte {e.start})"]) \
-            from None
-    return text[1:] if text.startswith("\ufeff") else text
-
-
 def _parse_source(path: str, environ: Mapping[str, str], errors: list[str]) -> Optional[dict]:
     """One file's document (None when empty); its problems, each naming the file, go to ``errors``.
 
@@ -111,7 +96,7 @@ def _parse_source(path: str, environ: Mapping[str, str], errors: list[str]) -> O
     """
     from llamaswap.config import envsubst, yaml12
 
-    text = envsubst.substitute_env(_read_text(path), path, environ)
+    text = envsubst.substitute_env(read_config_text(path), path, environ)
     try:
         node = yaml12.compose(text, path)
     except RecursionError:
