@@ -1,13 +1,23 @@
 """Forwarding one request to an upstream and relaying its response (PROXY-*).
 
-treq is used through one ``HTTPClient`` per child lifetime (a fresh pool each time, so a
-connection is never reused across children, PROXY-10), configured for a proxy: no
-redirects followed, no cookies kept, unbuffered responses streamed back chunk by chunk
-with back-pressure. treq always sends ``Accept-Encoding: gzip`` and decodes: what it
-decoded loses ``Content-Encoding``/``Content-Length`` (PROXY-4).
+One client per child lifetime (a fresh pool each time, so a connection is never reused
+across children, PROXY-10), configured for a proxy: no redirects followed, no cookies kept,
+unbuffered responses streamed back chunk by chunk with back-pressure. ``Accept-Encoding: gzip``
+is sent and a gzip body decoded: what was decoded loses ``Content-Encoding``/``Content-Length``
+(PROXY-4), as treq does.
 
-Size (~520 lines): the one send with its retry loop, the one relay and the body producers share
-this module's private helpers, so that there is exactly one forwarding path to read.
+The client is treq's ``HTTPClient`` (health checks and other callers use it as such), with a
+short path for forwarded requests (``ProxyHTTPClient.forward_request``) that uses Twisted's
+HTTP/1.1 client without the work a proxy does not need per request: the upstream URL is parsed
+once per URL (no hyperlink/IDNA per request), the request head is encoded in one pass over the
+headers and written with a bytes body in one write (at once, on an idle kept-alive connection),
+a ``chunked`` body is decoded one read at a time (one write to the client per read, however many
+upstream chunks it held), and Twisted's pause of the connection until the body has a reader is
+skipped when the relay reads it at once.
+
+Size (~1000 lines): the one send with its retry loop, the one relay, the client's short path and
+the body producers share this module's private helpers, so that there is exactly one forwarding
+path to read.
 """
 from __future__ import annotations
 
@@ -22,12 +32,16 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from hyperlink import EncodedURL
+from twisted.internet import tcp
 from twisted.internet.abstract import isIPAddress, isIPv6Address
 from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint
 from twisted.web.client import (
-    Agent, BrowserLikePolicyForHTTPS, ContentDecoderAgent, GzipDecoder, HTTPConnectionPool,
+    URI, Agent, BrowserLikePolicyForHTTPS, ContentDecoderAgent, GzipDecoder, HTTPConnectionPool,
     _HTTP11ClientFactory, _StandardEndpointFactory, PotentialDataLoss, RequestNotSent,
     RequestTransmissionFailed, ResponseDone, ResponseNeverReceived)
+from twisted.web._newclient import HTTP11ClientProtocol, Request, _ensureValidMethod, _ensureValidURI
+from twisted.web.http import _ChunkedTransferDecoder, _MalformedChunkedDataError, maxChunkSizeLineLength
+from twisted.web.error import SchemeNotSupported
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer
 from zope.interface import implementer
@@ -163,8 +177,299 @@ def _to_body_producer(data: Any) -> IBodyProducer:
     return IBodyProducer(data)
 
 
+class _ChunkedDecoder(_ChunkedTransferDecoder):
+    """Twisted's decoder of a ``chunked`` body, handing over all the body bytes of one read in
+    one piece (one write to the client and one look by the hooks, not one per upstream chunk;
+    no delay: the read is over). The chunk-size lines, extensions and errors are checked as
+    Twisted checks them; trailers are Twisted's own code."""
+
+    def dataReceived(self, data: bytes) -> None:
+        buf = self._buffer
+        buf += data
+        pos = 0
+        pieces: list = []
+        try:
+            while pos < len(buf):
+                state = self.state
+                if state == "BODY":
+                    end = pos + self.length
+                    if len(buf) >= end:
+                        pieces.append(memoryview(buf)[pos:end].tobytes())
+                        pos = end
+                        self.state = "CRLF"
+                    else:
+                        pieces.append(memoryview(buf)[pos:].tobytes())
+                        self.length = end - len(buf)
+                        pos = len(buf)
+                elif state == "CRLF":
+                    if len(buf) - pos < 2:
+                        break
+                    if buf[pos] != 13 or buf[pos + 1] != 10:
+                        raise _MalformedChunkedDataError("Chunk did not end with CRLF")
+                    pos += 2
+                    self.state = "CHUNK_LENGTH"
+                elif state == "CHUNK_LENGTH":
+                    eol = buf.find(b"\r\n", pos + self._start)
+                    if eol - pos >= maxChunkSizeLineLength or (
+                            eol == -1 and len(buf) - pos > maxChunkSizeLineLength):
+                        raise _MalformedChunkedDataError(
+                            f"Chunk size line exceeds maximum of {maxChunkSizeLineLength} bytes.")
+                    if eol == -1:
+                        self._start = len(buf) - pos - 1  # the line starts at 0 once ``pos`` is cut
+                        break
+                    semicolon = buf.find(b";", pos, eol)
+                    length_end = eol if semicolon == -1 else semicolon
+                    try:
+                        length = _hexint(buf[pos:length_end])
+                    except ValueError:
+                        raise _MalformedChunkedDataError("Chunk-size must be an integer.") from None
+                    if semicolon != -1:
+                        ext = buf[semicolon + 1:eol]
+                        if ext and ext.translate(None, _chunkExtChars) != b"":
+                            raise _MalformedChunkedDataError(f"Invalid characters in chunk extensions: {ext!r}.")
+                    self.state = "TRAILER" if length == 0 else "BODY"
+                    self.length = length
+                    pos = eol + 2
+                    self._start = 0
+                else:  # the trailers and the end: Twisted's own, after the body so far
+                    del buf[:pos]
+                    pos = 0
+                    if pieces:
+                        chunk = b"".join(pieces)
+                        pieces.clear()
+                        self.dataCallback(chunk)
+                    if not getattr(self, "_dataReceived_" + state)():
+                        break
+        finally:
+            if pos:
+                del buf[:pos]
+            if pieces:
+                self.dataCallback(b"".join(pieces))
+
+
+def _chunked_decoders() -> Optional[dict]:
+    """The transfer decoders of a forwarded response (``HTTPClientParser._transferDecoders``):
+    ``_ChunkedDecoder`` where Twisted's decoder has the layout it builds on, else None (Twisted's
+    own then)."""
+    try:
+        probe = _ChunkedTransferDecoder(lambda data: None, lambda rest: None)
+        if not isinstance(probe._buffer, bytearray) or probe._start != 0 \
+                or not callable(getattr(probe, "_dataReceived_TRAILER", None)):
+            return None
+    except Exception:  # pragma: no cover - another Twisted
+        return None
+    return {b"chunked": _ChunkedDecoder}
+
+
+try:
+    from twisted.web.http import _chunkExtChars, _hexint
+    _DECODERS = _chunked_decoders()
+except ImportError:  # pragma: no cover - another Twisted
+    _DECODERS = None
+
+
+class _ClientProtocol(HTTP11ClientProtocol):
+    """Twisted's HTTP/1.1 client protocol, with two changes for relaying:
+
+    * a ``chunked`` body is decoded by ``_ChunkedDecoder`` (one piece per read);
+    * a pause of the connection asked for during a read (Twisted's response parser pauses it
+      until the body has a reader, which the relay becomes at once) takes effect only if it
+      still stands when the read is over: no stop and restart of reading for every response.
+    """
+
+    reading = False
+    pause_pending = False
+
+    def request(self, request: Any) -> Deferred:
+        d = super().request(request)
+        parser, proxy = self._parser, self._transportProxy
+        if parser is not None and _DECODERS is not None:
+            parser._transferDecoders = _DECODERS
+        if proxy is not None and getattr(proxy, "_producer", None) is self.transport:
+            proxy._producer = _ReadPauser(self)
+        return d
+
+    def dataReceived(self, data: bytes) -> None:
+        self.reading = True
+        try:
+            super().dataReceived(data)
+        finally:
+            self.reading = False
+            if self.pause_pending:
+                self.pause_pending = False
+                if self._parser is not None and self.transport is not None:
+                    self.transport.pauseProducing()
+
+    def _finishResponse_WAITING(self, rest: bytes) -> None:
+        self.pause_pending = False  # Twisted resumes the connection here, whatever paused it
+        super()._finishResponse_WAITING(rest)
+
+    _finishResponse_TRANSMITTING = _finishResponse_WAITING
+
+
+class _ReadPauser:
+    """The producer a response's parser (and the relay's client) pause and resume: the upstream
+    connection, with a pause asked for during a read put off until the read is over."""
+
+    __slots__ = ("protocol",)
+
+    def __init__(self, protocol: _ClientProtocol) -> None:
+        self.protocol = protocol
+
+    def pauseProducing(self) -> None:
+        protocol = self.protocol
+        if protocol.reading:
+            protocol.pause_pending = True
+        elif protocol.transport is not None:
+            protocol.transport.pauseProducing()
+
+    def resumeProducing(self) -> None:
+        protocol = self.protocol
+        protocol.pause_pending = False
+        if protocol.transport is not None:
+            protocol.transport.resumeProducing()
+
+    def stopProducing(self) -> None:
+        protocol = self.protocol
+        protocol.pause_pending = False
+        if protocol.transport is not None:
+            protocol.transport.stopProducing()
+
+    def loseConnection(self) -> None:
+        if self.protocol.transport is not None:
+            self.protocol.transport.loseConnection()
+
+
 class _QuietClientFactory(_HTTP11ClientFactory):
     noisy = False  # no "Starting factory" line per upstream connection
+
+    def buildProtocol(self, addr: Any) -> HTTP11ClientProtocol:
+        return _ClientProtocol(self._quiescentCallback)
+
+
+class _ProxyPool(HTTPConnectionPool):
+    """The pool of one child's (or peer's) upstream connections, handing out a kept-alive one
+    without a Deferred (``take``)."""
+
+    _factory = _QuietClientFactory
+
+    def take(self, key: Any) -> Any:
+        """An idle pooled connection for ``key`` (its idle timer stopped), or None."""
+        if self.retryAutomatically:
+            return None  # the pool's own path wraps it for retries
+        connections = self._connections.get(key)
+        while connections:
+            connection = connections.pop(0)
+            self._timeouts.pop(connection).cancel()
+            if connection.state == "QUIESCENT":
+                return connection
+        return None
+
+
+class _Target:
+    """One upstream URL, parsed once: the pool key, the path sent, the ``Host`` value."""
+
+    __slots__ = ("uri", "key", "path", "host")
+
+    def __init__(self, uri: URI, host: bytes) -> None:
+        self.uri = uri
+        self.key = (uri.scheme, uri.host, uri.port)
+        self.path = _ensureValidURI(uri.originForm)
+        self.host = host
+
+
+#: methods seen, checked once each (``_ensureValidMethod``)
+_METHODS: dict = {}
+_BIG_BODY = 64 * 1024
+
+
+class _ForwardRequest(Request):
+    """A forwarded request whose head is encoded once by ``encode_head``; a bytes body goes out
+    with it in one write. A producer body goes through Twisted's own body writing.
+
+    :param on_sent: called once a bytes body (or an empty one) was written.
+    """
+
+    def __init__(self, method: bytes, target: _Target, headers: Headers, head: bytes,
+                 body: Optional[bytes], producer: Any, persistent: bool,
+                 on_sent: Optional[Callable[[], None]] = None) -> None:
+        self.method = method
+        self.uri = target.path
+        self.headers = headers
+        self.bodyProducer = producer
+        self.persistent = persistent
+        self._parsedURI = target.uri
+        self._head = head
+        self._body = body
+        self._on_sent = on_sent
+
+    def writeTo(self, transport: Any) -> Deferred:
+        body = self._body
+        if body is not None:
+            if len(body) < _BIG_BODY:
+                _write_now(transport, self._head + b"Content-Length: %d\r\n\r\n" % len(body) + body)
+            else:
+                transport.writeSequence([self._head, b"Content-Length: %d\r\n\r\n" % len(body), body])
+        elif self.bodyProducer is None:
+            if self.method in (b"PUT", b"POST"):  # as Twisted: a body is expected, say it is empty
+                _write_now(transport, self._head + b"Content-Length: 0\r\n\r\n")
+            else:
+                _write_now(transport, self._head + b"\r\n")
+        else:
+            return super().writeTo(transport)
+        if self._on_sent is not None:
+            self._on_sent()
+        return succeed(None)
+
+    def _writeHeaders(self, transport: Any, TEorCL: Optional[bytes]) -> None:
+        transport.writeSequence([self._head, TEorCL or b"", b"\r\n"])
+
+
+def _write_now(transport: Any, data: bytes) -> None:
+    """``transport.write(data)``, sent at once when the transport is a plain TCP connection with
+    nothing queued: what the socket takes now needs no wait for the reactor's next turn (and no
+    registering for writability and back); the rest, if any, is queued as usual."""
+    if type(transport) is tcp.Client and transport.connected and not transport.disconnecting:
+        try:
+            idle = not transport._tempDataBuffer and transport.offset == len(transport.dataBuffer) \
+                and not transport._writeDisconnected
+        except AttributeError:  # pragma: no cover - a FileDescriptor without that layout
+            idle = False
+        if idle:
+            sent = transport.writeSomeData(data)
+            if isinstance(sent, int) and sent > 0:
+                if sent == len(data):
+                    return
+                data = data[sent:]
+            # nothing sent, or an error: Twisted's own write path finds it
+    transport.write(data)
+
+
+def encode_head(method: bytes, target: _Target, headers: Headers, persistent: bool) -> bytes:
+    """The request line and header lines of a forwarded request (without the body's framing
+    header and the blank line): ``headers`` as given, plus ``Accept-Encoding: gzip`` (the
+    response is decoded, see the module's doc) and the upstream's ``Host`` unless given."""
+    parts = [method, b" ", target.path, b" HTTP/1.1\r\n"]
+    if not persistent:
+        parts.append(b"Connection: close\r\n")
+    raw = headers._rawHeaders if _RAW_HEADERS else dict(headers.getAllRawHeaders())
+    for name, values in raw.items():
+        for value in values:
+            parts += (name, b": ", value, b"\r\n")
+    parts.append(b"Accept-Encoding: gzip\r\n")
+    if _HOST not in raw:
+        parts += (b"Host: ", target.host, b"\r\n")
+    return b"".join(parts)
+
+
+def _decoded(response: Any) -> Any:
+    """``ContentDecoderAgent``'s gzip decoding, for a response that has a ``Content-Encoding``."""
+    if response.headers.hasHeader(b"content-encoding"):
+        return _GZIP._handleResponse(response)
+    return response
+
+
+_GZIP = ContentDecoderAgent(None, [(b"gzip", GzipDecoder)])
 
 
 _FAST_KEYS = frozenset({"headers", "data", "unbuffered", "allow_redirects"})
@@ -214,12 +519,11 @@ class _UpstreamEndpointFactory(_StandardEndpointFactory):
 class ProxyHTTPClient(treq.client.HTTPClient):
     """treq's ``HTTPClient`` with a short path for the forwarder's own requests.
 
-    A forwarded request (``Headers``, bytes or producer body, ``unbuffered=True``,
-    ``allow_redirects=False``) goes straight to ``ContentDecoderAgent(agent, gzip)``: the
-    same agent chain treq builds, minus what is a no-op for us (a ``CookieAgent`` over a
-    jar that accepts no cookie, redirect handling that is off, treq's response wrapper),
-    and with treq's URL normalisation (hyperlink, IDNA) cached per URL. Every other call
-    (health checks, tests) is treq's own.
+    ``forward_request`` (what ``Forwarder`` uses) sends a request on a pooled connection
+    directly: the URL parsed once per URL, the request head encoded in one pass over the
+    headers, a bytes body written with it, no cookie, redirect or treq wrappers; the response
+    is decoded as treq's ``ContentDecoderAgent`` would. It needs the pool and endpoint factory
+    of ``make_http_client``. Every other call (health checks, tests) is treq's own.
     """
 
     #: the ``config.Timeouts`` applied (``apply_timeouts``), or None
@@ -230,6 +534,7 @@ class ProxyHTTPClient(treq.client.HTTPClient):
         super().__init__(agent, cookiejar=cookiejar, data_to_body_producer=data_to_body_producer)
         self._decoding = ContentDecoderAgent(agent, [(b"gzip", GzipDecoder)])
         self._uris: dict = {}
+        self._targets: dict = {}
         #: the pool and endpoint factory it connects through (``make_http_client``'s), or None
         self._clock, self.pool, self.endpoints = clock, pool, endpoints
         self._header_timeout = 0.0
@@ -242,7 +547,7 @@ class ProxyHTTPClient(treq.client.HTTPClient):
         requests only: a health check has its own timeout). Cheap when nothing changed, so it
         can be called before every request (a reload may change them).
         """
-        if timeouts == self.timeouts:
+        if timeouts is self.timeouts or timeouts == self.timeouts:
             return
         self.timeouts = timeouts
         if self.endpoints is not None:
@@ -250,6 +555,63 @@ class ProxyHTTPClient(treq.client.HTTPClient):
         if self.pool is not None:
             self.pool.cachedConnectionTimeout = timeouts.idle_conn or IDLE_FOREVER
         self._header_timeout = float(timeouts.response_header or 0) if self._clock is not None else 0.0
+
+    def forward_request(self, method: bytes, url: bytes, headers: Any, data: Any) -> Deferred:
+        """Send a forwarded request; a Deferred firing with the (decoded) ``IResponse``.
+
+        :param method: the request's method, as received.
+        :param url: the absolute upstream URL.
+        :param headers: the ``Headers`` to send (``upstream_headers``'); ``Host`` and
+            ``Accept-Encoding`` are added.
+        :param data: the body: bytes (possibly empty), or an ``IBodyProducer``.
+        """
+        pool = self.pool
+        if not isinstance(pool, _ProxyPool) or self.endpoints is None or not isinstance(headers, Headers):
+            return self.request(method.decode("ascii"), url, headers=headers, data=data,
+                                unbuffered=True, allow_redirects=False)
+        target = self._targets.get(url)
+        if target is None:
+            target = self._target(url)
+        checked = _METHODS.get(method)
+        if checked is None:  # sent upper-cased, as treq sends it
+            checked = _ensureValidMethod(method.upper())
+            if len(_METHODS) < 64:
+                _METHODS[method] = checked
+        persistent = pool.persistent
+        head = encode_head(checked, target, headers, persistent)
+        deadline = _HeaderDeadline(self._clock, self._header_timeout) if self._header_timeout else None
+        on_sent = None
+        if isinstance(data, bytes) or data is None:
+            body, producer = data or None, None
+            if deadline is not None and body is not None:
+                on_sent = deadline.start
+        else:
+            body, producer = None, IBodyProducer(data)
+            if deadline is not None:
+                producer = _SentBody(producer, deadline.start)
+        request = _ForwardRequest(checked, target, headers, head, body, producer, persistent, on_sent)
+        connection = pool.take(target.key)
+        if connection is not None:
+            d = connection.request(request)
+        else:
+            d = pool.getConnection(target.key, self.endpoints.endpointForURI(target.uri))
+            d.addCallback(_send_on, request)
+        d.addCallback(_decoded)
+        if deadline is None:
+            return d
+        return deadline.watch(d, started=body is None and producer is None)  # no body: at once
+
+    def _target(self, url: bytes) -> _Target:
+        """Parse ``url`` as treq and Agent would (IDNA, normalisation), once per URL."""
+        uri = EncodedURL.from_text(url.decode("ascii")).to_uri().to_text().encode("ascii")
+        parsed = URI.fromBytes(_ensureValidURI(uri.strip()))
+        if parsed.scheme not in (b"http", b"https"):
+            raise SchemeNotSupported(f"Unsupported scheme: {parsed.scheme!r}")
+        target = _Target(parsed, self._agent._computeHostValue(parsed.scheme, parsed.host, parsed.port))
+        if len(self._targets) >= 256:
+            self._targets.clear()
+        self._targets[url] = target
+        return target
 
     def request(self, method: str, url: Any, **kwargs: Any) -> Deferred:
         data = kwargs.get("data")
@@ -274,6 +636,10 @@ class ProxyHTTPClient(treq.client.HTTPClient):
                                        headers=kwargs["headers"], bodyProducer=producer)
             return deadline.watch(d, started=producer is None)
         return super().request(method, url, **kwargs)
+
+
+def _send_on(connection: Any, request: _ForwardRequest) -> Deferred:
+    return connection.request(request)
 
 
 class _HeaderDeadline:
@@ -341,8 +707,7 @@ class _SentBody:
 
 def make_http_client(reactor: Any, persistent: bool = True, max_per_host: int = 64):
     """A treq ``HTTPClient`` set up for proxying, and its pool (for one child lifetime)."""
-    pool = HTTPConnectionPool(reactor, persistent=persistent)
-    pool._factory = _QuietClientFactory
+    pool = _ProxyPool(reactor, persistent=persistent)
     pool.maxPersistentPerHost = max_per_host
     pool.retryAutomatically = False  # PROXY-10 retries are ours, for every method
     endpoints = _UpstreamEndpointFactory(reactor, CONNECT_TIMEOUT)
@@ -359,9 +724,66 @@ def client_ip(request: Any) -> str:
     return getattr(peer, "host", "") or ""
 
 
+def _stores_canonical_names() -> bool:
+    """Whether ``Headers`` keeps its values in ``_rawHeaders`` under canonical (``Header-Case``)
+    names, as Twisted does since 24.10: then the hot paths below read and fill that dict
+    directly (names and values already checked when they were added), else they go through
+    the public methods."""
+    try:
+        h = Headers()
+        h.addRawHeader(b"x-probe-name", b"v")
+        return getattr(h, "_rawHeaders", None) == {b"X-Probe-Name": [b"v"]}
+    except Exception:  # pragma: no cover - a Headers without that layout
+        return False
+
+
+_RAW_HEADERS = _stores_canonical_names()
+try:
+    from twisted.web.http_headers import _nameEncoder
+    _canonical = _nameEncoder.encode
+except ImportError:  # pragma: no cover - an older Twisted (the fast paths are off there)
+    def _canonical(name: bytes) -> bytes:
+        return b"-".join(word.capitalize() for word in name.split(b"-"))
+#: what a forwarded request never carries upstream, by canonical name (PROXY-2)
+_UP_DROP = frozenset(_canonical(n) for n in HOP_BY_HOP | {b"host", b"content-length", b"accept-encoding"})
+_UP_DROP_AUTH = _UP_DROP | {_canonical(b"authorization"), _canonical(b"x-api-key")}
+#: response headers never relayed (PROXY-5)
+_DOWN_DROP = frozenset(_canonical(n) for n in HOP_BY_HOP | {b"content-length"})
+_CONNECTION, _HOST = _canonical(b"connection"), _canonical(b"host")
+_XFF, _XFH, _XFP = _canonical(b"x-forwarded-for"), _canonical(b"x-forwarded-host"), _canonical(b"x-forwarded-proto")
+_CONTENT_TYPE, _CONTENT_ENCODING = _canonical(b"content-type"), _canonical(b"content-encoding")
+_CONTENT_LENGTH = _canonical(b"content-length")
+_SSE_HEADERS = ((_canonical(b"x-accel-buffering"), b"no"), (_canonical(b"cache-control"), b"no-cache"))
+
+
 def upstream_headers(request: Any, strip_auth: bool, scheme: bytes) -> Headers:
     """PROXY-2: the headers sent upstream."""
     incoming = request.requestHeaders
+    if not _RAW_HEADERS:
+        return _upstream_headers_slow(request, incoming, strip_auth, scheme)
+    raw = incoming._rawHeaders
+    drop = _UP_DROP_AUTH if strip_auth else _UP_DROP
+    named = None  # the headers Connection names are hop-by-hop too
+    connection = raw.get(_CONNECTION)
+    if connection:
+        named = {token.strip().lower() for value in connection for token in value.split(b",")} - {b""}
+    out = Headers()
+    fields = out._rawHeaders
+    for name, values in raw.items():
+        if name not in drop and not (named and name.lower() in named):
+            fields[name] = values[:]
+    host = raw.get(_HOST)
+    if host:
+        fields[_XFH] = [host[0]]
+    ip = client_ip(request).encode("ascii", "replace")
+    previous = raw.get(_XFF)
+    fields[_XFF] = [b", ".join(previous) + b", " + ip if previous else ip]
+    if _XFP not in raw:
+        fields[_XFP] = [scheme]
+    return out
+
+
+def _upstream_headers_slow(request: Any, incoming: Headers, strip_auth: bool, scheme: bytes) -> Headers:
     connection_named = set()
     for value in incoming.getRawHeaders(b"connection", []):
         connection_named |= {v.strip().lower() for v in value.split(b",") if v.strip()}
@@ -387,13 +809,36 @@ def upstream_headers(request: Any, strip_auth: bool, scheme: bytes) -> Headers:
 def copy_response_headers(response: Any, request: Any) -> bool:
     """PROXY-5: relay status and headers; return True for an SSE response."""
     request.setResponseCode(response.code, response.phrase or None)
+    upstream, out = response.headers, request.responseHeaders
+    if not _RAW_HEADERS:
+        return _copy_response_headers_slow(response, request)
+    fields = out._rawHeaders
+    sse = False
+    for name, values in upstream._rawHeaders.items():
+        if name in _DOWN_DROP:
+            continue
+        if name == _CONTENT_ENCODING and not any(v.strip() for v in values):
+            continue  # ContentDecoderAgent leaves an empty one behind when it decoded nothing
+        if name == _CONTENT_TYPE and values and values[0][:17].lower() == b"text/event-stream":
+            sse = True
+        fields[name] = values[:]
+    if response.length is not UNKNOWN_LENGTH:
+        fields[_CONTENT_LENGTH] = [b"%d" % response.length]
+    if sse:
+        for name, value in _SSE_HEADERS:
+            if name not in fields:
+                fields[name] = [value]
+    return sse
+
+
+def _copy_response_headers_slow(response: Any, request: Any) -> bool:
     sse = False
     for name, values in response.headers.getAllRawHeaders():
         lname = name.lower()
         if lname in HOP_BY_HOP or lname == b"content-length":
             continue
         if lname == b"content-encoding" and not any(v.strip() for v in values):
-            continue  # ContentDecoderAgent leaves an empty one behind when it decoded nothing
+            continue
         if lname == b"content-type" and values and values[0].lower().startswith(b"text/event-stream"):
             sse = True
         request.responseHeaders.setRawHeaders(name, list(values))
@@ -441,7 +886,7 @@ class _BodyRelay(Protocol):
         self.status = status
         self.sse = sse
         self.model_id = model_id
-        self.tail = tail  # the last bytes relayed (PROXY-9 needs to know if a blank line ended them)
+        self.last = tail  # ends with the last bytes relayed (PROXY-9 needs to know if a blank line ended them)
         self.registered = False
         self.nbytes = 0
 
@@ -464,13 +909,19 @@ class _BodyRelay(Protocol):
             self.registered = True
 
     def dataReceived(self, data: bytes) -> None:
-        if self.request.client_gone:
+        request = self.request
+        if request.client_gone:
             return
-        self.request.write(data)
+        request.write(data)
         self.nbytes += len(data)
-        self.tail = (self.tail + data)[-4:]
+        self.last = data if len(data) >= 4 else self.last[-4:] + data
         if self.on_data is not None:
             self.on_data(data)
+
+    @property
+    def tail(self) -> bytes:
+        """The last (up to 4) bytes relayed."""
+        return self.last[-4:]
 
     def connectionLost(self, reason: Failure) -> None:
         if self.registered:
@@ -481,7 +932,7 @@ class _BodyRelay(Protocol):
                 pass
         if self.done.called:
             return
-        if reason.check(ResponseDone, PotentialDataLoss):
+        if isinstance(reason.value, (ResponseDone, PotentialDataLoss)):
             self.done.callback(RelayOutcome(self.status, self.nbytes))
             return
         error = _reason(reason.value)
@@ -511,6 +962,57 @@ def _stream_failed(request: Any, tail: bytes, sse: bool, model_id: str, reason: 
 _RETRYABLE = (RequestNotSent, RequestTransmissionFailed, ResponseNeverReceived)
 
 
+class _Sending:
+    """One ``Forwarder.send``: its attempt, and the PROXY-10 retry when the first one failed."""
+
+    __slots__ = ("forwarder", "method", "http", "url", "headers", "body", "model_id", "still_ready",
+                 "unreachable")
+
+    def __init__(self, forwarder: "Forwarder", method: bytes, http: Any, url: bytes, headers: Any,
+                 body: Callable[[], Any], model_id: str, still_ready: Callable[[], bool],
+                 unreachable: Optional[Callable[[str], Exception]]) -> None:
+        self.forwarder, self.method, self.http, self.url, self.headers = forwarder, method, http, url, headers
+        self.body, self.model_id, self.still_ready, self.unreachable = body, model_id, still_ready, unreachable
+
+    def attempt(self, client: Any, may_retry: bool) -> Deferred:
+        try:
+            fast = getattr(client, "forward_request", None)
+            if fast is not None:
+                d = fast(self.method, self.url, self.headers, self.body())
+            else:  # any treq-like client
+                d = client.request(self.method.decode("ascii"), self.url, headers=self.headers,
+                                   data=self.body(), unbuffered=True, allow_redirects=False)
+        except Exception:
+            d = fail()
+        return d.addErrback(self.failed, may_retry)
+
+    def failed(self, failure: Failure, may_retry: bool) -> Any:
+        e = failure.value
+        if isinstance(e, CancelledError):
+            return failure
+        model_id = self.model_id
+        if _cancelled(e):
+            # the request was cancelled (client gone, or /api/inflight/<id>/cancel): Agent
+            # wraps that in ResponseNeverReceived, which must not be retried
+            return Failure(CancelledError())
+        if isinstance(e, ResponseHeaderTimeout):
+            raise UpstreamTimeout(f"upstream for model '{model_id}' sent no response headers within "
+                                  f"{e.seconds:g} s (timeouts.responseHeader)")
+        if may_retry and isinstance(e, _RETRYABLE) and self.still_ready():
+            # PROXY-10: llama-server drops kept-alive connections after a stream; retry
+            # once on a connection of its own, whatever the method.
+            log.debug("retrying request to {model} on a new connection ({why})",
+                      model=model_id, why=_reason(e))
+            fresh = self.forwarder.fresh_client()
+            timeouts = getattr(self.http, "timeouts", None)
+            if timeouts is not None and hasattr(fresh, "apply_timeouts"):
+                fresh.apply_timeouts(timeouts)
+            return self.attempt(fresh, False)
+        if self.unreachable is None:
+            raise UpstreamUnreachable(f"upstream for model '{model_id}' unreachable: {_reason(e)}")
+        raise self.unreachable(_reason(e))
+
+
 class Forwarder:
     """Sends a request upstream and relays the response to a twisted.web request.
 
@@ -536,42 +1038,8 @@ class Forwarder:
         :param unreachable: builds the error raised when no response came, from a short
             reason; by default ``UpstreamUnreachable`` naming ``model_id`` (PROXY-8).
         """
-        method = request.method.decode("ascii")
-
-        def attempt(client: Any, may_retry: bool) -> Deferred:
-            try:
-                d = client.request(method, url, headers=headers, data=body(),
-                                   unbuffered=True, allow_redirects=False)
-            except Exception:
-                d = fail()
-            return d.addErrback(failed, may_retry)
-
-        def failed(failure: Failure, may_retry: bool) -> Any:
-            if failure.check(CancelledError):
-                return failure
-            e = failure.value
-            if _cancelled(e):
-                # the request was cancelled (client gone, or /api/inflight/<id>/cancel): Agent
-                # wraps that in ResponseNeverReceived, which must not be retried
-                return Failure(CancelledError())
-            if isinstance(e, ResponseHeaderTimeout):
-                raise UpstreamTimeout(f"upstream for model '{model_id}' sent no response headers within "
-                                      f"{e.seconds:g} s (timeouts.responseHeader)")
-            if may_retry and isinstance(e, _RETRYABLE) and still_ready():
-                # PROXY-10: llama-server drops kept-alive connections after a stream; retry
-                # once on a connection of its own, whatever the method.
-                log.debug("retrying request to {model} on a new connection ({why})",
-                          model=model_id, why=_reason(e))
-                fresh = self.fresh_client()
-                timeouts = getattr(http, "timeouts", None)
-                if timeouts is not None and hasattr(fresh, "apply_timeouts"):
-                    fresh.apply_timeouts(timeouts)
-                return attempt(fresh, False)
-            if unreachable is None:
-                raise UpstreamUnreachable(f"upstream for model '{model_id}' unreachable: {_reason(e)}")
-            raise unreachable(_reason(e))
-
-        return attempt(http, True)
+        return _Sending(self, request.method, http, url, headers, body, model_id, still_ready,
+                        unreachable).attempt(http, True)
 
     def relay(self, request: Any, response: Any, *, model_id: str, sse: bool,
               on_data: Optional[Callable[[bytes], None]] = None, status: Optional[int] = None,

@@ -98,6 +98,10 @@ def apply_filters(body: JSONBody, model: Any, requested: str, upstream_model: Op
     :param upstream_model: the value ``model`` must have upstream, or None to keep it.
     A body no filter changed is returned byte-for-byte.
     """
+    extra = model.set_params_by_id.get(requested)
+    if not (model.strip_params or model.set_params or extra) and (
+            upstream_model is None or _same_model(body.data, upstream_model)):
+        return body.raw  # nothing to apply (the usual request): no copy, no re-encoding
     data = json.loads(body.raw)  # a private copy to edit
     before = json.dumps(data, sort_keys=False)
     if upstream_model is not None:
@@ -106,13 +110,18 @@ def apply_filters(body: JSONBody, model: Any, requested: str, upstream_model: Op
         _strip_path(data, key)
     for key in sorted(model.set_params):
         _set_path(data, key, model.set_params[key])
-    extra = model.set_params_by_id.get(requested)
     if extra:
         for key in sorted(extra):
             _set_path(data, key, extra[key])
     if json.dumps(data, sort_keys=False) == before:
         return body.raw
     return json.dumps(data, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+
+
+def _same_model(data: dict, name: str) -> bool:
+    """Whether the body's ``model`` already is ``name`` (setting it would change nothing)."""
+    current = data.get("model")
+    return type(current) is str and current == name
 
 
 # -- multipart (RT-1) ------------------------------------------------------------------------

@@ -6,6 +6,7 @@ import json
 
 from twisted.trial.unittest import SynchronousTestCase
 
+from llamaswap import requestbody
 from llamaswap.errors import InvalidJSON, InvalidMultipart
 from llamaswap.requestbody import (
     apply_filters, find_form_field, multipart_boundary, parse_json_body)
@@ -62,6 +63,22 @@ class FilterTests(SynchronousTestCase):
         self.assertIs(self.filt(raw), raw)
         self.assertIs(self.filt(raw, set_params={"x": 1.5}), raw)  # same value: unchanged
         self.assertIs(self.filt(raw, strip_params=("absent",)), raw)
+
+    def test_nothing_to_apply_reads_no_json(self):
+        """Without filters, and with the model already named as upstream wants it, the body is
+        sent as received without being decoded again (the usual request costs no JSON work)."""
+        raw = b'{"model": "a", "x": [1, 2]}'
+        body = parse_json_body(raw)
+        model = make_model(id="a")
+
+        def no_json(*args, **kw):
+            raise AssertionError("the body was decoded again")
+
+        self.patch(requestbody.json, "loads", no_json)
+        self.patch(requestbody.json, "dumps", no_json)
+        self.assertIs(apply_filters(body, model, "a", None), raw)
+        self.assertIs(apply_filters(body, model, "a", "a"), raw)
+        self.assertRaises(AssertionError, apply_filters, body, model, "a", "other")  # a change: decoded
 
     def test_use_model_name(self):
         """RT-8: the model sent upstream is replaced; compact UTF-8, key order kept."""

@@ -445,17 +445,26 @@ async def serve(app: WebContext, request: Request, record: RequestRecord, model_
 
 
 def _hooks(tap: UsageTap, watch: Optional[_Watch]) -> tuple[Callable, Callable]:
-    """The forwarder's ``on_headers`` and ``on_data``: the usage parser, then the watch."""
-    if watch is None:
-        return tap.on_headers, tap.on_data
+    """The forwarder's ``on_headers`` and ``on_data``: the usage parser, then the watch.
+
+    Once the headers are in, ``on_data`` calls only the readers there are (the usage parser when
+    the response is parsed, the in-flight entry, the capture): nothing else per chunk."""
+    readers: list = []
 
     def on_headers(response: Any) -> None:
         tap.on_headers(response)
-        watch.on_headers()
+        if tap.parser is not None:
+            readers.append(tap.parser.feed)
+        if watch is not None:
+            watch.on_headers()
+            if watch.entry is not None:
+                readers.append(watch.entry.on_data)
+            if watch.draft is not None:
+                readers.append(watch.draft.on_data)
 
     def on_data(chunk: bytes) -> None:
-        tap.on_data(chunk)
-        watch.on_data(chunk)
+        for read in readers:
+            read(chunk)
 
     return on_headers, on_data
 
