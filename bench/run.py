@@ -4,17 +4,24 @@
 
     python bench/run.py [--quick | --smoke] [--name NAME] [--only SCENARIO,...]
                         [--compare-cmd "/path/to/llama-swap -config {config} -listen 127.0.0.1:{port}"]
+                        [--upstream-cmd /path/to/fakeupstream]
 
 Every scenario runs against (a) the upstream directly, (b) llamaswap (``twistd -n llamaswap``
 from this checkout) and (c) the ``--compare-cmd`` proxy when given (``{config}`` is replaced by
 a llama-swap config file, ``{port}`` by a free port), in the same run on the same upstream.
 It prints a table and writes ``bench/results/<name>.json``.
 
-The proxy-overhead scenarios use ``bench/upstream.py`` (a raw-asyncio llama-server stand-in)
-started once by this script; the proxies' model ``cmd`` is then a ``sleep`` with ``proxy``
-pointing at that one upstream, so (a), (b) and (c) talk to the very same process. The
-scenarios that start and stop models run ``bench/upstream.py`` as the model's ``cmd``, and
-the real-server ones run llama.cpp's ``llama-server`` on the tiny models.
+The proxy-overhead scenarios (latency, throughput, streams) use ``bench/upstream.py`` (a raw-asyncio
+llama-server stand-in), or the command given with ``--upstream-cmd`` (run with ``--port N``
+appended; any server that answers ``/health`` and streams SSE chunks stamped with ``"t"``
+(monotonic seconds) or ``"bench_t"`` (monotonic ns), such as a Go stand-in, which adds less
+delay of its own so that the "added" figures are not flattered). "direct" is one such
+process, and each proxy runs its own copy as its model ``m``. The scenarios that start and
+stop models run ``bench/upstream.py`` as the model's ``cmd``, and the real-server ones run
+llama.cpp's ``llama-server`` on the tiny models.
+
+The proxy CPU figures are the daemon's user + system time from ``/proc/<pid>/stat`` over a
+measured run, divided by the requests (or streamed chunks) it served in that run.
 """
 from __future__ import annotations
 
@@ -213,6 +220,54 @@ def upstream_cmd(*args: str) -> str:
         " ".join(shlex.quote(a) for a in args)
 
 
+def fast_upstream_cmd(command: Optional[str]) -> str:
+    """The model ``cmd`` of the proxy-overhead scenarios: ``--upstream-cmd`` (or bench/upstream.py)
+    with ``--port ${PORT}``."""
+    if not command:
+        return upstream_cmd()
+    return command + " --port ${PORT}"
+
+
+def start_fast_upstream(command: Optional[str], workdir: Path, name: str) -> tuple[Proc, int]:
+    """The "direct" upstream: bench/upstream.py, or ``command --port N`` once /health answers 200."""
+    if not command:
+        return start_upstream(workdir, name)
+    port = free_port()
+    p = Proc([*shlex.split(command), "--port", str(port)], workdir, name)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if p.proc.poll() is not None:
+            break
+        try:
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
+            conn.request("GET", "/health")
+            ok = conn.getresponse().status == 200
+            conn.close()
+            if ok:
+                return p, port
+        except OSError:
+            pass
+        time.sleep(0.01)
+    p.kill()
+    raise RuntimeError(f"upstream {command!r} did not answer /health: {p.text()}")
+
+
+#: the send time a streamed chunk carries: bench/upstream.py's "t" (monotonic seconds) or the
+#: Go stand-in's "bench_t" (monotonic ns).
+_CHUNK_T = re.compile(rb'"(t|bench_t)":([0-9.e+-]+)')
+
+
+def chunk_send_times(data: bytes) -> list[float]:
+    """time.monotonic() at which the upstream wrote each SSE event in ``data``."""
+    return [float(v) / 1e9 if k == b"bench_t" else float(v) for k, v in _CHUNK_T.findall(data)]
+
+
+def stream_path(chunks: int, delay: float) -> bytes:
+    """A chat path asking for ``chunks`` events ``delay`` s apart (both upstreams' spellings)."""
+    return b"/v1/chat/completions?chunks=%d&delay=%s&delay_ms=%s" % (
+        chunks, repr(delay).encode(), repr(delay * 1000.0).encode())
+
+
 class ProxyTarget:
     """How to start one proxy under test with a given config."""
 
@@ -277,12 +332,13 @@ class RunningProxy:
         self.stop()
 
 
-def static_config(concurrency: int = 64, **top: Any) -> dict:
-    """One model ``m`` running its own copy of the bench upstream (the one the "direct" figures
-    use runs beside it). The proxy must own its upstream: a port held by a process the proxy
-    did not start is refused, so the proxy is never pointed at the shared one."""
+def static_config(concurrency: int = 64, cmd: Optional[str] = None, **top: Any) -> dict:
+    """One model ``m`` running its own copy of the bench upstream (``cmd``: see
+    :func:`fast_upstream_cmd`; the one the "direct" figures use runs beside it). The proxy must
+    own its upstream: a port held by a process the proxy did not start is refused, so the proxy
+    is never pointed at the shared one."""
     return {"healthCheckTimeout": 30, **top,
-            "models": {"m": {"cmd": upstream_cmd(), "proxy": "http://127.0.0.1:${PORT}",
+            "models": {"m": {"cmd": fast_upstream_cmd(cmd), "proxy": "http://127.0.0.1:${PORT}",
                              "checkEndpoint": "/health", "concurrencyLimit": concurrency}}}
 
 
@@ -301,13 +357,16 @@ class Bench:
         self.upstream: Optional[Proc] = None
         self.up_port = 0
 
+    def static_config(self, concurrency: int = 64, **top: Any) -> dict:
+        return static_config(concurrency, cmd=self.args.upstream_cmd, **top)
+
     def wd(self, *parts: str) -> Path:
         d = self.workdir.joinpath(*parts)
         d.mkdir(parents=True, exist_ok=True)
         return d
 
     def run(self) -> dict:
-        self.upstream, self.up_port = start_upstream(self.wd("upstream"), "upstream")
+        self.upstream, self.up_port = start_fast_upstream(self.args.upstream_cmd, self.wd("upstream"), "upstream")
         only = set(self.args.only.split(",")) if self.args.only else None
         try:
             for name in SCENARIOS:
@@ -359,19 +418,22 @@ class Bench:
         n = self.p["lat_n"]
         raw = chat_request("m")
 
-        def measure(port: int) -> dict:
+        def measure(port: int, pid: int) -> dict:
             c = SyncClient(port)
             lat = []
-            for i in range(n + 50):
+            for i in range(50):
+                assert c.request(raw)["status"] == 200
+            cpu0 = cpu_seconds(pid)
+            for i in range(n):
                 r = c.request(raw)
                 assert r["status"] == 200, r
-                if i >= 50:
-                    lat.append(r["t_end"] - r["t_sent"])
+                lat.append(r["t_end"] - r["t_sent"])
+            cpu = cpu_seconds(pid) - cpu0
             c.close()
-            return {"p50_ms": ms(percentile(lat, 50)), "p99_ms": ms(percentile(lat, 99)), "n": n}
+            return {"p50_ms": ms(percentile(lat, 50)), "p99_ms": ms(percentile(lat, 99)), "n": n,
+                    "server_cpu_us_per_request": round(cpu / n * 1e6, 1)}
 
-        # interleave direct/proxy twice to even out drift
-        out = self.with_proxies(static_config(), measure, "latency")
+        out = self.with_proxies(self.static_config(), measure, "latency", pid=True)
         for t in self.proxies:
             out[t.name]["added_p50_ms"] = round(out[t.name]["p50_ms"] - out["direct"]["p50_ms"], 3)
             out[t.name]["added_p99_ms"] = round(out[t.name]["p99_ms"] - out["direct"]["p99_ms"], 3)
@@ -395,7 +457,7 @@ class Bench:
                     "server_cpu_us_per_request": round(cpu / n * 1e6, 1),
                     "server_cpu_share": round(cpu / r["seconds"], 2)}
 
-        out = self.with_proxies(static_config(concurrency=max(64, conc * 2)), measure, "throughput",
+        out = self.with_proxies(self.static_config(concurrency=max(64, conc * 2)), measure, "throughput",
                                 pid=True)
         for t in self.proxies:
             out[t.name]["ratio"] = round(out[t.name]["rps"] / out["direct"]["rps"], 3)
@@ -403,31 +465,33 @@ class Bench:
 
     def s_stream_500(self) -> dict:
         p = self.p
-        path = b"/v1/chat/completions?chunks=%d&delay=%s" % (p["stream_chunks"], str(p["stream_delay"]).encode())
-        raw = chat_request("m", stream=True, path=path)
+        raw = chat_request("m", stream=True, path=stream_path(p["stream_chunks"], p["stream_delay"]))
 
-        def measure(port: int) -> dict:
+        def measure(port: int, pid: int) -> dict:
             ttfb, per_chunk = [], []
             c = SyncClient(port)
+            cpu0 = cpu_seconds(pid)
             for _ in range(p["stream_n"]):
                 lags = []
 
                 def on_chunk(data: bytes, t: float) -> None:
-                    for m in re.finditer(rb'"t":([0-9.e+-]+)\}', data):
-                        lags.append(t - float(m.group(1)))
+                    lags.extend(t - sent for sent in chunk_send_times(data))
 
                 r = c.request(raw, on_chunk=on_chunk)
                 assert r["status"] == 200 and r["body"].endswith(b"data: [DONE]\n\n"), r["head"]
                 ttfb.append(r["t_first"] - r["t_sent"])
                 per_chunk.extend(lags)
+            cpu = cpu_seconds(pid) - cpu0
             c.close()
             return {"ttfb_p50_ms": ms(percentile(ttfb, 50)), "chunk_lag_p50_ms": ms(percentile(per_chunk, 50)),
-                    "chunk_lag_p99_ms": ms(percentile(per_chunk, 99)), "chunks": len(per_chunk)}
+                    "chunk_lag_p99_ms": ms(percentile(per_chunk, 99)), "chunks": len(per_chunk),
+                    "server_cpu_us_per_chunk": round(cpu / max(1, len(per_chunk)) * 1e6, 1)}
 
-        out = self.with_proxies(static_config(), measure, "stream")
+        out = self.with_proxies(self.static_config(), measure, "stream", pid=True)
         for t in self.proxies:
             o = out[t.name]
             o["added_ttfb_ms"] = round(o["ttfb_p50_ms"] - out["direct"]["ttfb_p50_ms"], 3)
+            o["added_chunk_p50_ms"] = round(o["chunk_lag_p50_ms"] - out["direct"]["chunk_lag_p50_ms"], 3)
             o["added_chunk_p99_ms"] = round(o["chunk_lag_p99_ms"] - out["direct"]["chunk_lag_p99_ms"], 3)
         return out
 
@@ -629,14 +693,13 @@ class Bench:
         want = min(hard, max(soft, 4 * n + 1024))
         if want > soft:
             resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))  # children inherit it
-        path = b"/v1/chat/completions?chunks=%d&delay=%s" % (p["slow_chunks"], str(p["slow_delay"]).encode())
-        raw = chat_request("m", stream=True, path=path)
+        raw = chat_request("m", stream=True, path=stream_path(p["slow_chunks"], p["slow_delay"]))
         out: dict = {"streams": n, "stream_seconds": round(p["slow_chunks"] * p["slow_delay"], 2),
                      "nofile": want}
         r = loadgen.run_streams(self.up_port, raw, n, ramp=p["ramp"])
         out["direct"] = {"ok": r["ok"], "errors": r["errors"], "why": r["why"]}
         for target in self.proxies:
-            with target.start(static_config(concurrency=n + 100),
+            with target.start(self.static_config(concurrency=n + 100),
                               self.wd("streams", target.name)) as proxy:
                 loadgen.run_streams(proxy.port, chat_request("m", stream=True), 4)
                 before = proxy.proc.rss_kb()
@@ -919,6 +982,9 @@ def rows(results: dict, proxies: list[str]) -> list[tuple]:
             return f"{v:.3g}" if abs(v) < 100 else f"{v:.0f}"
         return str(v)
 
+    def signed(v: Any) -> str:
+        return fmt(v) if isinstance(v, (int, float)) and v < 0 else f"+{fmt(v)}"
+
     def add(scn, figure, direct, values, target, met):
         out.append((scn, figure, fmt(direct), *[fmt(v) for v in values], target,
                     "-" if met is None else ("yes" if met else "NO")))
@@ -929,7 +995,7 @@ def rows(results: dict, proxies: list[str]) -> list[tuple]:
         [None] * len(proxies), "-", None)
     a50, a99 = per("latency_c1", "added_p50_ms"), per("latency_c1", "added_p99_ms")
     add("chat c=1", "p50 / p99 ms (added)", f"{fmt(g('latency_c1', 'direct', 'p50_ms'))} / {fmt(g('latency_c1', 'direct', 'p99_ms'))}",
-        [f"{fmt(g('latency_c1', t, 'p50_ms'))} / {fmt(g('latency_c1', t, 'p99_ms'))} (+{fmt(x)} / +{fmt(y)})"
+        [f"{fmt(g('latency_c1', t, 'p50_ms'))} / {fmt(g('latency_c1', t, 'p99_ms'))} ({signed(x)} / {signed(y)})"
          for t, x, y in zip(proxies, a50, a99)],
         "<= 1 / <= 3 ms", None if a50[0] is None else a50[0] <= 1 and a99[0] <= 3)
     ratio = per("throughput_c32", "ratio")
@@ -939,10 +1005,17 @@ def rows(results: dict, proxies: list[str]) -> list[tuple]:
          for t, r in zip(proxies, ratio)],
         ">= 0.5", None if ratio[0] is None else ratio[0] >= 0.5)
     tt, ch = per("stream_500", "added_ttfb_ms"), per("stream_500", "added_chunk_p99_ms")
-    add("stream 500 chunks", "added TTFB ms; added per-chunk p99 ms",
-        f"{fmt(g('stream_500', 'direct', 'ttfb_p50_ms'))}; {fmt(g('stream_500', 'direct', 'chunk_lag_p99_ms'))}",
-        [f"+{fmt(x)}; +{fmt(y)}" for x, y in zip(tt, ch)], "<= 1; <= 0.5",
+    c50 = per("stream_500", "added_chunk_p50_ms")
+    add("stream 500 chunks", "added TTFB ms; added per-chunk p50 / p99 ms",
+        f"{fmt(g('stream_500', 'direct', 'ttfb_p50_ms'))}; {fmt(g('stream_500', 'direct', 'chunk_lag_p50_ms'))} / "
+        f"{fmt(g('stream_500', 'direct', 'chunk_lag_p99_ms'))}",
+        [f"{signed(x)}; {signed(z)} / {signed(y)}" for x, y, z in zip(tt, ch, c50)], "<= 1; - / <= 0.5",
         None if tt[0] is None else tt[0] <= 1 and ch[0] <= 0.5)
+    cpu = [(g("latency_c1", t, "server_cpu_us_per_request"), g("throughput_c32", t, "server_cpu_us_per_request"),
+            g("stream_500", t, "server_cpu_us_per_chunk")) for t in ["direct", *proxies]]
+    add("proxy CPU", "us per request c=1 / c=32; us per streamed chunk",
+        " / ".join(fmt(v) for v in cpu[0][:2]) + f"; {fmt(cpu[0][2])}",
+        [" / ".join(fmt(v) for v in c[:2]) + f"; {fmt(c[2])}" for c in cpu[1:]], "-", None)
     rd = per("readiness", "ready_to_first_byte_p50_ms")
     add("readiness", "health 200 -> first byte, p50 ms", None, rd, "<= 50", None if rd[0] is None else rd[0] <= 50)
     sw = per("swap", "overhead_p50_ms")
@@ -997,7 +1070,25 @@ def rows(results: dict, proxies: list[str]) -> list[tuple]:
                  f"{fmt(k['prompt_n_p50'])} / {fmt(c['prompt_n_p50'])} of {fmt(k['context_tokens'])}; "
                  f"{fmt(k['save_p50_ms'])} / {fmt(k['restore_p50_ms'])}"] + [None] * (len(proxies) - 1),
                 "re-evaluated <= 5%", r["target_met"])
-    return out
+    return [r for r in out if any(k in R for k in _row_scenarios(r[0]))]
+
+
+#: the scenarios behind each row of the table (a row is left out when none of them ran)
+_ROW_SCENARIOS = (("loadgen ceiling", ("loadgen_ceiling",)), ("chat c=1", ("latency_c1",)),
+                  ("chat c=32", ("throughput_c32",)), ("stream 500", ("stream_500",)),
+                  ("proxy CPU", ("latency_c1", "throughput_c32", "stream_500")), ("readiness", ("readiness",)),
+                  ("swap", ("swap",)), ("mixed", ("mixed_load",)), ("memory", ("memory_packing",)),
+                  ("idle", ("idle_rss_10_models",)), ("llama-server", ("real_llama",)),
+                  ("vs llama-server router", ("router_mode",)), ("keepCache", ("kv_cache",)))
+
+
+def _row_scenarios(label: str) -> tuple:
+    if label.endswith("slow streams"):
+        return ("streams_1000",)
+    for prefix, scenarios in _ROW_SCENARIOS:
+        if label.startswith(prefix):
+            return scenarios
+    return ()
 
 
 def render_table(results: dict, proxies: list[str]) -> str:
@@ -1018,6 +1109,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--compare-cmd", default=None,
                     help="another llama-swap-compatible proxy: a command with {config} and {port}")
     ap.add_argument("--compare-name", default="compare")
+    ap.add_argument("--upstream-cmd", default=None,
+                    help="the upstream of the latency, throughput and stream scenarios, run with --port N "
+                         "appended (default: bench/upstream.py), e.g. a Go stand-in for llama-server")
     ap.add_argument("--only", default=None, help="comma-separated scenario names: " + ",".join(SCENARIOS))
     ap.add_argument("--out-dir", default=str(HERE / "results"))
     args = ap.parse_args(argv)
@@ -1029,6 +1123,7 @@ def main(argv: Optional[list[str]] = None) -> int:
            "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
                        "platform": platform.platform(), "load_generator": "wrk" if loadgen.wrk_path() else "python"},
            "load_average": [round(x, 2) for x in os.getloadavg()],
+           "upstream": args.upstream_cmd or str(UPSTREAM),
            "command": " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv]),
            "seconds": round(time.monotonic() - t0, 1), "targets": TARGETS, "scenarios": results,
            "table": [list(r) for r in rows(results, proxies)]}

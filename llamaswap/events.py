@@ -123,6 +123,22 @@ def _timestamp(seconds: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(seconds))
 
 
+def _known(value: Any) -> Any:
+    return -1 if value is None else value
+
+
+def _metrics_item(item: tuple) -> dict:
+    """The EVT-2 ``metrics`` record of what ``EventHub.request_finished`` kept."""
+    request_id, seconds, model, endpoint, status, duration, ttfb, usage = item
+    usage = usage or {}
+    return {"id": request_id, "timestamp": _timestamp(seconds), "model": model, "endpoint": endpoint,
+            "status": status, "duration_ms": _ms(duration), "ttfb_ms": _ms(ttfb),
+            "input_tokens": _known(usage.get("input")), "output_tokens": _known(usage.get("output")),
+            "cached_tokens": _known(usage.get("cached")),
+            "prompt_per_second": _known(usage.get("prompt_per_second")),
+            "tokens_per_second": _known(usage.get("tokens_per_second"))}
+
+
 class _SourceTap:
     """A ``LogBroadcaster`` subscriber that hands new output of one source to the hub."""
 
@@ -162,7 +178,7 @@ class EventHub(Service):
         self.clock = clock
         self.log = log or Logger(namespace="llamaswap.events")
         self.max_unsent = max_unsent
-        self.records: deque[dict] = deque(maxlen=history)
+        self.records: deque[tuple] = deque(maxlen=history)  # what _metrics_item reads
         self._ids = itertools.count()
         self._clients: list[Subscriber] = []
         self._not_admin: set[Subscriber] = set()  # clients that get no logData nor inflight
@@ -200,10 +216,11 @@ class EventHub(Service):
             text = self.logs.history(source).decode("utf-8", "replace")
             client.send(frame("logData", {"source": source, "data": text}))
         client.send(frame("modelStatus", model_status(self.models, self.live)))
-        client.send(frame("metrics", list(self.records)))
+        client.send(frame("metrics", [_metrics_item(item) for item in self.records]))
         client.send(frame("profileChanged", {"active": self.active_profile}))
         if with_logs:
             client.send(frame("inflight", self.inflight.snapshot() if self.inflight is not None else _NO_INFLIGHT))
+        self._follow_inflight()
         if not self._keepalive.running:
             self._keepalive.start(self._keepalive_interval, now=False)
         return client
@@ -218,6 +235,7 @@ class EventHub(Service):
         self._not_admin.discard(client)
         if client in self._clients:
             self._clients.remove(client)
+        self._follow_inflight()
         if not self._clients and self._keepalive.running:
             self._keepalive.stop()
 
@@ -237,10 +255,23 @@ class EventHub(Service):
         watched changes nothing."""
         if inflight is self.inflight:
             return
-        if self.inflight is not None:
+        if self.inflight is not None and self._inflight_update in self.inflight.observers:
             self.inflight.observers.remove(self._inflight_update)
         self.inflight = inflight
-        inflight.observers.append(self._inflight_update)
+        self._follow_inflight()
+
+    def _follow_inflight(self) -> None:
+        """Observe the in-flight requests only while an admin client listens: with no observer
+        they build no update at all (one per request and response otherwise)."""
+        inflight = self.inflight
+        if inflight is None:
+            return
+        wanted = len(self._not_admin) < len(self._clients)
+        following = self._inflight_update in inflight.observers
+        if wanted and not following:
+            inflight.observers.append(self._inflight_update)
+        elif following and not wanted:
+            inflight.observers.remove(self._inflight_update)
 
     def _inflight_update(self, update: dict) -> None:
         if len(self._not_admin) == len(self._clients):
@@ -303,23 +334,13 @@ class EventHub(Service):
     def request_finished(self, record: Any) -> None:
         """``WebContext.request_listeners``: keep the EVT-2 record of a ``RequestRecord`` and send it as
         ``metrics``."""
-        usage = record.usage or {}
-
-        def known(value: Any) -> Any:
-            return -1 if value is None else value
-
-        item = {"id": next(self._ids), "timestamp": _timestamp(self.clock.seconds()),
-                "model": record.model, "endpoint": record.endpoint,
-                "status": record.status, "duration_ms": _ms(record.duration),
-                "ttfb_ms": _ms(record.ttfb),
-                "input_tokens": known(usage.get("input")), "output_tokens": known(usage.get("output")),
-                "cached_tokens": known(usage.get("cached")),
-                "prompt_per_second": known(usage.get("prompt_per_second")),
-                "tokens_per_second": known(usage.get("tokens_per_second"))}
+        # kept as its values: the EVT-2 dict is made only when a client gets it
+        item = (next(self._ids), self.clock.seconds(), record.model, record.endpoint, record.status,
+                record.duration, record.ttfb, record.usage)
         self.records.append(item)
         if self._clients:
             self._flush()  # keep the order: what happened before this request went first
-            self._broadcast(frame("metrics", [item]))
+            self._broadcast(frame("metrics", [_metrics_item(item)]))
 
     # -- coalescing -------------------------------------------------------------------------------
 

@@ -142,6 +142,12 @@ class Metrics:
         self.memory_used: Optional[Gauge] = None
         self.model_memory: Optional[Gauge] = None
         self._memory_series: set[tuple[str, str]] = set()
+        #: (metric, label values) -> its child, for the per-request feeds; emptied whenever a
+        #: series is removed (a removed child would keep counting where nobody sees it)
+        self._children: dict[tuple, Any] = {}
+        #: model -> the (in flight, waiting) its gauges show: three queue events per request,
+        #: each changing one or two of them
+        self._queue_shown: dict[str, tuple[int, int]] = {}
         for result in ("success", "failure"):
             self.config_reloads.labels(result=result)
         for source in LOG_SOURCES:
@@ -173,8 +179,18 @@ class Metrics:
         for outcome in ("success", "failure"):
             self.load_duration.labels(model=model_id, outcome=outcome)
 
+    def _child(self, metric: Any, *values: str) -> Any:
+        """``metric.labels(*values)``, looked up once per label set."""
+        key = (metric, values)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*values)
+        return child
+
     def remove_model(self, model_id: str) -> None:
         """Forget every series of a model removed by a reload (bounded label sets)."""
+        self._children.clear()
+        self._queue_shown.pop(model_id, None)
         self._models.discard(model_id)
         for metric in (self.queue_depth, self.inflight, self.swaps, self.stream_errors,
                        self.queue_wait, self.prompt_tps, self.generation_tps):
@@ -229,6 +245,7 @@ class Metrics:
         new = tuple(names) if names is not None else None
         if new == self._key_names:
             return
+        self._children.clear()
         if (new is None) != (self._key_names is None):
             self.registry.unregister(self.requests)
             self.registry.unregister(self.tokens)
@@ -252,9 +269,14 @@ class Metrics:
     def observe(self, event: ModelEvent) -> None:
         """``IModelObserver``: add it to ``router.observers``; every value comes from the event."""
         if isinstance(event, QueueChanged):  # the per-request one first
-            if event.model in self._models:
-                self.inflight.labels(model=event.model).set(event.inflight)
-                self.queue_depth.labels(model=event.model).set(event.waiting)
+            model = event.model
+            if model in self._models:
+                shown = self._queue_shown.get(model)
+                if shown is None or shown[0] != event.inflight:
+                    self._child(self.inflight, model).set(event.inflight)
+                if shown is None or shown[1] != event.waiting:
+                    self._child(self.queue_depth, model).set(event.waiting)
+                self._queue_shown[model] = (event.inflight, event.waiting)
         elif isinstance(event, StateChanged):
             if event.model in self._models:
                 self.set_state(event.model, event.new)
@@ -320,31 +342,33 @@ class Metrics:
         if model and model not in self._models:
             model = ""  # removed by a reload meanwhile: keep label sets bounded
         endpoint = record.endpoint
-        keyed = {"key": getattr(record, "key", "")} if self._key_names is not None else {}
-        self.requests.labels(model=model, endpoint=endpoint, status=str(record.status), **keyed).inc()
+        # label values in the order the metrics declare them
+        keyed = (str(getattr(record, "key", "")),) if self._key_names is not None else ()
+        child = self._child
+        child(self.requests, model, endpoint, str(record.status), *keyed).inc()
         duration = record.duration
         if duration is not None:
-            self.request_duration.labels(model=model, endpoint=endpoint).observe(max(duration, 0.0))
+            child(self.request_duration, model, endpoint).observe(max(duration, 0.0))
         ttfb = record.ttfb
         if ttfb is not None:
-            self.ttfb.labels(model=model, endpoint=endpoint).observe(max(ttfb, 0.0))
+            child(self.ttfb, model, endpoint).observe(max(ttfb, 0.0))
         if not model:
             return
         wait = record.queue_wait
         if wait is not None:
-            self.queue_wait.labels(model=model).observe(max(wait, 0.0))
+            child(self.queue_wait, model).observe(max(wait, 0.0))
         if record.stream_error:
-            self.stream_errors.labels(model=model).inc()
+            child(self.stream_errors, model).inc()
         usage = record.usage
         if usage:
             for kind in TOKEN_TYPES:
                 n = usage.get(kind)
                 if n is not None and n > 0:
-                    self.tokens.labels(model=model, type=kind, **keyed).inc(n)
+                    child(self.tokens, model, kind, *keyed).inc(n)
             if usage.get("prompt_per_second") is not None:
-                self.prompt_tps.labels(model=model).observe(usage["prompt_per_second"])
+                child(self.prompt_tps, model).observe(usage["prompt_per_second"])
             if usage.get("tokens_per_second") is not None:
-                self.generation_tps.labels(model=model).observe(usage["tokens_per_second"])
+                child(self.generation_tps, model).observe(usage["tokens_per_second"])
 
     def kv_saved(self, model_id: str, nbytes: int, seconds: float) -> None:
         """``KvCache.on_saved``: a save before a planned stop wrote ``nbytes``."""

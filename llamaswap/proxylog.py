@@ -295,7 +295,11 @@ def format_proxy_line(event: dict, label: str, time_format: str = "") -> bytes:
     With a ``time_format`` (``logTimeFormat``), the line starts with the event's ``log_time``
     in that layout and a space, as llama-swap writes ``<time> [LEVEL] message``.
     """
-    text = eventAsText(event, includeTraceback=True, includeTimestamp=False, includeSystem=False)
+    line = event.get("line")
+    if event.get("log_format") == "{line}" and type(line) is str and "log_failure" not in event:
+        text = line  # the access log's events (one per request): what eventAsText would give
+    else:
+        text = eventAsText(event, includeTraceback=True, includeTimestamp=False, includeSystem=False)
     stamp = format_log_time(time_format, event.get("log_time", 0.0)) if time_format else ""
     return f"{stamp + ' ' if stamp else ''}[{label}] {text.rstrip(chr(10))}\n".encode("utf-8", errors="replace")
 

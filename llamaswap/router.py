@@ -1,7 +1,8 @@
 """Requests -> models: resolution, admission, queueing, swaps, TTL (PROC-11).
 
 ``ModelRouter`` owns one ``UpstreamProcess`` per model and the queue of waiting
-requests. Every decision comes from the pure ``scheduler.decide``; this class only
+requests. Every decision comes from the pure ``scheduler.decide`` (the plain ones of most
+requests from ``scheduler.plain_decision``, without building a snapshot); this class only
 applies it: grants leases, begins swaps (stop the evicted models in parallel, then start
 the target), arms TTL timers, and fails waiters with the right error.
 
@@ -26,7 +27,7 @@ from __future__ import annotations
 
 import itertools
 from collections import deque
-from typing import TYPE_CHECKING, Callable, Optional
+from typing import TYPE_CHECKING, Callable, Iterator, Optional
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, DeferredList, fail, succeed
@@ -318,9 +319,18 @@ class ModelRouter(Service):
             self._again = True
             while self._again:
                 self._again = False
-                self._apply(scheduler.decide(self._snapshot(), self._evict_for, self._solver()))
+                decision = scheduler.plain_decision(self._waiting())
+                if decision is None:
+                    decision = scheduler.decide(self._snapshot(), self._evict_for, self._solver())
+                self._apply(decision)
         finally:
             self._deciding = False
+
+    def _waiting(self) -> Iterator[tuple[str, str, int]]:
+        """(id, state as the scheduler sees it, waiters) of the models with waiters."""
+        for model_id, slot in self._slots.items():
+            if slot.waiting:
+                yield model_id, "stopping" if slot.replacing else slot.proc.state.value, len(slot.waiting)
 
     def _snapshot(self) -> scheduler.Snapshot:
         budget, now = self.config.memory_budget, self.clock.seconds()

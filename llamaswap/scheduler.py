@@ -204,6 +204,35 @@ def decide(snap: Snapshot, evict_for: Callable[[str, Optional[str], frozenset], 
                     tuple(refused))
 
 
+#: ``decide``'s decision when nothing waits: nothing to grant, start or drain.
+NOTHING = Decision()
+
+
+def plain_decision(waiting: Iterable[tuple[str, str, int]]) -> Optional[Decision]:
+    """``decide``'s decision in the two cases most passes meet, found without a ``Snapshot``:
+    nothing waits anywhere (a release), or one model alone has waiters and it is ready (a request
+    to a loaded model). None in every other case: ask ``decide``.
+
+    In both cases no model is a candidate for a start, so nothing is planned, drained or refused
+    and no wake-up is asked for, and the ready model's waiters are all granted (no candidate
+    holds it, and under ``fifo`` no other model has an older waiter).
+
+    :param waiting: ``(model id, state, number of waiters)`` of every model with waiters, the
+        state as ``decide`` would see it (a model being replaced is ``stopping``).
+    """
+    found = None
+    for item in waiting:
+        if found is not None:
+            return None
+        found = item
+    if found is None:
+        return NOTHING
+    model_id, state, n = found
+    if state != "ready":
+        return None
+    return Decision(grants=((model_id, n),))
+
+
 def _refusals(snap: Snapshot) -> list[tuple[str, str]]:
     """Waiting models that would have to start but need more than the whole budget."""
     if snap.budget is None:

@@ -3,6 +3,7 @@ record) and the access log."""
 from __future__ import annotations
 
 import tempfile
+from io import BytesIO
 from typing import Any, Optional
 
 from twisted.internet.defer import Deferred
@@ -89,7 +90,9 @@ class LlamaSwapRequest(Request):
         if length is not None and length > self.site_limit():
             self._refuse()
             return
-        self.content = tempfile.SpooledTemporaryFile(max_size=SPOOL_BYTES)
+        # a body of known length that stays in memory anyway needs no spooling wrapper
+        self.content = BytesIO() if length is not None and length <= SPOOL_BYTES \
+            else tempfile.SpooledTemporaryFile(max_size=SPOOL_BYTES)
 
     def site_limit(self) -> int:
         return self._site.max_request_body()
