@@ -2,10 +2,8 @@
 watcher, and the options and service that use them."""
 from __future__ import annotations
 
-import io
 import os
 import sys
-from contextlib import redirect_stderr
 from pathlib import Path
 
 import pytest
@@ -17,6 +15,7 @@ from llamaswap import tap
 from llamaswap.config import ConfigError, load_config_sources
 from llamaswap.config.merge import list_config_files, load_sources, merge_documents, sources_label
 from llamaswap.watch import ConfigDirWatcher, ConfigWatcher
+from tests.test_plugin import parse
 
 REPO = Path(__file__).resolve().parent.parent
 FAKE_CMD = f"{sys.executable} {REPO / 'tests' / 'fake_llama_server.py'} --port ${{PORT}}"
@@ -418,15 +417,6 @@ def test_dir_watcher_sees_changes_made_before_it_starts(conf):
 # -- options, service and reload ---------------------------------------------------------------------
 
 
-def parse(argv):
-    options = tap.Options()
-    err = io.StringIO()
-    with redirect_stderr(err):
-        try:
-            options.parseOptions(argv)
-        except SystemExit as e:
-            return None, e.code, err.getvalue()
-    return options, 0, err.getvalue()
 
 
 def test_options_config_dir_alone_and_with_config(tmp_path, conf, monkeypatch):
