@@ -31,7 +31,7 @@ from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred, DeferredList, ensureDeferred, maybeDeferred
 from twisted.logger import Logger, globalLogPublisher
 
-from llamaswap import __version__, ports
+from llamaswap import __version__, ports, runtime
 from llamaswap.activity import ActivityLog
 from llamaswap.captures import CaptureBuffer
 from llamaswap.errors import ShuttingDown
@@ -352,6 +352,8 @@ class LlamaSwapService(SequentialMultiService):
         super().startService()
         if self.install_signals:
             self.reactor.callWhenRunning(self._install_signal_handlers)
+            # the daemon owns the process: tune it once startup's objects all exist
+            self.reactor.callWhenRunning(runtime.settle)
 
     def _install_signal_handlers(self) -> None:
         """CLI-8/CLI-9: the first TERM/INT stops the reactor (exit 0); later ones are ignored."""
