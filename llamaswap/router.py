@@ -249,7 +249,22 @@ class ModelRouter(Service):
         if inflight + waiting >= limit:
             return fail(ConcurrencyLimit(f"too many requests for model '{model_id}' (limit {limit})"))
         self.memory.requested(slot)
+        if not slot.waiting and slot.proc.state is State.READY and not slot.replacing \
+                and not self._deciding and not any(s.waiting for s in self._slots.values()):
+            return succeed(self._grant_at_once(slot))
         return self._enqueue(model_id, profile, counted=True, priority=priority)
+
+    def _grant_at_once(self, slot: _Slot) -> Lease:
+        """A request to a ready model while nothing waits anywhere: the scheduling pass would
+        grant it at once (``scheduler.plain_decision``), so grant it without a ticket or a pass.
+        Counts, lease and TTL end as ``_enqueue`` then ``_grant`` leave them; observers see one
+        ``QueueChanged`` (the grant) instead of two (admitted, then granted in the same turn)."""
+        self._cancel_ttl(slot)
+        seq = next(self._seq)
+        slot.inflight += 1
+        lease = Lease(self._release, slot.proc, True, self.clock.seconds())
+        self._queue_changed(slot, (seq,))
+        return lease
 
     def load(self, model_id: str) -> Deferred:
         """EP-7 / preload: start ``model_id`` through the scheduler; fire once it is ready."""

@@ -575,6 +575,42 @@ class ObserverTests(RouterCase):
         lease.release()
         self.assertEqual(self.of(QueueChanged)[-1], QueueChanged("a", 0, 0))
 
+    def test_ready_model_with_nobody_waiting_is_granted_at_once(self):
+        """The common request (a ready model, nothing waiting anywhere) is granted in the same
+        call: one QueueChanged for the grant, the TTL timer paused while it is in flight."""
+        self.build([m("a", ttl=30)])
+        self.serve("a").release()
+        self.assertEqual(len(self.reactor.getDelayedCalls()), 1)  # the TTL
+        before = len(self.of(QueueChanged))
+        d = self.router.acquire("a")
+        lease = self.successResultOf(d)
+        self.assertEqual(self.router.counts("a"), (1, 0))
+        [granted] = self.of(QueueChanged)[before:]
+        self.assertEqual((granted.inflight, granted.waiting, len(granted.left)), (1, 0, 1))
+        self.assertEqual(self.reactor.getDelayedCalls(), [])  # no TTL while in flight
+        self.reactor.advance(2)
+        lease.release()
+        self.assertEqual(self.of(QueueChanged)[-1], QueueChanged("a", 0, 0))
+        self.assertEqual(len(self.reactor.getDelayedCalls()), 1)  # the TTL again
+
+    def test_ready_model_waits_its_turn_while_another_model_waits(self):
+        """With a swap waiting (maxWait), a request to the ready model goes through the full
+        scheduling pass, exactly as before: it is still granted, and counted."""
+        self.build([m("a"), m("b")], max_wait=10)
+        first = self.serve("a")
+        waiting_b = self.router.acquire("b")
+        self.assertNoResult(waiting_b)
+        before = len(self.of(QueueChanged))
+        d = self.router.acquire("a")
+        self.assertEqual(len([e for e in self.of(QueueChanged)[before:] if e.model == "a"]), 2)
+        lease = self.successResultOf(d)
+        self.assertEqual(self.router.counts("a"), (2, 0))
+        waiting_b.cancel()
+        self.failureResultOf(waiting_b, CancelledError)
+        lease.release()
+        first.release()
+        self.assertEqual(self.router.counts("a"), (0, 0))
+
     def test_loads_are_not_requests(self):
         """A load (EP-7, preload) is neither counted nor listed in ``left``."""
         self.build([m("a")])
