@@ -46,6 +46,7 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer
 from zope.interface import implementer
 
+from llamaswap import tls
 from llamaswap.errors import LlamaSwapError, UpstreamUnreachable, error_body
 
 log = Logger(namespace="llamaswap.proxy")
@@ -484,7 +485,9 @@ class _UpstreamEndpointFactory(_StandardEndpointFactory):
 
     ``http`` to an IP literal is a plain TCP endpoint (no resolver thread, no attempt
     delay: a refused connection fails at once); ``http`` to a name is a
-    ``HostnameEndpoint`` with a short attempt delay; ``https`` is Agent's own.
+    ``HostnameEndpoint`` with a short attempt delay; ``https`` is the same wrapped in TLS
+    (``llamaswap.tls``: verified against the host name with the platform's trust roots, as
+    Agent's own ``BrowserLikePolicyForHTTPS`` does).
     """
 
     def __init__(self, reactor: Any, connect_timeout: float) -> None:
@@ -505,15 +508,20 @@ class _UpstreamEndpointFactory(_StandardEndpointFactory):
         return endpoint
 
     def _make(self, uri: Any) -> Any:
-        if uri.scheme != b"http":
-            return super().endpointForURI(uri)
+        if uri.scheme not in (b"http", b"https"):
+            return super().endpointForURI(uri)  # SchemeNotSupported
         host = uri.host.decode("ascii")
         timeout = self._connectTimeout
         if isIPAddress(host):
-            return TCP4ClientEndpoint(self._reactor, host, uri.port, timeout=timeout)
-        if isIPv6Address(host):
-            return TCP6ClientEndpoint(self._reactor, host, uri.port, timeout=timeout)
-        return HostnameEndpoint(self._reactor, host, uri.port, timeout=timeout, attemptDelay=ATTEMPT_DELAY)
+            endpoint = TCP4ClientEndpoint(self._reactor, host, uri.port, timeout=timeout)
+        elif isIPv6Address(host):
+            endpoint = TCP6ClientEndpoint(self._reactor, host, uri.port, timeout=timeout)
+        else:
+            endpoint = HostnameEndpoint(self._reactor, host, uri.port, timeout=timeout,
+                                        attemptDelay=ATTEMPT_DELAY)
+        if uri.scheme == b"https":
+            return tls.client_endpoint(host, endpoint)  # the TLS stack is loaded on first use
+        return endpoint
 
 
 class ProxyHTTPClient(treq.client.HTTPClient):

@@ -55,6 +55,19 @@ def expand_listen(value: str) -> str:
         " nor one of :PORT, HOST:PORT, [V6ADDR]:PORT")
 
 
+def _plain_listen(value: str) -> bool:
+    """Whether ``--listen`` surely needs no TLS: llama-swap's ``:PORT`` forms, or a ``tcp``,
+    ``tcp6``, ``unix`` or ``systemd`` endpoint (any other kind may, as ``ssl`` does)."""
+    kind = value.split(":", 1)[0]
+    if ":" in value and kind in ("tcp", "tcp6", "unix", "systemd"):
+        return True
+    if _V6_PORT.match(value):
+        return True
+    m = _HOST_PORT.match(value)
+    # a bare word before the port may be an endpoint kind from a plugin ("tls:8443"): not sure
+    return bool(m) and (not m.group("host") or "." in m.group("host") or m.group("host") == "localhost")
+
+
 def _log_on_terminal(options: Any) -> bool:
     """True when twistd logs to this terminal: ``-n`` with no log file, syslog or --logger."""
     parent = getattr(options, "parent", None)
@@ -162,6 +175,10 @@ class Options(usage.Options):
             _fail(["llamaswap: --config is required, unless --config-dir is given "
                    "(twistd llamaswap --config config.yaml)"])
         self["listen_label"] = self["listen"]
+        if self.parent is not None and _plain_listen(self["listen"]):
+            # twistd: load the TLS stack only if a connection needs it (llamaswap.tls)
+            from llamaswap import tls
+            tls.defer()
         try:
             self["listen"] = expand_listen(self["listen"])
         except usage.UsageError as e:
