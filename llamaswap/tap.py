@@ -11,7 +11,6 @@ endpoint) and prints the config warnings when the log is not on this terminal.
 """
 from __future__ import annotations
 
-import gc
 import os
 import re
 import sys
@@ -220,7 +219,6 @@ def make_service(options: Any, reactor: Any = None):
     """Build the service tree for twistd (or a test passing its own reactor), and bind the
     listener: twistd calls this before it daemonizes, so a failure is one line on stderr
     with exit status 1, and no pidfile or state file is written (CLI-6)."""
-    daemon = reactor is None
     if reactor is None:
         from twisted.internet import reactor  # the project's only global-reactor import
     from llamaswap.service import LlamaSwapService, StartupError
@@ -236,12 +234,7 @@ def make_service(options: Any, reactor: Any = None):
     for warning in warnings_for_stderr(options):
         sys.stderr.write(f"WARN {warning}\n")
     sys.stderr.flush()
-    if daemon:
-        # Modules, config and the service tree live as long as the daemon: move them out of
-        # the collector's generations, so the full collections that request garbage triggers
-        # no longer walk them (multi-millisecond pauses in the middle of streams).
-        gc.collect()
-        gc.freeze()
+    # once it runs, the service freezes startup's objects and tunes the collector (runtime.settle)
     return service
 
 
