@@ -88,10 +88,10 @@ class InflightEntry:
     model: str = attr.ib()
     path: str = attr.ib()
     method: str = attr.ib()
-    req_headers: dict = attr.ib()
-    remote_ip: str = attr.ib()
-    session_id: str = attr.ib()
-    resp_headers: dict = attr.ib(factory=dict)
+    #: the twisted.web request: its headers, client and response headers are read only when the
+    #: entry is shown (``as_json``), which most requests never are
+    request: Any = attr.ib(repr=False)
+    session_headers: tuple = attr.ib(default=(), repr=False)
     resp_bytes: int = attr.ib(default=0)
     headers_relayed: bool = attr.ib(default=False)
     tail: bytes = attr.ib(default=b"")
@@ -102,10 +102,27 @@ class InflightEntry:
     last_emitted: float = attr.ib(default=0.0, repr=False)
     progress_call: Any = attr.ib(default=None, repr=False)
 
+    @property
+    def req_headers(self) -> dict:
+        return header_map(self.request.requestHeaders)
+
+    @property
+    def resp_headers(self) -> dict:
+        """The response's headers as sent to the client, once they were relayed."""
+        return header_map(self.request.responseHeaders, skip=()) if self.headers_relayed else {}
+
+    @property
+    def remote_ip(self) -> str:
+        return _remote_ip(self.request)
+
+    @property
+    def session_id(self) -> str:
+        return session_id(self.request.requestHeaders, self.session_headers)
+
     def on_response(self, headers: Headers) -> None:
-        """The response's status and headers were relayed (``headers``: as sent to the client)."""
+        """The response's status and headers were relayed (``headers``: as sent to the client,
+        the request's ``responseHeaders``)."""
         self.headers_relayed = True
-        self.resp_headers = header_map(headers, skip=())
 
     def on_data(self, chunk: bytes) -> None:
         self.resp_bytes += len(chunk)
@@ -120,8 +137,8 @@ class InflightEntry:
 
     def as_json(self, now: float) -> dict:
         return {"id": str(self.id), "timestamp": rfc3339(self.started), "model": self.model,
-                "req_path": self.path, "method": self.method, "req_headers": dict(self.req_headers),
-                "remote_ip": self.remote_ip, "resp_headers": dict(self.resp_headers),
+                "req_path": self.path, "method": self.method, "req_headers": self.req_headers,
+                "remote_ip": self.remote_ip, "resp_headers": self.resp_headers,
                 "resp_bytes": self.resp_bytes, "elapsed_ms": max(0, int((now - self.started) * 1000)),
                 "session_id": self.session_id}
 
@@ -144,11 +161,9 @@ class InflightRequests:
 
     def begin(self, request: Request, record: Any, path: str, session_headers: tuple = ()) -> InflightEntry:
         """``request`` (whose record is ``record``) is in flight; its upstream path is ``path``."""
-        headers = request.requestHeaders
         entry = InflightEntry(
             id=record.id, started=record.started, model=record.model, path=path,
-            method=request.method.decode("latin-1"), req_headers=header_map(headers),
-            remote_ip=_remote_ip(request), session_id=session_id(headers, session_headers))
+            method=request.method.decode("latin-1"), request=request, session_headers=session_headers)
         self._entries[entry.id] = entry
         entry.last_emitted, entry.progress = self.clock.seconds(), self._progress
         self._upsert(entry)
