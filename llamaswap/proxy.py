@@ -882,8 +882,9 @@ class RelayOutcome:
 class _BodyRelay(Protocol):
     """Writes every upstream chunk to the client at once; a slow client pauses the upstream.
 
-    ``done`` fires with a ``RelayOutcome`` once the upstream body ends; a body that ends
-    early is reported to the client first (PROXY-9, see ``_stream_failed``).
+    ``done`` fires with a ``RelayOutcome`` once the upstream body ends; a complete body
+    finishes the response first, a body that ends early is reported to the client first
+    (PROXY-9, see ``_stream_failed``).
     """
 
     def __init__(self, request: Any, on_data: Optional[Callable[[bytes], None]], status: int,
@@ -941,6 +942,11 @@ class _BodyRelay(Protocol):
         if self.done.called:
             return
         if isinstance(reason.value, (ResponseDone, PotentialDataLoss)):
+            request = self.request
+            if not request.client_gone and not request.finished:
+                # the whole body is relayed, so the response is complete: the client gets its
+                # end now, before releasing the model, parsing usage and the other bookkeeping
+                request.finish()
             self.done.callback(RelayOutcome(self.status, self.nbytes))
             return
         error = _reason(reason.value)
@@ -1054,6 +1060,7 @@ class Forwarder:
               tail: bytes = b"") -> Deferred:
         """Stream ``response``'s body to ``request``; a Deferred firing with a ``RelayOutcome``.
 
+        A body relayed whole finishes ``request`` before the Deferred fires.
         A body that ends early becomes an SSE error event (no ``[DONE]``) when ``sse``, else
         an aborted connection (PROXY-9); the outcome then carries the reason. Cancelling
         stops the upstream transfer.

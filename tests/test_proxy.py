@@ -243,10 +243,21 @@ class RelayTests(SynchronousTestCase):
         response.protocol.dataReceived(b"data: 1\n\n")
         self.assertEqual(request.written, [b"data: 1\n\n"])
         self.assertNoResult(d)
+        finished_first = []
+        d.addCallback(lambda outcome: finished_first.append(request.finished) or outcome)
         response.protocol.connectionLost(Failure(ResponseDone()))
         self.assertEqual(self.successResultOf(d), RelayOutcome(200, 9, True, None, None))
         self.assertEqual(seen, [b"data: 1\n\n"])
         self.assertIsNone(request.producer)
+        # the response ends with its body, before whoever waits on the outcome runs
+        self.assertEqual(finished_first, [1])
+
+    def test_complete_body_of_a_gone_client_does_not_finish(self):
+        request, response, d, _ = self.relay()
+        request.client_gone = True
+        response.protocol.connectionLost(Failure(ResponseDone()))
+        self.assertTrue(self.successResultOf(d).completed)
+        self.assertEqual(request.finished, 0)
 
     def test_sse_stream_lost(self):
         """PROXY-9: a lost SSE body ends with one error event, no [DONE]; the outcome has the reason."""

@@ -6,6 +6,7 @@ import tempfile
 from io import BytesIO
 from typing import Any, Optional
 
+from twisted.internet import tcp
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -136,7 +137,11 @@ class LlamaSwapRequest(Request):
         super().write(data)
 
     def finish(self) -> None:
-        super().finish()
+        transport = self.channel.transport if self.channel is not None else None
+        super().finish()  # lets go of the channel
+        # the response's last bytes leave now, not after the bookkeeping below (and whatever
+        # else runs before the reactor's next turn): the client does not wait for either
+        send_queued(transport)
         self._ended(self.code)
 
     def connectionLost(self, reason: Failure) -> None:
@@ -158,6 +163,28 @@ class LlamaSwapRequest(Request):
                 record.content_type = ctype[0].decode("latin-1")
         if record is not None and record.end(status, now, self.sentLength):
             site.app.emit(record)
+
+
+def send_queued(transport: Any) -> None:
+    """Send what a client connection has queued at once, as far as the socket takes it.
+
+    Twisted sends written data when the reactor next finds the socket writable, that is after
+    everything else the current event causes. For a plain TCP connection (also under TLS)
+    with nothing stopping it, this sends it now; whatever the socket does not take, or any
+    error, is left to the reactor as usual. Other transports are left alone.
+    """
+    if transport is not None and type(transport) is not tcp.Server:
+        transport = getattr(transport, "transport", None)  # TLS: the connection beneath
+    if type(transport) is not tcp.Server or not transport.connected or transport.disconnecting:
+        return
+    try:
+        if transport._writeDisconnecting or not (
+                transport._tempDataBuffer or transport.offset < len(transport.dataBuffer)):
+            return
+    except AttributeError:  # pragma: no cover - a FileDescriptor without that layout
+        return
+    if transport.doWrite() is not None:
+        transport.startWriting()  # the reactor calls doWrite again and handles what it says
 
 
 class AccessLogSite(Site):
