@@ -72,8 +72,11 @@ def _log_on_terminal(options: Any) -> bool:
     parent = getattr(options, "parent", None)
     if parent is None:
         return False
+    from llamaswap.twistdlog import is_ours
+
     get = parent.get
-    return bool(get("nodaemon") or get("debug")) and not get("syslog") and not get("logger") \
+    logger = get("logger")
+    return bool(get("nodaemon") or get("debug")) and not get("syslog") and (not logger or is_ours(logger)) \
         and get("logfile") in (None, "", "-")
 
 
@@ -174,6 +177,10 @@ class Options(usage.Options):
             _fail(["llamaswap: --config is required, unless --config-dir is given "
                    "(twistd llamaswap --config config.yaml)"])
         self["listen_label"] = self["listen"]
+        if self.parent is not None:
+            # twistd's log, formatted at a fraction of Twisted's cost per line (llamaswap.twistdlog)
+            from llamaswap import twistdlog
+            twistdlog.use_for(self.parent)
         if self.parent is not None and _plain_listen(self["listen"]):
             # twistd: load the TLS stack only if a connection needs it (llamaswap.tls)
             from llamaswap import tls
