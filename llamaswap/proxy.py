@@ -32,7 +32,6 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from hyperlink import EncodedURL
-from twisted.internet import tcp
 from twisted.internet.abstract import isIPAddress, isIPv6Address
 from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint
 from twisted.web.client import (
@@ -48,6 +47,7 @@ from zope.interface import implementer
 
 from llamaswap import tls
 from llamaswap.errors import LlamaSwapError, UpstreamUnreachable, error_body
+from llamaswap.wire import write_now
 
 log = Logger(namespace="llamaswap.proxy")
 
@@ -408,14 +408,14 @@ class _ForwardRequest(Request):
         body = self._body
         if body is not None:
             if len(body) < _BIG_BODY:
-                _write_now(transport, self._head + b"Content-Length: %d\r\n\r\n" % len(body) + body)
+                write_now(transport, self._head + b"Content-Length: %d\r\n\r\n" % len(body) + body)
             else:
                 transport.writeSequence([self._head, b"Content-Length: %d\r\n\r\n" % len(body), body])
         elif self.bodyProducer is None:
             if self.method in (b"PUT", b"POST"):  # as Twisted: a body is expected, say it is empty
-                _write_now(transport, self._head + b"Content-Length: 0\r\n\r\n")
+                write_now(transport, self._head + b"Content-Length: 0\r\n\r\n")
             else:
-                _write_now(transport, self._head + b"\r\n")
+                write_now(transport, self._head + b"\r\n")
         else:
             return super().writeTo(transport)
         if self._on_sent is not None:
@@ -424,26 +424,6 @@ class _ForwardRequest(Request):
 
     def _writeHeaders(self, transport: Any, TEorCL: Optional[bytes]) -> None:
         transport.writeSequence([self._head, TEorCL or b"", b"\r\n"])
-
-
-def _write_now(transport: Any, data: bytes) -> None:
-    """``transport.write(data)``, sent at once when the transport is a plain TCP connection with
-    nothing queued: what the socket takes now needs no wait for the reactor's next turn (and no
-    registering for writability and back); the rest, if any, is queued as usual."""
-    if type(transport) is tcp.Client and transport.connected and not transport.disconnecting:
-        try:
-            idle = not transport._tempDataBuffer and transport.offset == len(transport.dataBuffer) \
-                and not transport._writeDisconnected
-        except AttributeError:  # pragma: no cover - a FileDescriptor without that layout
-            idle = False
-        if idle:
-            sent = transport.writeSomeData(data)
-            if isinstance(sent, int) and sent > 0:
-                if sent == len(data):
-                    return
-                data = data[sent:]
-            # nothing sent, or an error: Twisted's own write path finds it
-    transport.write(data)
 
 
 def encode_head(method: bytes, target: _Target, headers: Headers, persistent: bool) -> bytes:

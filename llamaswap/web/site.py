@@ -6,15 +6,22 @@ import tempfile
 from io import BytesIO
 from typing import Any, Optional
 
-from twisted.internet import tcp
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.resource import Resource
+from twisted.web.http import HTTPChannel
+from twisted.web.http_headers import Headers
 from twisted.web.server import Request, Site
+
+try:  # what twisted.web's Site builds: HTTP/1.1, or HTTP/2 when negotiated over TLS
+    from twisted.web.http import _GenericHTTPChannelProtocol
+except ImportError:  # pragma: no cover - a twisted.web without it
+    _GenericHTTPChannelProtocol = None
 
 from llamaswap.errors import error_body
 from llamaswap.web.context import RequestRecord, WebContext
+from llamaswap.wire import send_queued, write_now
 
 #: request bodies bigger than this are spooled to a temporary file.
 SPOOL_BYTES = 1024 * 1024
@@ -135,6 +142,9 @@ class LlamaSwapRequest(Request):
             # progress, a llamaswap error)
             record.ttfb = self._site.clock.seconds() - record.started
         super().write(data)
+        channel = self.channel
+        if type(channel) is LlamaSwapChannel and channel.held is not None:
+            channel.send_held()  # a head without body bytes (HEAD, 204, an empty write)
 
     def finish(self) -> None:
         transport = self.channel.transport if self.channel is not None else None
@@ -165,26 +175,57 @@ class LlamaSwapRequest(Request):
             site.app.emit(record)
 
 
-def send_queued(transport: Any) -> None:
-    """Send what a client connection has queued at once, as far as the socket takes it.
+class LlamaSwapChannel(HTTPChannel):
+    """``HTTPChannel`` whose responses go out as they are written (``llamaswap.wire``), the
+    head together with the first body bytes: one ``send`` for a short response or a streamed
+    chunk, where Twisted's queueing costs a wait for the reactor's next turn and two
+    ``epoll_ctl`` calls each time.
 
-    Twisted sends written data when the reactor next finds the socket writable, that is after
-    everything else the current event causes. For a plain TCP connection (also under TLS)
-    with nothing stopping it, this sends it now; whatever the socket does not take, or any
-    error, is left to the reactor as usual. Other transports are left alone.
-    """
-    if transport is not None and type(transport) is not tcp.Server:
-        transport = getattr(transport, "transport", None)  # TLS: the connection beneath
-    if type(transport) is not tcp.Server or not transport.connected or transport.disconnecting:
-        return
-    try:
-        if transport._writeDisconnecting or not (
-                transport._tempDataBuffer or transport.offset < len(transport.dataBuffer)):
+    A head with no body bytes after it (HEAD, 204, an empty write) is sent by
+    ``LlamaSwapRequest.write`` at the end of the write, or else when the response ends."""
+
+    #: the response head, held until the body's first bytes (or the end of the write)
+    held: Optional[list] = None
+
+    def writeHeaders(self, version: bytes, code: bytes, reason: bytes, headers: Any) -> None:
+        if not isinstance(headers, Headers):  # Twisted's sanitising path for other header types
+            super().writeHeaders(version, code, reason, headers)
             return
-    except AttributeError:  # pragma: no cover - a FileDescriptor without that layout
-        return
-    if transport.doWrite() is not None:
-        transport.startWriting()  # the reactor calls doWrite again and handles what it says
+        head = [version, b" ", code, b" ", reason, b"\r\n"]
+        for name, values in headers.getAllRawHeaders():
+            for value in values:
+                head.extend((name, b": ", value, b"\r\n"))
+        head.append(b"\r\n")
+        self.held = head
+
+    def write(self, data: bytes) -> None:
+        self._send((data,))
+
+    def writeSequence(self, iovec: Any) -> None:
+        self._send(iovec)
+
+    def send_held(self) -> None:
+        self._send(())
+
+    def requestDone(self, request: Any) -> None:
+        if self.held is not None:  # a head without body bytes, from a request that did not send it
+            self.send_held()
+        super().requestDone(request)
+
+    def _send(self, parts: Any) -> None:
+        held = self.held
+        if held is not None:
+            self.held = None
+            held.extend(parts)
+            parts = held
+        if self.transport is not None:
+            write_now(self.transport, b"".join(parts))
+
+
+def _channel_protocol(site: "AccessLogSite") -> Any:
+    """What ``Site.protocol`` builds, with :class:`LlamaSwapChannel` for HTTP/1.1."""
+    channel = LlamaSwapChannel()
+    return _GenericHTTPChannelProtocol(channel) if _GenericHTTPChannelProtocol is not None else channel
 
 
 class AccessLogSite(Site):
@@ -195,6 +236,7 @@ class AccessLogSite(Site):
     """
 
     requestFactory = LlamaSwapRequest
+    protocol = _channel_protocol
 
     def __init__(self, resource: Resource, app: WebContext, reactor: Any, log: Optional[Logger] = None) -> None:
         super().__init__(resource, reactor=reactor)
