@@ -13,14 +13,16 @@ from __future__ import annotations
 
 import json
 import math
-import sqlite3
 from collections import deque
-from typing import Any, Iterable, Optional
+from typing import TYPE_CHECKING, Any, Iterable, Optional
 
 import attr
 
 from llamaswap.listener import StartupError
 from llamaswap.proxylog import rfc3339nano
+
+if TYPE_CHECKING:  # sqlite3 (~1 MB) is imported only when a store is opened
+    import sqlite3
 
 __all__ = [
     "ActivityEntry", "ActivityQuery", "DEFAULT_LIMIT", "MemoryActivity", "SCHEMA_VERSION", "SORT_COLUMNS",
@@ -278,7 +280,7 @@ class SQLiteActivityStore:
     serves.
     """
 
-    def __init__(self, path: str, connection: sqlite3.Connection) -> None:
+    def __init__(self, path: str, connection: "sqlite3.Connection") -> None:
         self.path = path
         self._db = connection
 
@@ -289,6 +291,8 @@ class SQLiteActivityStore:
         :raises StoreError: naming the path, when it is not an SQLite file, cannot be created or
             written, or holds a newer schema or a foreign ``activity`` table.
         """
+        import sqlite3
+
         db = None
         try:
             db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
@@ -308,7 +312,7 @@ class SQLiteActivityStore:
             raise
 
     @staticmethod
-    def _migrate(db: sqlite3.Connection, path: str) -> None:
+    def _migrate(db: "sqlite3.Connection", path: str) -> None:
         version = db.execute("PRAGMA user_version").fetchone()[0]
         if version > SCHEMA_VERSION:
             raise StoreError(f"activity store '{path}' (store.path) has schema version {version}; this "
@@ -346,6 +350,8 @@ class SQLiteActivityStore:
     def insert(self, entries: list) -> None:
         """Write ``entries`` in one transaction, each under its own id; an id already taken (another
         program writes the file too) gets a new one rather than losing the row."""
+        import sqlite3
+
         marks = ", ".join("?" * len(_COLUMNS))
         sql = f"INSERT INTO activity ({', '.join(_COLUMNS)}) VALUES ({marks})"
         self._db.execute("BEGIN IMMEDIATE")

@@ -227,3 +227,27 @@ class WriteNowTests(TestCase):
         fake = StringTransport()
         write_now(fake, b"abc")
         self.assertEqual(fake.value(), b"abc")
+
+
+class ChannelAnswersTests(TestCase):
+    def test_host_and_security_read_once_per_transport(self):
+        from twisted.internet.address import IPv4Address
+
+        from llamaswap.web.site import LlamaSwapChannel
+
+        class T(StringTransport):
+            asked = 0
+
+            def getHost(self):
+                self.asked += 1
+                return IPv4Address("TCP", "127.0.0.1", 8080)
+
+        channel = LlamaSwapChannel()
+        first = channel.transport = T()
+        for _ in range(3):
+            self.assertEqual(channel.getHost().port, 8080)
+            self.assertFalse(channel.isSecure())
+        self.assertEqual(first.asked, 1)
+        second = channel.transport = T()
+        channel.getHost()
+        self.assertEqual(second.asked, 1)

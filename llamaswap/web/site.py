@@ -186,6 +186,27 @@ class LlamaSwapChannel(HTTPChannel):
 
     #: the response head, held until the body's first bytes (or the end of the write)
     held: Optional[list] = None
+    #: the transport the two answers below were read from, and them: a connection's local
+    #: address and security do not change, and every request asked (a ``getsockname`` and an
+    #: interface adaptation each time)
+    _asked: Any = None
+    _host: Any = None
+    _secure = False
+
+    def _answers(self) -> None:
+        transport = self.transport
+        if self._asked is not transport:
+            self._host = transport.getHost()
+            self._secure = super().isSecure()
+            self._asked = transport
+
+    def getHost(self) -> Any:
+        self._answers()
+        return self._host
+
+    def isSecure(self) -> bool:
+        self._answers()
+        return self._secure
 
     def writeHeaders(self, version: bytes, code: bytes, reason: bytes, headers: Any) -> None:
         if not isinstance(headers, Headers):  # Twisted's sanitising path for other header types

@@ -10,7 +10,7 @@ authentication is never parsed, and answers every ``OPTIONS`` request itself (CO
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Optional
 
 from twisted.web.resource import Resource
 from twisted.web.server import Request
@@ -26,7 +26,6 @@ from llamaswap.web.manage import Me
 from llamaswap.web.profiles import routes as profile_routes
 from llamaswap.web.inflight import routes as inflight_routes
 from llamaswap.web.render import NOT_FOUND, ErrorResource, JSONResource, Redirect
-from llamaswap.web.ui import UiFiles
 
 _CORS_DEFAULT_HEADERS = b"Content-Type, Authorization, Accept, X-Requested-With"
 _TOKEN_CHARS = set(b"!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ, ")
@@ -51,11 +50,32 @@ def routes(app: WebContext) -> dict[str, Resource]:
         "/health": Health(),
         "/logs": Logs(app),
         "/logs/stream": LogStream(app),
-        "/ui": UiFiles(),
+        "/ui": _LazyUi(),
     })
     table.update(profile_routes(app))  # /api/profiles*, and /upstream refusing selectors
     table.update(inflight_routes(app))  # /api/inflight (list, cancel), /api/captures/<id>
     return table
+
+
+class _LazyUi(Resource):
+    """``llamaswap.web.ui.UiFiles``, made at the first request under ``/ui``: the UI's file
+    serving (twisted.web.static, ~0.5 MB) is loaded only if someone opens the UI."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._files: Optional[Resource] = None
+
+    def _real(self) -> Resource:
+        if self._files is None:
+            from llamaswap.web.ui import UiFiles
+            self._files = UiFiles()
+        return self._files
+
+    def getChildWithDefault(self, path: bytes, request: Any) -> Resource:
+        return self._real().getChildWithDefault(path, request)
+
+    def render(self, request: Any) -> Any:
+        return self._real().render(request)
 
 
 def build_root(app: WebContext, extra: Optional[dict[str, Resource]] = None) -> "Root":
