@@ -31,6 +31,7 @@ import base64
 import collections
 import json
 import zlib
+from json.encoder import encode_basestring_ascii as _json_string
 from typing import Any, Callable, Iterable, Optional
 
 import attr
@@ -73,18 +74,21 @@ def canonical_header_name(name: str) -> str:
     return "-".join(part[:1].upper() + part[1:].lower() for part in name.split("-"))
 
 
-#: raw header name -> (canonical name, redacted, lowercase raw name): header maps are made for
-#: every captured or in-flight request, from a small set of names
-_NAMES: dict[bytes, tuple[str, bool, bytes]] = {}
+#: raw header name -> (canonical name, redacted, lowercase raw name, the canonical name as a
+#: JSON string): header maps are made for every captured or in-flight request, from a small
+#: set of names
+_NAMES: dict[bytes, tuple[str, bool, bytes, str]] = {}
 _NAMES_MAX = 4096
 _HOST = frozenset({b"host"})
+_RESP_SKIP = frozenset({b"content-encoding"})
+_REDACTED_JSON = _json_string(REDACTED)
 
 
-def _name(raw: bytes) -> tuple[str, bool, bytes]:
+def _name(raw: bytes) -> tuple[str, bool, bytes, str]:
     known = _NAMES.get(raw)
     if known is None:
         key = canonical_header_name(raw.decode("latin-1"))
-        known = (key, key.lower() in SENSITIVE_HEADERS, raw.lower())
+        known = (key, key.lower() in SENSITIVE_HEADERS, raw.lower(), _json_string(key))
         if len(_NAMES) < _NAMES_MAX:  # bounded: names come from clients
             _NAMES[raw] = known
     return known
@@ -92,16 +96,33 @@ def _name(raw: bytes) -> tuple[str, bool, bytes]:
 
 def header_map(headers: Any, skip: Iterable[bytes] = _HOST) -> dict[str, str]:
     """The first value of every header of a twisted ``Headers``, sensitive ones redacted."""
-    skipped = skip if skip is _HOST else frozenset(s.lower() for s in skip)
+    skipped = skip if type(skip) is frozenset else frozenset(s.lower() for s in skip)  # ours: lowercase
     out: dict[str, str] = {}
     for name, values in headers.getAllRawHeaders():
         if not values:
             continue
-        key, sensitive, lower = _name(name)
+        key, sensitive, lower, _ = _name(name)
         if key in out or lower in skipped:
             continue
         out[key] = REDACTED if sensitive else values[0].decode("latin-1")
     return out
+
+
+def header_json(headers: Any, skip: Iterable[bytes] = _HOST) -> str:
+    """``header_map`` as compact JSON (what ``json.dumps(header_map(...), separators=(",", ":"))``
+    gives), written directly: a capture keeps its headers as JSON text."""
+    skipped = skip if type(skip) is frozenset else frozenset(s.lower() for s in skip)  # ours: lowercase
+    seen: set[str] = set()
+    items: list[str] = []
+    for name, values in headers.getAllRawHeaders():
+        if not values:
+            continue
+        key, sensitive, lower, key_json = _name(name)
+        if key in seen or lower in skipped:
+            continue
+        seen.add(key)
+        items.append(key_json + ":" + (_REDACTED_JSON if sensitive else _json_string(values[0].decode("latin-1"))))
+    return "{" + ",".join(items) + "}"
 
 
 class _Segments:
@@ -182,23 +203,23 @@ class CaptureDraft:
     req_path: str = attr.ib()
     fields: int = attr.ib()
     limit: int = attr.ib()
-    req_headers: Optional[dict] = attr.ib(default=None)
+    req_headers: Optional[str] = attr.ib(default=None)  # as JSON (``header_json``)
     req_body: Optional[bytes] = attr.ib(default=None)  # as sent: compressed with the rest at the end
-    resp_headers: Optional[dict] = attr.ib(default=None)
+    resp_headers: Optional[str] = attr.ib(default=None)  # as JSON
     _resp: Optional[_Body] = attr.ib(default=None)
     too_big: bool = attr.ib(default=False)
 
     def set_request(self, headers: Any, body: Optional[bytes]) -> None:
         """The client's headers and the body sent upstream (None when not at hand)."""
         if self.fields & REQ_HEADERS:
-            self.req_headers = header_map(headers)
+            self.req_headers = header_json(headers)
         if self.fields & REQ_BODY and body is not None:
             self.req_body = body
 
     def on_response(self, headers: Any) -> None:
         """The response's headers, as sent to the client (``Content-Encoding`` left out)."""
         if self.fields & RESP_HEADERS:
-            self.resp_headers = header_map(headers, skip=(b"content-encoding",))
+            self.resp_headers = header_json(headers, skip=_RESP_SKIP)
         if self.fields & RESP_BODY:
             self._resp = _Body(self.limit)
 
@@ -214,8 +235,9 @@ class CaptureDraft:
             self.too_big = True
         if self.too_big:
             return None
-        meta = json.dumps([self.req_path, self.req_headers, self.resp_headers],
-                          separators=(",", ":")).encode("utf-8")
+        # [path, request headers, response headers] as JSON, the header maps already JSON text
+        meta = ("[" + _json_string(self.req_path) + "," + (self.req_headers or "null") + ","
+                + (self.resp_headers or "null") + "]").encode("utf-8")
         req = self.req_body
         resp_raw, resp_stream = None, None
         if resp is not None and status == 200:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import io
 import itertools
+import json
 import os
 import random
 
@@ -168,6 +169,21 @@ class HeaderNameTests(SynchronousTestCase):
                                                    "Content-Encoding": "gzip"})
             self.assertEqual(header_map(headers, skip=(b"Content-Encoding",)),
                              {"X-Weird-Name": "1", "Set-Cookie": "[REDACTED]", "Host": "h"})
+
+    def test_json_form_is_json_dumps_of_the_map(self):
+        """A capture keeps its header maps as JSON written directly: the same text json.dumps gives."""
+        rnd = random.Random(3)
+        names = [b"host", b"Content-Type", b"content-type", b"authorization", b"x-api-key", b"set-cookie",
+                 b"X-Weird_Name", b"content-encoding", b"x-y"]
+        values = [b"a", b"\xe9\xff", b'"quoted"\\', b"", b"tab\tx", b"\xe2\x9c\x93"]
+        for _ in range(500):
+            headers = Headers()
+            for _ in range(rnd.randint(0, 6)):
+                headers.addRawHeader(rnd.choice(names), rnd.choice(values))
+            for skip in ((b"host",), (b"Content-Encoding",), ()):
+                self.assertEqual(captures.header_json(headers, skip=skip),
+                                 json.dumps(header_map(headers, skip=skip), separators=(",", ":")))
+            self.assertEqual(captures.header_json(headers), json.dumps(header_map(headers), separators=(",", ":")))
 
     def test_cache_is_bounded(self):
         self.patch(captures, "_NAMES", {})
