@@ -27,10 +27,14 @@ Size (~510 lines): the metric table and the feeds that fill it are one unit; the
 from __future__ import annotations
 
 import json
+import math
+from bisect import bisect_left
 from typing import Any, Iterable, Optional
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client import disable_created_metrics
+from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
+from prometheus_client.utils import floatToGoString
 
 try:  # MET-1 asks for format 0.0.4; prometheus_client >= 0.22 calls 1.0.0 "latest"
     from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4 as CONTENT_TYPE
@@ -84,15 +88,15 @@ class Metrics:
         r = self.registry
         self._key_names: Optional[tuple[str, ...]] = tuple(key_names) if key_names is not None else None
         self.requests, self.tokens = self._keyed_counters()
-        self.request_duration = Histogram(
+        self.request_duration = _FastHistogram(
             "llamaswap_request_duration_seconds", "From receipt to the last byte sent.",
-            ["model", "endpoint"], buckets=DURATION_BUCKETS, registry=r)
-        self.ttfb = Histogram(
+            ["model", "endpoint"], r, DURATION_BUCKETS)
+        self.ttfb = _FastHistogram(
             "llamaswap_time_to_first_byte_seconds",
             "From receipt to the first body byte sent (queueing and loading included).",
-            ["model", "endpoint"], buckets=DURATION_BUCKETS, registry=r)
-        self.queue_wait = Histogram("llamaswap_queue_wait_seconds", "From admission to grant.",
-                                    ["model"], buckets=DURATION_BUCKETS, registry=r)
+            ["model", "endpoint"], r, DURATION_BUCKETS)
+        self.queue_wait = _FastHistogram("llamaswap_queue_wait_seconds", "From admission to grant.",
+                                         ["model"], r, DURATION_BUCKETS)
         self.load_duration = Histogram(
             "llamaswap_model_load_duration_seconds", "From spawn to ready, or to failure.",
             ["model", "outcome"], buckets=LOAD_BUCKETS, registry=r)
@@ -105,15 +109,13 @@ class Metrics:
         self.model_state = Gauge("llamaswap_model_state",
                                  "1 for the model's current state, 0 for the others.",
                                  ["model", "state"], registry=r)
-        self.prompt_tps = Histogram("llamaswap_prompt_tokens_per_second",
-                                    "llama.cpp timings.prompt_per_second.", ["model"],
-                                    buckets=TPS_BUCKETS, registry=r)
-        self.generation_tps = Histogram("llamaswap_generation_tokens_per_second",
-                                        "llama.cpp timings.predicted_per_second.", ["model"],
-                                        buckets=TPS_BUCKETS, registry=r)
-        self.stream_errors = Counter("llamaswap_upstream_stream_errors_total",
-                                     "Responses whose upstream connection was lost after the headers were relayed.",
-                                     ["model"], registry=r)
+        self.prompt_tps = _FastHistogram("llamaswap_prompt_tokens_per_second",
+                                         "llama.cpp timings.prompt_per_second.", ["model"], r, TPS_BUCKETS)
+        self.generation_tps = _FastHistogram("llamaswap_generation_tokens_per_second",
+                                             "llama.cpp timings.predicted_per_second.", ["model"], r, TPS_BUCKETS)
+        self.stream_errors = _FastCounter("llamaswap_upstream_stream_errors_total",
+                                          "Responses whose upstream connection was lost after the headers "
+                                          "were relayed.", ["model"], r)
         self.config_reloads = Counter("llamaswap_config_reloads_total", "Config reloads.",
                                       ["result"], registry=r)
         self.log_dropped = Counter("llamaswap_log_bytes_dropped_total",
@@ -216,14 +218,14 @@ class Metrics:
 
     # -- the key label (scoped API keys) ----------------------------------------------------------
 
-    def _keyed_counters(self) -> tuple[Counter, Counter]:
+    def _keyed_counters(self) -> tuple["_FastCounter", "_FastCounter"]:
         """``llamaswap_requests_total`` and ``llamaswap_tokens_total``, with a ``key`` label when
         scoped keys are configured."""
         extra = ["key"] if self._key_names is not None else []
-        requests = Counter("llamaswap_requests_total", "Finished model-dispatched requests.",
-                           ["model", "endpoint", "status", *extra], registry=self.registry)
-        tokens = Counter("llamaswap_tokens_total", "Tokens parsed from responses.",
-                         ["model", "type", *extra], registry=self.registry)
+        requests = _FastCounter("llamaswap_requests_total", "Finished model-dispatched requests.",
+                                ["model", "endpoint", "status", *extra], self.registry)
+        tokens = _FastCounter("llamaswap_tokens_total", "Tokens parsed from responses.",
+                              ["model", "type", *extra], self.registry)
         return requests, tokens
 
     def _token_series(self, model_id: str) -> None:
@@ -396,8 +398,128 @@ class Metrics:
 
 
 def _label_sets(metric: Any) -> list[tuple]:
+    if isinstance(metric, _Family):
+        return metric.label_sets()
     with metric._lock:
         return list(metric._metrics)
+
+
+# -- the per-request series ----------------------------------------------------------------------
+
+class _Family:
+    """A labelled counter or histogram fed once or more per request, exposed exactly as
+    prometheus_client's ``Counter``/``Histogram`` are (same names, samples, order and number
+    format), without their per-update locking and bucket scan: every update happens on the
+    reactor thread, and so does every scrape.
+
+    The subset of the prometheus_client API ``Metrics`` uses: ``labels(*values)`` or
+    ``labels(**values)`` (a series, made at first use), ``remove(*values)``, ``label_sets()``.
+    """
+
+    def __init__(self, name: str, documentation: str, labelnames: Iterable[str], registry: CollectorRegistry) -> None:
+        self.name = name
+        self.documentation = documentation
+        self.labelnames = tuple(labelnames)
+        self._series: dict[tuple[str, ...], Any] = {}
+        registry.register(self)
+
+    def labels(self, *values: Any, **named: Any) -> Any:
+        if named:
+            if values:
+                raise ValueError("labels: values by position or by name, not both")
+            values = tuple(named[n] for n in self.labelnames)
+        if len(values) != len(self.labelnames):
+            raise ValueError(f"{self.name}: {len(self.labelnames)} label values expected, got {len(values)}")
+        key = tuple(str(v) for v in values)
+        series = self._series.get(key)
+        if series is None:
+            series = self._series[key] = self._new()
+        return series
+
+    def remove(self, *values: Any) -> None:
+        del self._series[tuple(str(v) for v in values)]
+
+    def label_sets(self) -> list[tuple[str, ...]]:
+        return list(self._series)
+
+    def _new(self) -> Any:
+        raise NotImplementedError
+
+    def describe(self) -> list:
+        return [self._family()]
+
+    def _family(self) -> Any:
+        raise NotImplementedError
+
+
+class _CounterSeries:
+    __slots__ = ("value",)
+
+    def __init__(self) -> None:
+        self.value = 0.0
+
+    def inc(self, amount: float = 1) -> None:
+        if amount < 0:
+            raise ValueError("counters only go up")
+        self.value += amount
+
+
+class _FastCounter(_Family):
+    """``prometheus_client.Counter`` for the per-request feeds (``name`` ends in ``_total``)."""
+
+    def _new(self) -> _CounterSeries:
+        return _CounterSeries()
+
+    def _family(self) -> CounterMetricFamily:
+        return CounterMetricFamily(self.name, self.documentation, labels=self.labelnames)
+
+    def collect(self) -> list:
+        family = self._family()
+        for values, series in self._series.items():
+            family.add_metric(values, series.value)
+        return [family]
+
+
+class _HistogramSeries:
+    __slots__ = ("counts", "sum", "bounds")
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = bounds
+        self.counts = [0] * len(bounds)
+        self.sum = 0.0
+
+    def observe(self, amount: float) -> None:
+        self.counts[bisect_left(self.bounds, amount)] += 1  # the first bound >= amount
+        self.sum += amount
+
+
+class _FastHistogram(_Family):
+    """``prometheus_client.Histogram`` for the per-request feeds."""
+
+    def __init__(self, name: str, documentation: str, labelnames: Iterable[str], registry: CollectorRegistry,
+                 buckets: Iterable[float]) -> None:
+        bounds = [float(b) for b in buckets]
+        if bounds[-1] != math.inf:
+            bounds.append(math.inf)
+        self.bounds = tuple(bounds)
+        self._le = tuple(floatToGoString(b) for b in self.bounds)
+        super().__init__(name, documentation, labelnames, registry)
+
+    def _new(self) -> _HistogramSeries:
+        return _HistogramSeries(self.bounds)
+
+    def _family(self) -> HistogramMetricFamily:
+        return HistogramMetricFamily(self.name, self.documentation, labels=self.labelnames)
+
+    def collect(self) -> list:
+        family = self._family()
+        for values, series in self._series.items():
+            total, buckets = 0.0, []
+            for le, n in zip(self._le, series.counts):
+                total += n
+                buckets.append((le, total))
+            family.add_metric(values, buckets, series.sum)
+        return [family]
 
 
 def _remove(metric: Any, *labels: str) -> None:

@@ -594,3 +594,57 @@ class RequestMetricsTests(HTTPCase):
         self.assertEqual(self.header(response, b"content-type"), b"text/plain; version=0.0.4; charset=utf-8")
         self.assertIn(b"# TYPE llamaswap_model_state gauge", data)
         self.assertEqual(self.access_lines(), [])
+
+
+class FastFamilyTests(SynchronousTestCase):
+    """The per-request series are exposed exactly as prometheus_client's own classes would."""
+
+    def test_same_exposition_as_prometheus_client(self):
+        import random
+
+        from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+
+        from llamaswap.metrics import DURATION_BUCKETS, TPS_BUCKETS, _FastCounter, _FastHistogram
+
+        theirs, ours = CollectorRegistry(auto_describe=True), CollectorRegistry(auto_describe=True)
+        pairs = [
+            (Counter("x_requests_total", "Requests.", ["model", "status"], registry=theirs),
+             _FastCounter("x_requests_total", "Requests.", ["model", "status"], ours)),
+            (Histogram("x_seconds", "Durations.", ["model"], buckets=DURATION_BUCKETS, registry=theirs),
+             _FastHistogram("x_seconds", "Durations.", ["model"], ours, DURATION_BUCKETS)),
+            (Histogram("x_tps", "Speeds.", ["model"], buckets=TPS_BUCKETS, registry=theirs),
+             _FastHistogram("x_tps", "Speeds.", ["model"], ours, TPS_BUCKETS)),
+        ]
+        rnd = random.Random(5)
+        for their, our in pairs:
+            their.labels(*(["a"] * len(their._labelnames)))  # a zero series
+            our.labels(*(["a"] * len(our.labelnames)))
+        for _ in range(2000):
+            model = rnd.choice(["a", "b", "c/d", 'q"uote'])
+            counter, hist, tps = pairs
+            status = rnd.choice([200, 404, "500"])
+            n = rnd.choice([1, 2, 7.5])
+            counter[0].labels(model=model, status=status).inc(n)
+            counter[1].labels(model=model, status=status).inc(n)
+            v = rnd.choice([0.0, 0.005, 0.0051, 1, 299.9, 300, 301, rnd.random() * 10])
+            hist[0].labels(model).observe(v)
+            hist[1].labels(model).observe(v)
+            t = rnd.choice([1, 5000, 5001, rnd.random() * 3000])
+            tps[0].labels(model=model).observe(t)
+            tps[1].labels(model=model).observe(t)
+        self.assertEqual(generate_latest(ours), generate_latest(theirs))
+        for their, our in pairs:
+            their.remove("b", *([404] if len(their._labelnames) > 1 else []))
+            our.remove("b", *([404] if len(our.labelnames) > 1 else []))
+        self.assertEqual(generate_latest(ours), generate_latest(theirs))
+
+    def test_counters_only_go_up(self):
+        from prometheus_client import CollectorRegistry
+
+        from llamaswap.metrics import _FastCounter
+
+        counter = _FastCounter("y_total", "Y.", ["m"], CollectorRegistry())
+        with self.assertRaises(ValueError):
+            counter.labels("a").inc(-1)
+        with self.assertRaises(ValueError):
+            counter.labels("a", "b")
