@@ -585,6 +585,18 @@ class AccessLogTests(HTTPCase):
             line, r'^Request 127\.0\.0\.1 "POST /v1/chat/completions\?q=1 HTTP/1\.1" 200 11 "curl/8" '
                   r'\d+\.\d{3}s$')
 
+    def test_event_as_logger_info_makes_it(self):
+        """The access event is what ``Logger.info("{line}", line=...)`` would emit."""
+        from twisted.logger import Logger, LogLevel
+
+        self.call(b"GET", "/v1/models")
+        event, = self.access
+        seen = []
+        Logger(namespace="llamaswap.access", observer=seen.append).info("{line}", line=event["line"])
+        self.assertEqual(set(event), set(seen[0]))
+        self.assertEqual((event["log_level"], event["log_format"]), (LogLevel.info, "{line}"))
+        self.assertIsInstance(event["log_time"], float)
+
     def test_client_ip_from_headers(self):
         """LOG-5: first X-Forwarded-For entry, else X-Real-IP."""
         self.call(b"GET", "/v1/models", headers={b"x-forwarded-for": b"1.2.3.4, 5.6.7.8",
