@@ -109,7 +109,7 @@ class KeepAlive(Service):
         self.logs = logs
         self.log = log or Logger(namespace="llamaswap.keepalive")
         self._watches: dict[str, _Watch] = {}
-        router.observers.add(self.observe)
+        router.observers.add(self.observe, queue=False)  # no use for the per-request QueueChanged
 
     def stopService(self) -> None:
         """No restart or poll after this (the daemon is stopping every model)."""

@@ -191,15 +191,24 @@ class Observers:
 
     def __init__(self, log: Optional[Logger] = None) -> None:
         self.log = log or Logger(namespace="llamaswap.observe")
-        self._observers: tuple[IModelObserver, ...] = ()  # replaced, never mutated: safe to publish
+        # replaced, never mutated: safe to publish
+        self._observers: tuple[IModelObserver, ...] = ()
+        self._queue_observers: tuple[IModelObserver, ...] = ()  # those that get QueueChanged
 
-    def add(self, observer: IModelObserver) -> None:
-        """Deliver every later event to ``observer`` too, after the earlier observers."""
+    def add(self, observer: IModelObserver, queue: bool = True) -> None:
+        """Deliver every later event to ``observer`` too, after the earlier observers.
+
+        :param queue: whether it gets ``QueueChanged`` (two or three per request: an observer
+            with no use for them is better left out of the request path).
+        """
         self._observers += (observer,)
+        if queue:
+            self._queue_observers += (observer,)
 
     def remove(self, observer: IModelObserver) -> None:
         """Stop delivering to ``observer``; an unknown one is ignored. Safe during delivery."""
         self._observers = tuple(o for o in self._observers if o != observer)
+        self._queue_observers = tuple(o for o in self._queue_observers if o != observer)
 
     def __bool__(self) -> bool:
         return bool(self._observers)
@@ -211,8 +220,9 @@ class Observers:
         return iter(self._observers)
 
     def publish(self, event: ModelEvent) -> None:
-        """Give ``event`` to every observer; log and go on when one raises."""
-        for observer in self._observers:
+        """Give ``event`` to every observer (``QueueChanged`` only to those added for it); log
+        and go on when one raises."""
+        for observer in self._queue_observers if type(event) is QueueChanged else self._observers:
             try:
                 observer(event)
             except Exception:

@@ -213,13 +213,14 @@ class LlamaSwapService(SequentialMultiService):
                           on_saved=self.metrics.kv_saved, on_restored=self.metrics.kv_restored)
         self.router = ModelRouter(config, self._make_process, reactor,
                                   make_logger(self.proxy_log, "llamaswap.router"), needs=self.needs)
-        for observer in (self._on_model_removed, self.metrics.observe, self.events.observe):
-            self.router.observers.add(observer)
+        self.router.observers.add(self._on_model_removed, queue=False)
+        self.router.observers.add(self.metrics.observe)
+        self.router.observers.add(self.events.observe)
         self.metrics.registry.register(BreakerCollector(self.router.failover))  # failover selectors
         # restart: on-failure and healthInterval (llamaswap.keepalive); it observes the router too
         self.keepalive = KeepAlive(self.router, reactor, self.logs,
                                    make_logger(self.proxy_log, "llamaswap.keepalive"))
-        self.router.observers.add(self.kv.observe)  # a removed model's saved KV cache is deleted
+        self.router.observers.add(self.kv.observe, queue=False)  # a removed model's saved KV cache is deleted
 
         # the web side: one context for every resource, the site, the socket
         self.peers = PeerPool(reactor)

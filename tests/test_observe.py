@@ -56,3 +56,20 @@ class ObserversTests(SynchronousTestCase):
         [logged] = self.log_events
         self.assertTrue(logged["log_failure"].check(ValueError))
         self.assertEqual(logged["event"], QueueChanged("a", 1, 0))
+
+
+class QueueObserverTests(SynchronousTestCase):
+    def test_queue_changed_only_to_those_added_for_it(self):
+        from llamaswap.observe import Observers, QueueChanged, Removed
+
+        observers = Observers()
+        everything, others = [], []
+        observers.add(everything.append)
+        observers.add(others.append, queue=False)
+        observers.publish(QueueChanged("m", 1, 0))
+        observers.publish(Removed("m"))
+        self.assertEqual([type(e) for e in everything], [QueueChanged, Removed])
+        self.assertEqual([type(e) for e in others], [Removed])
+        observers.remove(everything.append)
+        observers.publish(QueueChanged("m", 0, 0))
+        self.assertEqual(len(everything), 2)
