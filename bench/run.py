@@ -445,11 +445,14 @@ class Bench:
         use_wrk = loadgen.wrk_path() is not None and self.mode != "smoke"
 
         def measure(port: int, pid: int) -> dict:
+            # the connections made and warm before the CPU clock starts: the figure is the server's
+            # CPU per request of the measured requests alone (the warm-up's CPU counted them too)
+            loadgen.throughput(port, chat_request("m"), conc, 0.5, warmup=0)
             cpu0 = cpu_seconds(pid)
             if use_wrk:
                 r = loadgen.wrk_throughput(port, "m", conc, p["tp_seconds"])
             else:
-                r = loadgen.throughput(port, chat_request("m"), conc, p["tp_seconds"])
+                r = loadgen.throughput(port, chat_request("m"), conc, p["tp_seconds"], warmup=0)
             cpu = cpu_seconds(pid) - cpu0
             n = max(1, r["requests"])
             # the server's own CPU time per request (upstream process, or the proxy's daemon)
