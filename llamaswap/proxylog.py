@@ -28,10 +28,8 @@ from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from twisted.logger import (
-    FilteringLogObserver,
     ILogObserver,
     LogLevel,
-    LogLevelFilterPredicate,
     Logger,
     eventAsText,
     globalLogPublisher,
@@ -220,10 +218,10 @@ class ProxyLogObserver:
     """
     The observer behind every llamaswap ``Logger``.
 
-    Events below the level are dropped by a ``FilteringLogObserver`` with a
-    ``LogLevelFilterPredicate``: neither stored nor forwarded (LOG-4).  Like every such
-    predicate it also drops events without a level or namespace (a ``Logger`` always sets
-    both).  Other events are stored in the ``proxy`` source as ``[LEVEL] <formatted
+    Events below the level are dropped: neither stored nor forwarded (LOG-4). As Twisted's
+    ``LogLevelFilterPredicate`` would (one level for every namespace: the one it is given), it
+    also drops events without a level or namespace (a ``Logger`` always sets both); the check
+    is made here directly, as it runs for every request's access line.  Other events are stored in the ``proxy`` source as ``[LEVEL] <formatted
     message>\\n`` (with the traceback of ``log_failure`` on the following lines) and handed
     to the :class:`TwistdLogCopy` (forwarded unchanged when ``to_stdout`` is ``proxy`` or
     ``both``, LOG-6).
@@ -252,13 +250,12 @@ class ProxyLogObserver:
     ) -> None:
         self._broadcaster = broadcaster
         self.time_format = time_format
-        self._predicate = LogLevelFilterPredicate(defaultLogLevel=_log_level(level))
-        self._filtered = FilteringLogObserver(self._emit, [self._predicate])
+        self._level = _log_level(level)
         self._copy = copy if copy is not None else TwistdLogCopy(forward, to_stdout)
 
     @property
     def level(self) -> str:
-        return self._predicate.logLevelForNamespace("").name
+        return self._level.name
 
     @property
     def to_stdout(self) -> str:
@@ -266,7 +263,7 @@ class ProxyLogObserver:
 
     def set_level(self, level: str) -> None:
         """Change the minimum level (config reload, CFG-11)."""
-        self._predicate.setLogLevelForNamespace("", _log_level(level))
+        self._level = _log_level(level)
 
     def set_to_stdout(self, value: str) -> None:
         """Change what goes to the twistd log (config reload, CFG-12)."""
@@ -277,7 +274,12 @@ class ProxyLogObserver:
         self.time_format = value
 
     def __call__(self, event: dict) -> None:
-        self._filtered(event)
+        level = event.get("log_level")
+        if level is None or not event.get("log_namespace") or level < self._level:
+            return
+        if "log_trace" in event:
+            event["log_trace"].append((self, self._emit))
+        self._emit(event)
 
     def _emit(self, event: dict) -> None:
         """Store and forward one event that passed the level filter."""
