@@ -17,7 +17,7 @@ import socket
 import subprocess
 import tempfile
 import time
-from typing import Optional
+from typing import Any, Optional
 
 CHAT_BODY = json.dumps({"model": "m", "messages": [{"role": "user", "content": "hi"}]}).encode()
 
@@ -266,6 +266,82 @@ async def _streams(port: int, raw: bytes, n: int, ramp: float, timeout: float) -
     result["errors"] += len(pending)
     result["why"] = result.get("why", [])[:5]
     return result
+
+
+async def _timed_stream(port: int, raw: bytes, send_times: Any, lags: list, result: dict) -> None:
+    """One stream, each complete SSE event timed when the read that completed it returned."""
+    writer = None
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        writer.write(raw)
+        head = await reader.readuntil(b"\r\n\r\n")
+        status = int(head.split(b" ", 2)[1])
+        chunked = b"transfer-encoding: chunked" in head.lower()
+        framed, body, done, seen_done = b"", b"", False, False
+        while not done:
+            data = await reader.read(65536)
+            t = time.monotonic()
+            if not data:
+                break
+            if chunked:
+                framed += data
+                while True:  # every complete chunk of the transfer coding
+                    eol = framed.find(b"\r\n")
+                    if eol < 0:
+                        break
+                    size = int(framed[:eol].split(b";")[0], 16)
+                    if len(framed) < eol + 2 + size + 2:
+                        break
+                    body += framed[eol + 2:eol + 2 + size]
+                    framed = framed[eol + 4 + size:]
+                    if size == 0:
+                        done = True
+                        break
+            else:
+                body += data
+            *events, body = body.split(b"\n\n")
+            for event in events:
+                lags.extend(t - sent for sent in send_times(event))
+                if event.strip() == b"data: [DONE]":
+                    seen_done = True
+                    done = done or not chunked
+        if status == 200 and seen_done:
+            result["ok"] += 1
+        else:
+            result["errors"] += 1
+            result.setdefault("why", []).append(f"status {status}, [DONE] {'seen' if seen_done else 'missing'}")
+    except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError) as e:
+        result["errors"] += 1
+        result.setdefault("why", []).append(f"{type(e).__name__}: {e}")
+    finally:
+        if writer is not None:
+            writer.close()
+
+
+async def _timed_streams(port: int, raw: bytes, n: int, send_times: Any, ramp: float, timeout: float) -> dict:
+    result: dict = {"ok": 0, "errors": 0}
+    lags: list = []
+    tasks = []
+    for i in range(n):
+        tasks.append(asyncio.ensure_future(_timed_stream(port, raw, send_times, lags, result)))
+        if ramp > 0:
+            await asyncio.sleep(ramp / n)
+    done, pending = await asyncio.wait(tasks, timeout=timeout)
+    for t in pending:
+        t.cancel()
+    result["errors"] += len(pending)
+    result["why"] = result.get("why", [])[:5]
+    result["lags"] = lags
+    return result
+
+
+def run_timed_streams(port: int, raw: bytes, n: int, send_times: Any, ramp: float = 0.0,
+                      timeout: float = 120.0) -> dict:
+    """``n`` concurrent streams, one connection each, started over ``ramp`` seconds: ok, errors and
+    ``lags``, every event's one-way delay (its arrival minus ``send_times(event)``, the upstream's
+    own stamps, on the same monotonic clock)."""
+    return asyncio.run(_timed_streams(port, raw, n, send_times, ramp, timeout))
 
 
 def run_streams(port: int, raw: bytes, n: int, ramp: float = 0.0, timeout: float = 120.0) -> dict:

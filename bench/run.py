@@ -57,7 +57,7 @@ LISTENING = re.compile(rb"listening on tcp:127\.0\.0\.1:(\d+)")
 UP_LISTENING = re.compile(rb"listening on http://127\.0\.0\.1:(\d+)")
 
 SCENARIOS = ["loadgen_ceiling", "latency_c1", "throughput_c32", "stream_500", "readiness", "swap",
-             "mixed_load", "memory_packing", "streams_1000", "idle_rss_10_models", "real_llama", "router_mode",
+             "mixed_load", "memory_packing", "streams_200", "streams_1000", "idle_rss_10_models", "real_llama", "router_mode",
              "kv_cache"]
 
 # name: (quick, full, smoke) parameters
@@ -65,15 +65,15 @@ PROFILES = {
     "full": dict(lat_n=3000, tp_seconds=8, tp_conc=32, stream_n=20, stream_chunks=500, stream_delay=0.002,
                  ready_n=10, ready_delay=0.3, swap_n=10, mixed_load=2.0, mixed_per_client=5, mixed_wait=10.0,
                  slow_n=1000, slow_chunks=20, slow_delay=0.25, real_n=10, own_n=7, warm_n=50, ramp=1.0, settle=1.0,
-                 pack_n=400, pack_scale=1.0),
+                 pack_n=400, pack_scale=1.0, conc_n=200, conc_chunks=80, conc_delay=0.05, conc_ramp=1.0),
     "quick": dict(lat_n=1000, tp_seconds=4, tp_conc=32, stream_n=8, stream_chunks=500, stream_delay=0.002,
                   ready_n=5, ready_delay=0.3, swap_n=6, mixed_load=1.0, mixed_per_client=3, mixed_wait=5.0,
                   slow_n=1000, slow_chunks=10, slow_delay=0.2, real_n=6, own_n=5, warm_n=20, ramp=1.0, settle=1.0,
-                  pack_n=200, pack_scale=1.0),
+                  pack_n=200, pack_scale=1.0, conc_n=200, conc_chunks=40, conc_delay=0.05, conc_ramp=1.0),
     "smoke": dict(lat_n=30, tp_seconds=1, tp_conc=4, stream_n=2, stream_chunks=20, stream_delay=0.001,
                   ready_n=1, ready_delay=0.1, swap_n=2, mixed_load=0.1, mixed_per_client=1, mixed_wait=1.0,
                   slow_n=20, slow_chunks=3, slow_delay=0.05, real_n=1, own_n=1, warm_n=2, ramp=0.05, settle=0.1,
-                  pack_n=12, pack_scale=0.1),
+                  pack_n=12, pack_scale=0.1, conc_n=10, conc_chunks=5, conc_delay=0.01, conc_ramp=0.05),
 }
 
 TARGETS = {
@@ -84,6 +84,7 @@ TARGETS = {
     "swap": "<= 100 ms",
     "mixed_load": "makespan <= 0.5 x FIFO, max wait bounded",
     "memory_packing": "cost-policy loads <= 0.5 x one-at-a-time, load time <= 0.75 x lru, 0 errors",
+    "streams_200": "chunk delay p99 <= 2 x direct",
     "streams_1000": "0 errors, RSS <= 100 MB",
     "idle_rss_10_models": "<= 50 MB",
     "real_llama": "<= 50 ms",
@@ -689,6 +690,45 @@ class Bench:
             out["targets_met"] = all(out["targets"].values())
         return out
 
+    def s_streams_200(self) -> dict:
+        """Many concurrent token streams (200 clients, a chunk every 50 ms each), started all at
+        once (their chunks come in bursts of 200) and started over ``conc_ramp`` seconds: each
+        chunk's one-way delay from the upstream's write, and the peak RSS."""
+        p = self.p
+        n = p["conc_n"]
+        raw = chat_request("m", stream=True, path=stream_path(p["conc_chunks"], p["conc_delay"]))
+        out: dict = {"streams": n, "chunks_per_stream": p["conc_chunks"], "chunk_interval_ms": p["conc_delay"] * 1000,
+                     "ramp_s": p["conc_ramp"]}
+        for variant, ramp in (("together", 0.0), ("ramped", p["conc_ramp"])):
+
+            def measure(port: int, pid: int) -> dict:
+                peak = [_status_kb(pid, "VmRSS")]
+                stop = threading.Event()
+
+                def sample() -> None:
+                    while not stop.wait(0.05):
+                        peak.append(_status_kb(pid, "VmRSS"))
+
+                th = threading.Thread(target=sample, daemon=True)
+                th.start()
+                try:
+                    r = loadgen.run_timed_streams(port, raw, n, chunk_send_times, ramp=ramp)
+                finally:
+                    stop.set()
+                    th.join()
+                lags = r["lags"]
+                return {"ok": r["ok"], "errors": r["errors"], "why": r["why"], "chunks": len(lags),
+                        "chunk_lag_p50_ms": ms(percentile(lags, 50)),
+                        "chunk_lag_p99_ms": ms(percentile(lags, 99)), "rss_peak_mb": round(max(peak) / 1024, 1)}
+
+            res = self.with_proxies(self.static_config(concurrency=n + 100), measure, f"streams200-{variant}",
+                                    pid=True)
+            direct = res["direct"]["chunk_lag_p99_ms"]
+            for t in self.proxies:
+                res[t.name]["p99_vs_direct"] = round(res[t.name]["chunk_lag_p99_ms"] / max(direct, 1e-3), 2)
+            out[variant] = res
+        return out
+
     def s_streams_1000(self) -> dict:
         p = self.p
         n = p["slow_n"]
@@ -1047,6 +1087,19 @@ def rows(results: dict, proxies: list[str]) -> list[tuple]:
             add(f"memory 4x7GiB/16GiB: {conf}", "loads; load time; makespan; p99 wait; errors", None, vals,
                 "loads <= 0.5x one-at-a-time; load <= 0.75x lru; 0 errors" if last else "-",
                 pk.get("targets_met") if last else None)
+    cs = g("streams_200")
+    for variant, how in (("together", "started together"), ("ramped", f"started over {g('streams_200', 'ramp_s')} s")):
+        if not cs or variant not in cs:
+            continue
+        rel = [g("streams_200", variant, t, "p99_vs_direct") for t in proxies]
+        errs = [g("streams_200", variant, t, "errors") for t in proxies]
+        add(f"{cs.get('streams')} concurrent streams, {how}", "chunk delay p50 / p99 ms (p99 x direct); errors; peak RSS MB",
+            f"{fmt(g('streams_200', variant, 'direct', 'chunk_lag_p50_ms'))} / "
+            f"{fmt(g('streams_200', variant, 'direct', 'chunk_lag_p99_ms'))}; {g('streams_200', variant, 'direct', 'errors')}",
+            [f"{fmt(g('streams_200', variant, t, 'chunk_lag_p50_ms'))} / {fmt(g('streams_200', variant, t, 'chunk_lag_p99_ms'))} "
+             f"({fmt(x)}x); {e}; {fmt(g('streams_200', variant, t, 'rss_peak_mb'))}"
+             for t, x, e in zip(proxies, rel, errs)],
+            "p99 <= 2x direct", None if rel[0] is None else rel[0] <= 2 and errs[0] == 0)
     er = per("streams_1000", "errors")
     rss = per("streams_1000", "rss_peak_mb")
     add(f"{g('streams_1000', 'streams')} slow streams", "errors; peak RSS MB", f"{g('streams_1000', 'direct', 'errors')}; -",
@@ -1088,6 +1141,8 @@ _ROW_SCENARIOS = (("loadgen ceiling", ("loadgen_ceiling",)), ("chat c=1", ("late
 def _row_scenarios(label: str) -> tuple:
     if label.endswith("slow streams"):
         return ("streams_1000",)
+    if " concurrent streams" in label:
+        return ("streams_200",)
     for prefix, scenarios in _ROW_SCENARIOS:
         if label.startswith(prefix):
             return scenarios
