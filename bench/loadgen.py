@@ -253,11 +253,13 @@ async def _one_stream(port: int, raw: bytes, result: dict, sem: Optional[asyncio
         writer.close()
 
 
-async def _streams(port: int, raw: bytes, n: int, ramp: float, timeout: float) -> dict:
-    result = {"ok": 0, "errors": 0}
+async def _started(n: int, ramp: float, timeout: float, one: Any) -> dict:
+    """``n`` concurrent ``one(result)`` coroutines started over ``ramp`` seconds; ``result``
+    counts ok and errors (those not done within ``timeout`` as errors), with up to five ``why``."""
+    result: dict = {"ok": 0, "errors": 0}
     tasks = []
     for i in range(n):
-        tasks.append(asyncio.ensure_future(_one_stream(port, raw, result, None)))
+        tasks.append(asyncio.ensure_future(one(result)))
         if ramp > 0:
             await asyncio.sleep(ramp / n)
     done, pending = await asyncio.wait(tasks, timeout=timeout)
@@ -266,6 +268,10 @@ async def _streams(port: int, raw: bytes, n: int, ramp: float, timeout: float) -
     result["errors"] += len(pending)
     result["why"] = result.get("why", [])[:5]
     return result
+
+
+async def _streams(port: int, raw: bytes, n: int, ramp: float, timeout: float) -> dict:
+    return await _started(n, ramp, timeout, lambda result: _one_stream(port, raw, result, None))
 
 
 async def _timed_stream(port: int, raw: bytes, send_times: Any, lags: list, result: dict) -> None:
@@ -320,18 +326,8 @@ async def _timed_stream(port: int, raw: bytes, send_times: Any, lags: list, resu
 
 
 async def _timed_streams(port: int, raw: bytes, n: int, send_times: Any, ramp: float, timeout: float) -> dict:
-    result: dict = {"ok": 0, "errors": 0}
     lags: list = []
-    tasks = []
-    for i in range(n):
-        tasks.append(asyncio.ensure_future(_timed_stream(port, raw, send_times, lags, result)))
-        if ramp > 0:
-            await asyncio.sleep(ramp / n)
-    done, pending = await asyncio.wait(tasks, timeout=timeout)
-    for t in pending:
-        t.cancel()
-    result["errors"] += len(pending)
-    result["why"] = result.get("why", [])[:5]
+    result = await _started(n, ramp, timeout, lambda r: _timed_stream(port, raw, send_times, lags, r))
     result["lags"] = lags
     return result
 
