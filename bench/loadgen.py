@@ -231,24 +231,27 @@ def wrk_throughput(port: int, model: str, concurrency: int, duration: float, thr
             "tool": "wrk"}
 
 
+def _tally(result: dict, ok: bool, why: str = "") -> None:
+    """Count one stream in ``result``: ok, or an error and why."""
+    if ok:
+        result["ok"] += 1
+    else:
+        result["errors"] += 1
+        result.setdefault("why", []).append(why)
+
+
 async def _one_stream(port: int, raw: bytes, result: dict, sem: Optional[asyncio.Semaphore]) -> None:
     try:
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
     except OSError as e:
-        result["errors"] += 1
-        result.setdefault("why", []).append(f"connect: {e}")
+        _tally(result, False, f"connect: {e}")
         return
     try:
         writer.write(raw)
         status, body = await _read_response(reader)
-        if status == 200 and body.endswith(b"data: [DONE]\n\n"):
-            result["ok"] += 1
-        else:
-            result["errors"] += 1
-            result.setdefault("why", []).append(f"status {status}: {body[:200]!r}")
+        _tally(result, status == 200 and body.endswith(b"data: [DONE]\n\n"), f"status {status}: {body[:200]!r}")
     except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError) as e:
-        result["errors"] += 1
-        result.setdefault("why", []).append(f"{type(e).__name__}: {e}")
+        _tally(result, False, f"{type(e).__name__}: {e}")
     finally:
         writer.close()
 
@@ -312,14 +315,9 @@ async def _timed_stream(port: int, raw: bytes, send_times: Any, lags: list, resu
                 if event.strip() == b"data: [DONE]":
                     seen_done = True
                     done = done or not chunked
-        if status == 200 and seen_done:
-            result["ok"] += 1
-        else:
-            result["errors"] += 1
-            result.setdefault("why", []).append(f"status {status}, [DONE] {'seen' if seen_done else 'missing'}")
+        _tally(result, status == 200 and seen_done, f"status {status}, [DONE] {'seen' if seen_done else 'missing'}")
     except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError) as e:
-        result["errors"] += 1
-        result.setdefault("why", []).append(f"{type(e).__name__}: {e}")
+        _tally(result, False, f"{type(e).__name__}: {e}")
     finally:
         if writer is not None:
             writer.close()
