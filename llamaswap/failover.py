@@ -35,7 +35,6 @@ import enum
 from typing import TYPE_CHECKING, Any, Awaitable, Callable, Iterable, Optional
 
 import attr
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
@@ -296,7 +295,8 @@ class BreakerCollector:
     def __init__(self, breakers: Breakers) -> None:
         self._breakers = breakers
 
-    def _families(self) -> tuple[GaugeMetricFamily, CounterMetricFamily]:
+    def _families(self) -> tuple[Any, Any]:
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily  # loaded at the first scrape
         return (GaugeMetricFamily("llamaswap_selector_breaker_state",
                                   "Circuit breaker of a failover selector's target: 0 closed, 1 open, 2 half-open.",
                                   labels=["selector", "target"]),

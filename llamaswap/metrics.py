@@ -1,7 +1,7 @@
 """Prometheus metrics (MET-1..MET-3) and the token parsers behind them.
 
-:class:`Metrics` owns our own ``CollectorRegistry`` (never the global ``REGISTRY``, so
-tests stay independent) and every metric of MET-2, with its documented names, labels and
+:class:`Metrics` owns a :class:`Registry` of its own (never prometheus_client's global
+``REGISTRY``, so tests stay independent) and every metric of MET-2, with its documented names, labels and
 buckets. It learns what happens from three feeds, wired by the service:
 
 * model events (:meth:`Metrics.observe`, an ``IModelObserver`` added to
@@ -19,6 +19,11 @@ lines that mention ``usage`` or ``timings``) or a bounded :class:`JSONUsageParse
 ``application/json`` (parsed once, at the end, up to 4 MiB); anything else gets no parser,
 so relaying it costs nothing per chunk.
 
+The series are our own (:class:`Counter`, :class:`Gauge`, :class:`Histogram`: plain numbers
+updated on the reactor thread), exposed through prometheus_client's metric families and text
+format. prometheus_client itself (about 1 MB resident with what it imports) is loaded at the
+first scrape, not by a daemon nobody scrapes.
+
 This module imports only the event classes of ``llamaswap.observe``.
 
 Size (~510 lines): the metric table and the feeds that fill it are one unit; the token parsers
@@ -31,15 +36,8 @@ import math
 from bisect import bisect_left
 from typing import Any, Iterable, Optional
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client import disable_created_metrics
-from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
-from prometheus_client.utils import floatToGoString
-
-try:  # MET-1 asks for format 0.0.4; prometheus_client >= 0.22 calls 1.0.0 "latest"
-    from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4 as CONTENT_TYPE
-except ImportError:  # older clients: "latest" is 0.0.4
-    from prometheus_client import CONTENT_TYPE_LATEST as CONTENT_TYPE
+#: the exposition format: 0.0.4, the text format Prometheus scrapes by default
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 from twisted.web.resource import Resource
 
 from llamaswap.observe import (
@@ -47,9 +45,9 @@ from llamaswap.observe import (
     StateChanged, Stopping)
 
 __all__ = [
-    "CONTENT_TYPE", "DURATION_BUCKETS", "EVICTION_REASONS", "JSONUsageParser", "LOAD_BUCKETS", "MAX_JSON_BYTES",
-    "MAX_SSE_LINE", "Metrics", "MetricsPage", "SSEUsageParser", "STATES", "STOP_REASONS", "TPS_BUCKETS",
-    "response_parser", "usage_from",
+    "CONTENT_TYPE", "Counter", "DURATION_BUCKETS", "EVICTION_REASONS", "Gauge", "Histogram", "JSONUsageParser",
+    "LOAD_BUCKETS", "MAX_JSON_BYTES", "MAX_SSE_LINE", "Metrics", "MetricsPage", "Registry", "SSEUsageParser",
+    "STATES", "STOP_REASONS", "TPS_BUCKETS", "exposition", "response_parser", "usage_from",
 ]
 
 #: MET-2 buckets.
@@ -72,73 +70,65 @@ MAX_JSON_BYTES = 4 * 1024 * 1024
 class Metrics:
     """Every MET-2 metric on one registry, and the feeds that update them.
 
-    :param registry: the ``CollectorRegistry`` to register on (a fresh one by default).
+    :param registry: the registry to register on: a fresh :class:`Registry` by default (a
+        prometheus_client ``CollectorRegistry`` works too).
     :param models: model ids that get their zero series at once (MET-1).
     :param key_names: the names of the API keys when ``apiKeys`` has an entry in mapping form:
         the request and token counters then carry a ``key`` label (the key's name, never the
         key); None (no scoped keys) keeps their labels unchanged.
     """
 
-    def __init__(self, models: Iterable[str] = (), registry: Optional[CollectorRegistry] = None,
+    def __init__(self, models: Iterable[str] = (), registry: Optional[Any] = None,
                  key_names: Optional[Iterable[str]] = None) -> None:
-        # A ``*_created`` gauge per counter/histogram series would double the exposition
-        # for nothing MET-2 asks for; prometheus_client only has a process-wide switch.
-        disable_created_metrics()
-        self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
+        self.registry = registry if registry is not None else Registry()
         r = self.registry
         self._key_names: Optional[tuple[str, ...]] = tuple(key_names) if key_names is not None else None
         self.requests, self.tokens = self._keyed_counters()
-        self.request_duration = _FastHistogram(
+        self.request_duration = Histogram(
             "llamaswap_request_duration_seconds", "From receipt to the last byte sent.",
             ["model", "endpoint"], r, DURATION_BUCKETS)
-        self.ttfb = _FastHistogram(
+        self.ttfb = Histogram(
             "llamaswap_time_to_first_byte_seconds",
             "From receipt to the first body byte sent (queueing and loading included).",
             ["model", "endpoint"], r, DURATION_BUCKETS)
-        self.queue_wait = _FastHistogram("llamaswap_queue_wait_seconds", "From admission to grant.",
-                                         ["model"], r, DURATION_BUCKETS)
+        self.queue_wait = Histogram("llamaswap_queue_wait_seconds", "From admission to grant.",
+                                    ["model"], r, DURATION_BUCKETS)
         self.load_duration = Histogram(
             "llamaswap_model_load_duration_seconds", "From spawn to ready, or to failure.",
-            ["model", "outcome"], buckets=LOAD_BUCKETS, registry=r)
+            ["model", "outcome"], r, LOAD_BUCKETS)
         self.swaps = Counter("llamaswap_swaps_total", "Starts that evicted at least one other model.",
-                             ["model"], registry=r)
-        self.stops = Counter("llamaswap_model_stops_total", "Model stops, by cause.",
-                             ["model", "reason"], registry=r)
-        self.queue_depth = Gauge("llamaswap_queue_depth", "Waiting requests.", ["model"], registry=r)
-        self.inflight = Gauge("llamaswap_inflight_requests", "In-flight requests.", ["model"], registry=r)
-        self.model_state = Gauge("llamaswap_model_state",
-                                 "1 for the model's current state, 0 for the others.",
-                                 ["model", "state"], registry=r)
-        self.prompt_tps = _FastHistogram("llamaswap_prompt_tokens_per_second",
-                                         "llama.cpp timings.prompt_per_second.", ["model"], r, TPS_BUCKETS)
-        self.generation_tps = _FastHistogram("llamaswap_generation_tokens_per_second",
-                                             "llama.cpp timings.predicted_per_second.", ["model"], r, TPS_BUCKETS)
-        self.stream_errors = _FastCounter("llamaswap_upstream_stream_errors_total",
-                                          "Responses whose upstream connection was lost after the headers "
-                                          "were relayed.", ["model"], r)
-        self.config_reloads = Counter("llamaswap_config_reloads_total", "Config reloads.",
-                                      ["result"], registry=r)
+                             ["model"], r)
+        self.stops = Counter("llamaswap_model_stops_total", "Model stops, by cause.", ["model", "reason"], r)
+        self.queue_depth = Gauge("llamaswap_queue_depth", "Waiting requests.", ["model"], r)
+        self.inflight = Gauge("llamaswap_inflight_requests", "In-flight requests.", ["model"], r)
+        self.model_state = Gauge("llamaswap_model_state", "1 for the model's current state, 0 for the others.",
+                                 ["model", "state"], r)
+        self.prompt_tps = Histogram("llamaswap_prompt_tokens_per_second",
+                                    "llama.cpp timings.prompt_per_second.", ["model"], r, TPS_BUCKETS)
+        self.generation_tps = Histogram("llamaswap_generation_tokens_per_second",
+                                        "llama.cpp timings.predicted_per_second.", ["model"], r, TPS_BUCKETS)
+        self.stream_errors = Counter("llamaswap_upstream_stream_errors_total",
+                                     "Responses whose upstream connection was lost after the headers "
+                                     "were relayed.", ["model"], r)
+        self.config_reloads = Counter("llamaswap_config_reloads_total", "Config reloads.", ["result"], r)
         self.log_dropped = Counter("llamaswap_log_bytes_dropped_total",
                                    "Log bytes discarded for log stream readers too slow to keep up.",
-                                   ["source"], registry=r)
+                                   ["source"], r)
         self.evictions = Counter("llamaswap_evictions_total",
                                  "Running models stopped by the router, by reason: evicted for another "
                                  "model (memory, group, matrix, profile), or ttl, unload, reload.",
-                                 ["model", "reason"], registry=r)
+                                 ["model", "reason"], r)
         # keepCache (llamaswap.kvcache): series made at a model's first save or restore
         self.kv_saved_bytes = Counter("llamaswap_kv_saved_bytes_total",
-                                      "Bytes of KV cache saved before planned stops (keepCache).",
-                                      ["model"], registry=r)
+                                      "Bytes of KV cache saved before planned stops (keepCache).", ["model"], r)
         self.kv_restored_tokens = Counter("llamaswap_kv_restored_tokens_total",
-                                          "Tokens of KV cache restored at starts (keepCache).",
-                                          ["model"], registry=r)
+                                          "Tokens of KV cache restored at starts (keepCache).", ["model"], r)
         self.kv_save_duration = Histogram("llamaswap_kv_save_duration_seconds",
                                           "Time spent saving a model's KV cache before a planned stop.",
-                                          ["model"], buckets=DURATION_BUCKETS, registry=r)
+                                          ["model"], r, DURATION_BUCKETS)
         self.kv_restore_duration = Histogram("llamaswap_kv_restore_duration_seconds",
                                              "Time spent restoring a model's KV cache at a start "
-                                             "(part of its load time).",
-                                             ["model"], buckets=DURATION_BUCKETS, registry=r)
+                                             "(part of its load time).", ["model"], r, DURATION_BUCKETS)
         # memory.budget gauges: registered by the first MemoryChanged with a budget
         self.memory_budget: Optional[Gauge] = None
         self.memory_used: Optional[Gauge] = None
@@ -218,13 +208,13 @@ class Metrics:
 
     # -- the key label (scoped API keys) ----------------------------------------------------------
 
-    def _keyed_counters(self) -> tuple["_FastCounter", "_FastCounter"]:
+    def _keyed_counters(self) -> tuple["Counter", "Counter"]:
         """``llamaswap_requests_total`` and ``llamaswap_tokens_total``, with a ``key`` label when
         scoped keys are configured."""
         extra = ["key"] if self._key_names is not None else []
-        requests = _FastCounter("llamaswap_requests_total", "Finished model-dispatched requests.",
+        requests = Counter("llamaswap_requests_total", "Finished model-dispatched requests.",
                                 ["model", "endpoint", "status", *extra], self.registry)
-        tokens = _FastCounter("llamaswap_tokens_total", "Tokens parsed from responses.",
+        tokens = Counter("llamaswap_tokens_total", "Tokens parsed from responses.",
                               ["model", "type", *extra], self.registry)
         return requests, tokens
 
@@ -320,15 +310,15 @@ class Metrics:
             return
         if self.memory_budget is None:
             r = self.registry
-            self.memory_budget = Gauge("llamaswap_memory_budget_bytes", "memory.budget.", registry=r)
+            self.memory_budget = Gauge("llamaswap_memory_budget_bytes", "memory.budget.", (), r)
             self.memory_used = Gauge("llamaswap_memory_used_bytes",
-                                     "The needs of the models starting, ready or stopping, summed.", registry=r)
+                                     "The needs of the models starting, ready or stopping, summed.", (), r)
             self.model_memory = Gauge("llamaswap_model_memory_bytes",
                                       "A model's memory need, by where it comes from "
                                       "(declared, measured, estimated, unknown).",
-                                      ["model", "source"], registry=r)
-        self.memory_budget.set(event.budget)
-        self.memory_used.set(event.used)
+                                      ["model", "source"], r)
+        self.memory_budget.labels().set(event.budget)
+        self.memory_used.labels().set(event.used)
         series = set()
         for model_id, need, source in event.needs:
             if model_id in self._models:
@@ -394,33 +384,70 @@ class Metrics:
             self.config_reloads.labels(result=result).inc()
 
     def exposition(self) -> bytes:
-        return generate_latest(self.registry)
+        return exposition(self.registry)
 
 
 def _label_sets(metric: Any) -> list[tuple]:
-    if isinstance(metric, _Family):
-        return metric.label_sets()
-    with metric._lock:
-        return list(metric._metrics)
+    return metric.label_sets()
+
+
+def exposition(registry: Any) -> bytes:
+    """The text format (0.0.4) of every metric of ``registry``; loads prometheus_client."""
+    from prometheus_client import generate_latest
+    return generate_latest(registry)
+
+
+class Registry:
+    """The collectors of one exposition, in registration order: what prometheus_client's
+    ``generate_latest`` needs from a ``CollectorRegistry`` (``collect()``), without loading
+    prometheus_client until something collects."""
+
+    def __init__(self) -> None:
+        self._collectors: list[Any] = []
+
+    def register(self, collector: Any) -> None:
+        if collector in self._collectors:
+            raise ValueError(f"{collector!r} is already registered")
+        self._collectors.append(collector)
+
+    def unregister(self, collector: Any) -> None:
+        self._collectors.remove(collector)
+
+    def collect(self) -> Iterable[Any]:
+        for collector in list(self._collectors):
+            yield from collector.collect()
+
+    def get_sample_value(self, name: str, labels: Optional[dict] = None) -> Optional[float]:
+        """The value of one sample (``name`` and exactly ``labels``), or None: as
+        ``CollectorRegistry.get_sample_value``."""
+        labels = labels or {}
+        for family in self.collect():
+            for sample in family.samples:
+                if sample.name == name and sample.labels == labels:
+                    return sample.value
+        return None
 
 
 # -- the per-request series ----------------------------------------------------------------------
 
 class _Family:
-    """A labelled counter or histogram fed once or more per request, exposed exactly as
-    prometheus_client's ``Counter``/``Histogram`` are (same names, samples, order and number
-    format), without their per-update locking and bucket scan: every update happens on the
-    reactor thread, and so does every scrape.
+    """A counter, gauge or histogram, exposed exactly as prometheus_client's ``Counter``,
+    ``Gauge`` and ``Histogram`` are (same names, samples, order and number format), without
+    their per-update locking and bucket scan: every update happens on the reactor thread, and
+    so does every scrape.
 
     The subset of the prometheus_client API ``Metrics`` uses: ``labels(*values)`` or
-    ``labels(**values)`` (a series, made at first use), ``remove(*values)``, ``label_sets()``.
+    ``labels(**values)`` (a series, made at first use; a family without labels has its one
+    series, ``labels()``, from the start), ``remove(*values)``, ``label_sets()``.
     """
 
-    def __init__(self, name: str, documentation: str, labelnames: Iterable[str], registry: CollectorRegistry) -> None:
+    def __init__(self, name: str, documentation: str, labelnames: Iterable[str], registry: Any) -> None:
         self.name = name
         self.documentation = documentation
         self.labelnames = tuple(labelnames)
         self._series: dict[tuple[str, ...], Any] = {}
+        if not self.labelnames:
+            self._series[()] = self._new()
         registry.register(self)
 
     def labels(self, *values: Any, **named: Any) -> Any:
@@ -464,14 +491,42 @@ class _CounterSeries:
         self.value += amount
 
 
-class _FastCounter(_Family):
-    """``prometheus_client.Counter`` for the per-request feeds (``name`` ends in ``_total``)."""
+class Counter(_Family):
+    """``prometheus_client.Counter`` (``name`` ends in ``_total``)."""
 
     def _new(self) -> _CounterSeries:
         return _CounterSeries()
 
-    def _family(self) -> CounterMetricFamily:
+    def _family(self) -> Any:
+        from prometheus_client.core import CounterMetricFamily
         return CounterMetricFamily(self.name, self.documentation, labels=self.labelnames)
+
+    def collect(self) -> list:
+        family = self._family()
+        for values, series in self._series.items():
+            family.add_metric(values, series.value)
+        return [family]
+
+
+class _GaugeSeries:
+    __slots__ = ("value",)
+
+    def __init__(self) -> None:
+        self.value = 0.0
+
+    def set(self, value: float) -> None:
+        self.value = float(value)
+
+
+class Gauge(_Family):
+    """``prometheus_client.Gauge``, set to a value (the only update ``Metrics`` makes)."""
+
+    def _new(self) -> _GaugeSeries:
+        return _GaugeSeries()
+
+    def _family(self) -> Any:
+        from prometheus_client.core import GaugeMetricFamily
+        return GaugeMetricFamily(self.name, self.documentation, labels=self.labelnames)
 
     def collect(self) -> list:
         family = self._family()
@@ -493,26 +548,30 @@ class _HistogramSeries:
         self.sum += amount
 
 
-class _FastHistogram(_Family):
-    """``prometheus_client.Histogram`` for the per-request feeds."""
+class Histogram(_Family):
+    """``prometheus_client.Histogram``."""
 
-    def __init__(self, name: str, documentation: str, labelnames: Iterable[str], registry: CollectorRegistry,
+    def __init__(self, name: str, documentation: str, labelnames: Iterable[str], registry: Any,
                  buckets: Iterable[float]) -> None:
         bounds = [float(b) for b in buckets]
         if bounds[-1] != math.inf:
             bounds.append(math.inf)
         self.bounds = tuple(bounds)
-        self._le = tuple(floatToGoString(b) for b in self.bounds)
+        self._le: Optional[tuple[str, ...]] = None  # the bounds as exposed, made at the first scrape
         super().__init__(name, documentation, labelnames, registry)
 
     def _new(self) -> _HistogramSeries:
         return _HistogramSeries(self.bounds)
 
-    def _family(self) -> HistogramMetricFamily:
+    def _family(self) -> Any:
+        from prometheus_client.core import HistogramMetricFamily
         return HistogramMetricFamily(self.name, self.documentation, labels=self.labelnames)
 
     def collect(self) -> list:
         family = self._family()
+        if self._le is None:
+            from prometheus_client.utils import floatToGoString
+            self._le = tuple(floatToGoString(b) for b in self.bounds)
         for values, series in self._series.items():
             total, buckets = 0.0, []
             for le, n in zip(self._le, series.counts):
@@ -536,13 +595,13 @@ class MetricsPage(Resource):
 
     isLeaf = True
 
-    def __init__(self, registry: CollectorRegistry) -> None:
+    def __init__(self, registry: Any) -> None:
         super().__init__()
         self._registry = registry  # ours, not the global REGISTRY: tests stay independent
 
     def render_GET(self, request: Any) -> bytes:
         request.setHeader(b"content-type", CONTENT_TYPE.encode("ascii"))
-        return generate_latest(self._registry)
+        return exposition(self._registry)
 
     def render_HEAD(self, request: Any) -> bytes:
         return self.render_GET(request)

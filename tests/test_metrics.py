@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
+import textwrap
 
 from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet.defer import Deferred
@@ -18,12 +20,13 @@ from twisted.web.test.requesthelper import DummyRequest
 from llamaswap.errors import ModelUnloaded, UpstreamStartFailed
 from llamaswap.metrics import (
     DURATION_BUCKETS, LOAD_BUCKETS, MAX_SSE_LINE, STATES, STOP_REASONS, TPS_BUCKETS,
-    JSONUsageParser, Metrics, MetricsPage, SSEUsageParser, response_parser, usage_from)
+    JSONUsageParser, Metrics, MetricsPage, SSEUsageParser, exposition, response_parser, usage_from)
 from llamaswap.observe import (
     QueueChanged, Reloaded, Removed, Replaced, StartFailed, Started, Starting, StateChanged, Stopping)
 from llamaswap.web.context import RequestRecord
 from tests.factories import make_model
 from tests.fakes import drop_clients
+from tests.test_plugin import FAKE_CMD
 from tests.test_resources import Collect, HTTPCase
 
 ALL_NAMES = {
@@ -597,31 +600,46 @@ class RequestMetricsTests(HTTPCase):
 
 
 class FastFamilyTests(SynchronousTestCase):
-    """The per-request series are exposed exactly as prometheus_client's own classes would."""
+    """Our series are exposed exactly as prometheus_client's own classes would be."""
 
     def test_same_exposition_as_prometheus_client(self):
         import random
 
-        from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+        from prometheus_client import CollectorRegistry, disable_created_metrics, enable_created_metrics
 
-        from llamaswap.metrics import DURATION_BUCKETS, TPS_BUCKETS, _FastCounter, _FastHistogram
+        from llamaswap import metrics
 
-        theirs, ours = CollectorRegistry(auto_describe=True), CollectorRegistry(auto_describe=True)
+        disable_created_metrics()  # their *_created series: ours have none (nothing asks for them)
+        self.addCleanup(enable_created_metrics)
+        for ours in (CollectorRegistry(auto_describe=True), metrics.Registry()):
+            self.check_same_exposition(CollectorRegistry(auto_describe=True), ours, random.Random(5))
+
+    def check_same_exposition(self, theirs, ours, rnd):
+        from prometheus_client import Counter, Gauge, Histogram, generate_latest
+
+        from llamaswap import metrics
+        from llamaswap.metrics import DURATION_BUCKETS, TPS_BUCKETS
+
+        budget = (Gauge("x_budget_bytes", "Budget.", registry=theirs), metrics.Gauge("x_budget_bytes", "Budget.", (), ours))
         pairs = [
             (Counter("x_requests_total", "Requests.", ["model", "status"], registry=theirs),
-             _FastCounter("x_requests_total", "Requests.", ["model", "status"], ours)),
+             metrics.Counter("x_requests_total", "Requests.", ["model", "status"], ours)),
             (Histogram("x_seconds", "Durations.", ["model"], buckets=DURATION_BUCKETS, registry=theirs),
-             _FastHistogram("x_seconds", "Durations.", ["model"], ours, DURATION_BUCKETS)),
+             metrics.Histogram("x_seconds", "Durations.", ["model"], ours, DURATION_BUCKETS)),
             (Histogram("x_tps", "Speeds.", ["model"], buckets=TPS_BUCKETS, registry=theirs),
-             _FastHistogram("x_tps", "Speeds.", ["model"], ours, TPS_BUCKETS)),
+             metrics.Histogram("x_tps", "Speeds.", ["model"], ours, TPS_BUCKETS)),
+            (Gauge("x_state", "State.", ["model", "state"], registry=theirs),
+             metrics.Gauge("x_state", "State.", ["model", "state"], ours)),
         ]
-        rnd = random.Random(5)
+        self.assertEqual(generate_latest(ours), generate_latest(theirs))  # zero series of the unlabelled one
+        budget[0].set(2**40 + 0.5)
+        budget[1].labels().set(2**40 + 0.5)
         for their, our in pairs:
             their.labels(*(["a"] * len(their._labelnames)))  # a zero series
             our.labels(*(["a"] * len(our.labelnames)))
         for _ in range(2000):
             model = rnd.choice(["a", "b", "c/d", 'q"uote'])
-            counter, hist, tps = pairs
+            counter, hist, tps, state = pairs
             status = rnd.choice([200, 404, "500"])
             n = rnd.choice([1, 2, 7.5])
             counter[0].labels(model=model, status=status).inc(n)
@@ -632,19 +650,74 @@ class FastFamilyTests(SynchronousTestCase):
             t = rnd.choice([1, 5000, 5001, rnd.random() * 3000])
             tps[0].labels(model=model).observe(t)
             tps[1].labels(model=model).observe(t)
+            g = rnd.choice([0, 1, 1e-9, 12345678901234, -3])
+            state[0].labels(model, "ready").set(g)
+            state[1].labels(model, "ready").set(g)
         self.assertEqual(generate_latest(ours), generate_latest(theirs))
         for their, our in pairs:
-            their.remove("b", *([404] if len(their._labelnames) > 1 else []))
-            our.remove("b", *([404] if len(our.labelnames) > 1 else []))
+            extra = {("model", "status"): [404], ("model", "state"): ["ready"]}.get(our.labelnames, [])
+            their.remove("b", *extra)
+            our.remove("b", *extra)
         self.assertEqual(generate_latest(ours), generate_latest(theirs))
 
     def test_counters_only_go_up(self):
-        from prometheus_client import CollectorRegistry
+        from llamaswap.metrics import Counter, Registry
 
-        from llamaswap.metrics import _FastCounter
-
-        counter = _FastCounter("y_total", "Y.", ["m"], CollectorRegistry())
+        counter = Counter("y_total", "Y.", ["m"], Registry())
         with self.assertRaises(ValueError):
             counter.labels("a").inc(-1)
         with self.assertRaises(ValueError):
             counter.labels("a", "b")
+
+    def test_registry_sample_values(self):
+        from llamaswap.metrics import Counter, Gauge, Registry
+
+        registry = Registry()
+        counter = Counter("z_total", "Z.", ["m"], registry)
+        gauge = Gauge("z_bytes", "Z bytes.", (), registry)
+        counter.labels("a").inc(3)
+        gauge.labels().set(7)
+        self.assertEqual(registry.get_sample_value("z_total", {"m": "a"}), 3.0)
+        self.assertEqual(registry.get_sample_value("z_bytes"), 7.0)
+        self.assertIsNone(registry.get_sample_value("z_total", {"m": "b"}))
+        with self.assertRaises(ValueError):
+            registry.register(counter)
+        registry.unregister(counter)
+        self.assertIsNone(registry.get_sample_value("z_total", {"m": "a"}))
+        self.assertNotIn(b"z_total", exposition(registry))
+
+
+# Run in a fresh interpreter: what is loaded depends on what was imported before.
+_NOT_LOADED_UNTIL_SCRAPED = textwrap.dedent("""
+    import sys
+    from twisted.scripts.twistd import ServerOptions
+    config = ServerOptions()
+    config.parseOptions(["llamaswap", "--config", sys.argv[1], "--listen", "tcp:0:interface=127.0.0.1",
+                         "--state-file", sys.argv[2]])
+    from llamaswap import tap
+    service = tap.makeService(config.subOptions)
+    assert "prometheus_client" not in sys.modules, "loaded before anything scraped"
+    from twisted.web.test.requesthelper import DummyRequest
+    from llamaswap.metrics import MetricsPage
+    page = MetricsPage(service.metrics.registry)
+    text = page.render_GET(DummyRequest([b""])).decode()
+    assert "prometheus_client" in sys.modules
+    assert 'llamaswap_model_state{model="a",state="stopped"} 1.0' in text, text
+    print("ok")
+""")
+
+
+class LoadedAtFirstScrapeTests(SynchronousTestCase):
+    def test_prometheus_client_loaded_by_the_first_scrape(self):
+        """A daemon nobody scrapes does not carry prometheus_client (about 1 MB resident)."""
+        import subprocess
+        import sys
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as d:
+            path = os.path.join(d, "config.yaml")
+            with open(path, "w") as f:
+                f.write(f"models:\n  a:\n    cmd: {FAKE_CMD}\n")
+            run = subprocess.run([sys.executable, "-c", _NOT_LOADED_UNTIL_SCRAPED, path, os.path.join(d, "s.json")],
+                                 capture_output=True, text=True, timeout=120)
+        self.assertEqual((run.returncode, run.stdout.strip()), (0, "ok"), run.stderr)
