@@ -907,6 +907,10 @@ class _BodyRelay(Protocol):
         if self.on_data is not None:
             self.on_data(data)
 
+    def _done(self, outcome: RelayOutcome) -> None:
+        if not self.done.called:  # not cancelled while it waited for its turn
+            self.done.callback(outcome)
+
     @property
     def tail(self) -> bytes:
         """The last (up to 4) bytes relayed."""
@@ -925,9 +929,14 @@ class _BodyRelay(Protocol):
             request = self.request
             if not request.client_gone and not request.finished:
                 # the whole body is relayed, so the response is complete: the client gets its
-                # end now, before releasing the model, parsing usage and the other bookkeeping
+                # end now, before releasing the model, parsing usage and the other bookkeeping,
+                # which a burst of ends runs paced, the other streams' chunks relayed between
                 request.finish()
-            self.done.callback(RelayOutcome(self.status, self.nbytes))
+            paced = getattr(request, "paced", None)
+            if paced is None:
+                self._done(RelayOutcome(self.status, self.nbytes))
+            else:
+                paced(self._done, RelayOutcome(self.status, self.nbytes))
             return
         error = _reason(reason.value)
         try:

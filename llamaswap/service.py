@@ -45,6 +45,7 @@ from llamaswap.logs import LogBroadcaster
 from llamaswap.failover import BreakerCollector
 from llamaswap.metrics import Metrics, MetricsPage, response_parser
 from llamaswap.observe import ModelEvent, Removed
+from llamaswap.pacing import Pacer
 from llamaswap.peers import PeerPool
 from llamaswap.performance import make_performance_monitor
 from llamaswap.pools import HTTPPools
@@ -235,7 +236,7 @@ class LlamaSwapService(SequentialMultiService):
         extra.update(activity_pages(self.activity, self.performance,
                                     make_logger(self.proxy_log, "llamaswap.http")))
         self.site = AccessLogSite(build_root(web, extra), web, reactor,
-                                  make_logger(self.proxy_log, "llamaswap.access"))
+                                  make_logger(self.proxy_log, "llamaswap.access"), pacer=Pacer(reactor))
         self.listener = ListenerService(listen, self.site, reactor, self._listening, label=listen_label)
 
         children = [self.logs, StateFileService(self.registry, self.log), self.events, self.activity,

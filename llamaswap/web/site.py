@@ -53,6 +53,8 @@ class LlamaSwapRequest(Request):
     _received = 0
     _refused = False
     _logged = False
+    #: when the request was ready to process (its record's start, time waited for the pacer included)
+    _processing: Optional[float] = None
 
     def __init__(self, channel: Any, *args: Any, **kwargs: Any) -> None:
         super().__init__(channel, *args, **kwargs)
@@ -66,7 +68,8 @@ class LlamaSwapRequest(Request):
 
     def begin_record(self, endpoint: str) -> RequestRecord:
         """Make this a model-dispatched request at ``endpoint`` (a route pattern)."""
-        self.record = RequestRecord(endpoint=endpoint, started=self._site.clock.seconds(),
+        started = self._processing if self._processing is not None else self._site.clock.seconds()
+        self.record = RequestRecord(endpoint=endpoint, started=started,
                                     id=self._site.app.request_ids(),
                                     key=self.api_key.name if self.api_key is not None else "",
                                     method=self.method.decode("latin-1"),
@@ -133,6 +136,30 @@ class LlamaSwapRequest(Request):
         if self._refused:
             return
         super().requestReceived(command, path, version)
+
+    def process(self) -> None:
+        """Process the request now, or, within a burst of requests, once the streams already
+        running had their turn (``llamaswap.pacing``)."""
+        site = self._site
+        self._processing = site.clock.seconds()
+        if site.pacer is None:
+            super().process()
+        else:
+            site.pacer.run(self._process_paced)
+
+    def _process_paced(self) -> None:
+        if self._disconnected:
+            return  # the client left while the request waited: nothing to answer
+        super().process()
+
+    def paced(self, work: Any, *args: Any) -> None:
+        """Call ``work(*args)`` now, or later in a burst (the site's pacer): bookkeeping that
+        need not hold the streams still running."""
+        pacer = self._site.pacer
+        if pacer is None:
+            work(*args)
+        else:
+            pacer.run(work, *args)
 
     # -- the response --------------------------------------------------------------------------
 
@@ -255,13 +282,17 @@ class AccessLogSite(Site):
 
     :param app: the resources' ``WebContext``; its clock times requests.
     :param reactor: what twisted.web's channels use (timeouts).
+    :param pacer: a ``llamaswap.pacing.Pacer``: requests start, and their bookkeeping runs,
+        through it (None: at once).
     """
 
     requestFactory = LlamaSwapRequest
     protocol = _channel_protocol
 
-    def __init__(self, resource: Resource, app: WebContext, reactor: Any, log: Optional[Logger] = None) -> None:
+    def __init__(self, resource: Resource, app: WebContext, reactor: Any, log: Optional[Logger] = None,
+                 pacer: Any = None) -> None:
         super().__init__(resource, reactor=reactor)
+        self.pacer = pacer
         self.app = app
         self.clock = app.clock
         self.alog = log or Logger(namespace="llamaswap.access")
