@@ -478,6 +478,13 @@ class _Family:
     def _family(self) -> Any:
         raise NotImplementedError
 
+    def collect(self) -> list:
+        """The family with every series (one ``value`` each; histograms say more)."""
+        family = self._family()
+        for values, series in self._series.items():
+            family.add_metric(values, series.value)
+        return [family]
+
 
 class _CounterSeries:
     __slots__ = ("value",)
@@ -501,12 +508,6 @@ class Counter(_Family):
         from prometheus_client.core import CounterMetricFamily
         return CounterMetricFamily(self.name, self.documentation, labels=self.labelnames)
 
-    def collect(self) -> list:
-        family = self._family()
-        for values, series in self._series.items():
-            family.add_metric(values, series.value)
-        return [family]
-
 
 class _GaugeSeries:
     __slots__ = ("value",)
@@ -527,12 +528,6 @@ class Gauge(_Family):
     def _family(self) -> Any:
         from prometheus_client.core import GaugeMetricFamily
         return GaugeMetricFamily(self.name, self.documentation, labels=self.labelnames)
-
-    def collect(self) -> list:
-        family = self._family()
-        for values, series in self._series.items():
-            family.add_metric(values, series.value)
-        return [family]
 
 
 class _HistogramSeries:
