@@ -199,7 +199,7 @@ class Metrics:
         for outcome in ("success", "failure"):
             _remove(self.load_duration, model_id, outcome)
         for metric in (self.requests, self.tokens, self.request_duration, self.ttfb):
-            for labels in [s for s in _label_sets(metric) if s[0] == model_id]:
+            for labels in [s for s in metric.label_sets() if s[0] == model_id]:
                 _remove(metric, *labels)
         _remove(self.log_dropped, model_id)
         for metric in (self.kv_saved_bytes, self.kv_restored_tokens, self.kv_save_duration,
@@ -247,7 +247,7 @@ class Metrics:
             gone = set(self._key_names or ()) - set(new or ())
             self._key_names = new
             for metric in (self.requests, self.tokens):
-                for labels in [s for s in _label_sets(metric) if s[-1] in gone]:
+                for labels in [s for s in metric.label_sets() if s[-1] in gone]:
                     _remove(metric, *labels)
         for model_id in self._models:
             self._token_series(model_id)
@@ -385,10 +385,6 @@ class Metrics:
 
     def exposition(self) -> bytes:
         return exposition(self.registry)
-
-
-def _label_sets(metric: Any) -> list[tuple]:
-    return metric.label_sets()
 
 
 def exposition(registry: Any) -> bytes:
